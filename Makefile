@@ -1,0 +1,38 @@
+# Everything a user needs: `make run` serves the API, `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+.PHONY: help install run test lint typecheck clean
+
+help: ## Show the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11 or newer is needed (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its dev and embedded extras
+
+run: $(STAMP) ## Start Redis, PostgreSQL, the API (port 8000) and a detector worker
+	$(BIN)/python -m embedded.run
+
+test: $(STAMP) ## Run the whole test suite against real Redis and PostgreSQL
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP) ## mypy --strict
+	$(BIN)/mypy
+
+clean: ## Remove the virtual environment and caches (keeps .data)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

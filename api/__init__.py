@@ -1,0 +1,1 @@
+"""The REST API: FastAPI app factory, routes, schemas, error mapping and plotting."""

@@ -1,0 +1,74 @@
+"""The FastAPI application factory; clients are opened and closed in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from api.deps import Services
+from api.errors import install_error_handlers
+from api.middleware import BodySizeLimit, HttpMetrics
+from api.routes import models, system
+from detector.connections import apply_schema, postgres_pool, redis_client
+from detector.latency import LatencyWindow
+from detector.metrics import ApiMetrics
+from detector.settings import Settings, get_settings
+from detector.store import POSTGRES_ERRORS, ModelStore
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Real-time anomaly detection for time series. Fit a model per series (mean μ and standard
+deviation σ of the training values), then ask whether a reading is anomalous: by default when
+it is above μ + 3σ. Every fit makes a new immutable version (`v1.0.0`, `v2.0.0`, …).
+"""
+
+
+def create_app(
+    settings: Settings | None = None, *, registry: CollectorRegistry | None = None
+) -> FastAPI:
+    """Build the app. Tests pass their own settings and a fresh metrics registry."""
+    settings = settings or get_settings()
+    metrics = ApiMetrics(registry if registry is not None else CollectorRegistry())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = redis_client(settings)
+        pool = postgres_pool(settings)
+        await pool.open(wait=False)
+        try:
+            await apply_schema(pool)
+        except POSTGRES_ERRORS as exc:
+            # Start anyway: /healthcheck reports it, and the schema is applied by whoever
+            # reaches PostgreSQL first (make run and the worker apply it too).
+            log.warning("PostgreSQL not reachable at start-up: %s", exc)
+        app.state.services = Services(
+            settings=settings,
+            store=ModelStore(redis, pool, cache_size=settings.model_cache_size),
+            metrics=metrics,
+            inference_latency=LatencyWindow(settings.latency_window),
+            training_latency=LatencyWindow(settings.latency_window),
+        )
+        try:
+            yield
+        finally:
+            await pool.close()
+            await redis.aclose()
+
+    app = FastAPI(
+        title="Anomaly detector",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app, metrics)
+    app.include_router(models.router)
+    app.include_router(system.router)
+    # The last added runs first: the size limit acts before anything reads the body.
+    app.add_middleware(HttpMetrics, metrics=metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

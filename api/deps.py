@@ -1,0 +1,103 @@
+"""Typed dependencies of the routes: the store, settings, metrics, parsed ids and bodies."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from detector.errors import ModelNotFoundError
+from detector.identifiers import SERIES_ID_RULE, parse_version, validate_series_id
+from detector.latency import LatencyWindow
+from detector.metrics import ApiMetrics
+from detector.settings import Settings
+from detector.store import ModelStore, ModelVersion
+
+B = TypeVar("B", bound=BaseModel)
+
+# Bodies above this size are parsed in a worker thread so the event loop keeps serving.
+_THREAD_PARSE_BYTES = 256 * 1024
+
+
+@dataclass
+class Services:
+    """What the lifespan opens and the routes use; kept on ``app.state.services``."""
+
+    settings: Settings
+    store: ModelStore
+    metrics: ApiMetrics
+    inference_latency: LatencyWindow
+    training_latency: LatencyWindow
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def series_id_path(
+    series_id: Annotated[str, Path(description=SERIES_ID_RULE)],
+) -> str:
+    return validate_series_id(series_id)
+
+
+def series_id_query(
+    series_id: Annotated[str, Query(description=SERIES_ID_RULE)],
+) -> str:
+    return validate_series_id(series_id)
+
+
+def version_query(
+    version: Annotated[
+        str | None,
+        Query(description="v3.0.0, v3 or 3; empty or absent means the latest version"),
+    ] = None,
+) -> tuple[int, int, int] | None:
+    """The requested version, or None for the latest (checked before any lookup)."""
+    if version is None or version == "":
+        return None
+    return parse_version(version)
+
+
+async def find_model(
+    store: ModelStore, series_id: str, requested: tuple[int, int, int] | None
+) -> ModelVersion:
+    """The model a request names; only X.0.0 versions exist, so v3.1.0 is simply not found."""
+    if requested is None:
+        return await store.get(series_id)
+    major, minor, patch = requested
+    if (minor, patch) != (0, 0):
+        await store.latest_version(series_id)  # an unknown series is named as such
+        raise ModelNotFoundError(f"no version v{major}.{minor}.{patch} for series '{series_id}'")
+    return await store.get(series_id, major)
+
+
+SeriesIdDep = Annotated[str, Depends(series_id_path)]
+SeriesIdQueryDep = Annotated[str, Depends(series_id_query)]
+VersionDep = Annotated[tuple[int, int, int] | None, Depends(version_query)]
+
+
+def json_body(model: type[B]) -> Callable[[Request], Awaitable[B]]:
+    """A dependency parsing the body straight from bytes with pydantic's JSON parser (no
+    intermediate Python objects); large bodies are parsed off the event loop."""
+
+    async def parse(request: Request) -> B:
+        raw = await request.body()
+        try:
+            if len(raw) > _THREAD_PARSE_BYTES:
+                return await run_in_threadpool(model.model_validate_json, raw)
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_input=False)]
+            ) from None
+
+    return parse

@@ -1,0 +1,60 @@
+"""The one place where the service's exceptions become HTTP answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from detector.errors import (
+    AnomalyError,
+    InvalidInputError,
+    ModelNotFoundError,
+    StoreUnavailableError,
+    TooLargeError,
+)
+from detector.metrics import ApiMetrics
+
+STATUS_BY_ERROR: list[tuple[type[AnomalyError], int, str]] = [
+    (InvalidInputError, 422, "invalid"),
+    (TooLargeError, 413, "too_large"),
+    (ModelNotFoundError, 404, "not_found"),
+    (StoreUnavailableError, 503, "unavailable"),
+]
+
+
+def classify(exc: AnomalyError) -> tuple[int, str]:
+    """(HTTP status, outcome label) for one of our errors."""
+    for cls, status, outcome in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status, outcome
+    return 500, "error"
+
+
+def validation_errors(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic errors without the offending input (it can be a 60 MiB body) or ctx objects."""
+    return [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in errors
+    ]
+
+
+def install_error_handlers(app: FastAPI, metrics: ApiMetrics) -> None:
+    async def on_anomaly_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, AnomalyError)
+        status, outcome = classify(exc)
+        metrics.request_errors.labels(outcome).inc()
+        body: dict[str, Any] = {"detail": exc.detail}
+        if isinstance(exc, StoreUnavailableError):
+            body["dependency"] = exc.dependency
+        return JSONResponse(body, status_code=status)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        metrics.request_errors.labels("invalid").inc()
+        return JSONResponse({"detail": validation_errors(exc.errors())}, status_code=422)
+
+    app.add_exception_handler(AnomalyError, on_anomaly_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)

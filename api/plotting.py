@@ -1,0 +1,106 @@
+"""The training-data plot: points over time, μ, the μ ± kσ band, the active threshold."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from datetime import UTC, datetime
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot's import
+
+import matplotlib.dates as mdates
+import numpy as np
+from matplotlib.figure import Figure
+
+from detector.model import FloatArray, IntArray, TrainingData
+from detector.store import ModelVersion
+
+
+def decimate(
+    timestamps: IntArray, values: FloatArray, max_points: int
+) -> tuple[IntArray, FloatArray]:
+    """Keep each bucket's minimum and maximum so spikes survive; only for drawing."""
+    n = values.shape[0]
+    if n <= max_points:
+        return timestamps, values
+    buckets = max(1, max_points // 2)
+    edges = np.linspace(0, n, buckets + 1).astype(np.int64)
+    keep: list[int] = []
+    for lo, hi in itertools.pairwise(edges):
+        if hi <= lo:
+            continue
+        chunk = values[lo:hi]
+        a, b = lo + int(np.argmin(chunk)), lo + int(np.argmax(chunk))
+        keep.extend(sorted({a, b}))
+    index = np.asarray(keep, dtype=np.int64)
+    return timestamps[index], values[index]
+
+
+def render_plot(found: ModelVersion, data: TrainingData, *, max_points: int = 4000) -> bytes:
+    """A PNG a person can read; statistics come from the model, never from the decimated data."""
+    model = found.model
+    ts, values = decimate(data.timestamps, data.values, max_points)
+    dates = _dates(ts)
+    flags = model.score(data.values).anomaly
+    outside_ts, outside_values = data.timestamps[flags], data.values[flags]
+
+    fig = Figure(figsize=(11, 5.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    start, end = _dates(data.timestamps[[0, -1]])
+    ax.axhspan(
+        model.lower,
+        model.upper,
+        color="tab:blue",
+        alpha=0.10,
+        label=f"μ ± {model.sigma:g}σ [{model.lower:.4g}, {model.upper:.4g}]",
+    )
+    ax.plot(
+        dates,
+        values,
+        color="0.35",
+        linewidth=0.8,
+        marker="." if len(ts) <= 500 else None,
+        markersize=3,
+        label="training points" + (" (decimated for drawing)" if len(ts) < len(data) else ""),
+    )
+    ax.axhline(model.mean, color="tab:blue", linewidth=1.2, label=f"μ = {model.mean:.4g}")
+    for bound, side in ((model.upper, "above"), (model.lower, "below")):
+        active = model.direction in (side, "both")
+        ax.axhline(
+            bound,
+            color="tab:red" if active else "tab:blue",
+            linestyle="-" if active else ":",
+            linewidth=1.6 if active else 0.9,
+            label=f"threshold ({side}) {bound:.4g}" if active else None,
+        )
+    if outside_ts.size:
+        shown = min(outside_ts.size, 5000)
+        ax.scatter(
+            _dates(outside_ts[:shown]),
+            outside_values[:shown],
+            color="tab:red",
+            s=18,
+            zorder=3,
+            label=f"beyond threshold ({outside_ts.size})",
+        )
+    ax.set_title(
+        f"{found.series_id} · {found.name} · μ={model.mean:.4g} σ={model.std:.4g} "
+        f"k={model.sigma:g} ({model.direction}) · n={len(data):,}"
+    )
+    ax.set_xlim(start, end) if start != end else None
+    locator = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.set_xlabel("time (UTC)")
+    ax.set_ylabel("value")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small", framealpha=0.85)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _dates(timestamps: IntArray) -> list[datetime]:
+    return [datetime.fromtimestamp(int(t), tz=UTC) for t in timestamps]

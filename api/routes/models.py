@@ -1,0 +1,261 @@
+"""Fitting, predicting and listing models."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+from urllib.parse import urlencode
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import (
+    SeriesIdDep,
+    ServicesDep,
+    VersionDep,
+    find_model,
+    json_body,
+)
+from api.errors import classify
+from api.schemas import (
+    BatchPredictRequest,
+    BatchPredictResponse,
+    FitRequest,
+    FitResponse,
+    PredictRequest,
+    PredictResponse,
+    SeriesModels,
+    SeriesPage,
+    VersionInfo,
+    body_schema,
+)
+from detector.errors import AnomalyError, InvalidInputError, TooLargeError
+from detector.identifiers import format_version, validate_series_id
+from detector.model import (
+    StaticModel,
+    TrainingData,
+    as_timestamps,
+    fit_static,
+    prepare_training_data,
+)
+from detector.settings import Settings
+from detector.store import ModelVersion
+
+router = APIRouter(tags=["models"])
+
+# Batches at least this long are scored in a worker thread, off the event loop.
+_THREAD_SCORE_POINTS = 50_000
+
+
+def _json(payload: object, status_code: int = 200) -> Response:
+    return Response(
+        orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status_code,
+        media_type="application/json",
+    )
+
+
+def _fit_model(request: FitRequest, settings: Settings) -> tuple[TrainingData, StaticModel]:
+    data = prepare_training_data(
+        request.timestamps,
+        request.values,
+        min_points=settings.min_training_points,
+        max_points=settings.max_training_points,
+    )
+    model = fit_static(
+        data,
+        sigma=request.sigma if request.sigma is not None else settings.default_sigma,
+        direction=request.direction or settings.default_direction,
+    )
+    return data, model
+
+
+@router.post(
+    "/fit/{series_id}",
+    response_model=FitResponse,
+    openapi_extra=body_schema(FitRequest),
+    summary="Fit a new model version of a series",
+    responses={
+        413: {"description": "Body or point count over the limit"},
+        503: {"description": "Redis or PostgreSQL unavailable; nothing stored"},
+    },
+)
+async def fit(
+    series_id: SeriesIdDep,
+    body: Annotated[FitRequest, Depends(json_body(FitRequest))],
+    services: ServicesDep,
+) -> Response:
+    metrics = services.metrics
+    start = time.perf_counter()
+    try:
+        data, model = await run_in_threadpool(_fit_model, body, services.settings)
+        stored = await services.store.save_fit(series_id, data, model)
+    except AnomalyError as exc:
+        metrics.train_requests.labels(classify(exc)[1]).inc()
+        raise
+    elapsed = time.perf_counter() - start
+    metrics.train_requests.labels("ok").inc()
+    metrics.train_duration.observe(elapsed)
+    services.training_latency.record(elapsed)
+    return _json(
+        {
+            "series_id": series_id,
+            "version": stored.name,
+            "points_used": stored.points_used,
+            "mean": model.mean,
+            "std": model.std,
+            "sigma": model.sigma,
+            "direction": model.direction,
+            "lower": model.lower,
+            "upper": model.upper,
+        }
+    )
+
+
+@router.post(
+    "/predict/{series_id}",
+    response_model=PredictResponse,
+    openapi_extra=body_schema(PredictRequest),
+    summary="Is this reading anomalous?",
+)
+async def predict(
+    series_id: SeriesIdDep,
+    version: VersionDep,
+    body: Annotated[PredictRequest, Depends(json_body(PredictRequest))],
+    services: ServicesDep,
+) -> Response:
+    _check_timestamp(body.timestamp)
+    metrics = services.metrics
+    start = time.perf_counter()
+    try:
+        found = await find_model(services.store, series_id, version)
+    except AnomalyError as exc:
+        metrics.predict_requests.labels(classify(exc)[1]).inc()
+        raise
+    anomaly = found.model.is_anomaly(body.value)
+    elapsed = time.perf_counter() - start
+    metrics.predict_requests.labels("ok").inc()
+    metrics.predict_duration.labels("single").observe(elapsed)
+    metrics.predicted_points.inc()
+    if anomaly:
+        metrics.anomalies.labels("rest").inc()
+    services.inference_latency.record(elapsed)
+    return _json({"anomaly": anomaly, "model_version": found.name})
+
+
+def _check_timestamp(timestamp: int | float | str) -> int:
+    """Predict timestamps: an integer, an integral JSON number, or a string of digits."""
+    if isinstance(timestamp, float):
+        if not timestamp.is_integer() or timestamp < 0:
+            raise InvalidInputError("timestamp must be a non-negative integer (Unix seconds)")
+        return int(timestamp)
+    value = int(timestamp)
+    if value < 0 or value >= 2**63:
+        raise InvalidInputError("timestamp must be a non-negative integer (Unix seconds)")
+    return value
+
+
+@router.post(
+    "/predict/{series_id}/batch",
+    response_model=BatchPredictResponse,
+    openapi_extra=body_schema(BatchPredictRequest),
+    summary="Score many readings of one series in one call",
+)
+async def predict_batch(
+    series_id: SeriesIdDep,
+    version: VersionDep,
+    body: Annotated[BatchPredictRequest, Depends(json_body(BatchPredictRequest))],
+    services: ServicesDep,
+) -> Response:
+    metrics = services.metrics
+    n = len(body.values)
+    if len(body.timestamps) != n:
+        raise InvalidInputError(
+            f"timestamps and values must have the same length (got {len(body.timestamps)} and {n})"
+        )
+    if n > services.settings.max_batch_points:
+        raise TooLargeError(
+            f"a batch takes at most {services.settings.max_batch_points} points (got {n})"
+        )
+    as_timestamps(body.timestamps)  # the same rule as for training data
+    start = time.perf_counter()
+    try:
+        found = await find_model(services.store, series_id, version)
+    except AnomalyError as exc:
+        metrics.predict_requests.labels(classify(exc)[1]).inc()
+        raise
+    if n >= _THREAD_SCORE_POINTS:
+        payload = await run_in_threadpool(_batch_payload, found, body.values)
+    else:
+        payload = _batch_payload(found, body.values)
+    elapsed = time.perf_counter() - start
+    metrics.predict_requests.labels("ok").inc()
+    metrics.predict_duration.labels("batch").observe(elapsed)
+    metrics.predicted_points.inc(n)
+    metrics.anomalies.labels("rest").inc(payload["anomalies"])
+    return _json(payload)
+
+
+def _batch_payload(found: ModelVersion, values: list[float]) -> dict[str, object]:
+    scores = found.model.score(np.asarray(values, dtype=np.float64))
+    return {
+        "series_id": found.series_id,
+        "model_version": found.name,
+        "mean": found.model.mean,
+        "std": found.model.std,
+        "sigma": found.model.sigma,
+        "direction": found.model.direction,
+        "lower": scores.lower,
+        "upper": scores.upper,
+        "anomalies": int(scores.anomaly.sum()),
+        "anomaly": scores.anomaly,
+        "score": scores.score,
+    }
+
+
+@router.get("/models/{series_id}", response_model=SeriesModels, summary="Every version of a series")
+async def series_models(series_id: SeriesIdDep, services: ServicesDep) -> SeriesModels:
+    versions = await services.store.versions(series_id)
+    return SeriesModels(
+        series_id=series_id,
+        versions=[
+            VersionInfo(
+                version=v.name,
+                mean=v.model.mean,
+                std=v.model.std,
+                sigma=v.model.sigma,
+                direction=v.model.direction,
+                points_used=v.points_used,
+                created_at=v.created_at.isoformat(),
+                mlflow_run_id=v.mlflow_run_id,
+            )
+            for v in versions
+        ],
+    )
+
+
+@router.get("/models", response_model=SeriesPage, summary="Series with models, by id (paged)")
+async def list_models(
+    request: Request,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[
+        str | None, Query(description="the last series_id of the previous page")
+    ] = None,
+) -> SeriesPage:
+    if after is not None:
+        validate_series_id(after)
+    rows = await services.store.list_series(limit=limit + 1, after=after)
+    page, more = rows[:limit], len(rows) > limit
+    next_url = None
+    if more:
+        next_url = str(request.url.replace(query=urlencode({"limit": limit, "after": page[-1][0]})))
+    return SeriesPage(
+        items=[
+            {"series_id": sid, "latest_version": format_version(v), "versions": v}  # type: ignore[misc]
+            for sid, v in page
+        ],
+        next=next_url,
+    )

@@ -1,0 +1,71 @@
+"""Health, metrics and the plot."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SeriesIdQueryDep, ServicesDep, VersionDep, find_model
+from api.plotting import render_plot
+from api.schemas import Health
+
+router = APIRouter()
+
+
+@router.get(
+    "/healthcheck",
+    response_model=Health,
+    tags=["operations"],
+    responses={503: {"description": "Redis or PostgreSQL unreachable; the body says which"}},
+)
+async def healthcheck(services: ServicesDep) -> JSONResponse:
+    store, metrics = services.store, services.metrics
+    redis_error, postgres_error = await asyncio.gather(store.ping_redis(), store.ping_postgres())
+    dependencies = {"redis": redis_error or "ok", "postgres": postgres_error or "ok"}
+    metrics.dependency_up.labels("redis").set(redis_error is None)
+    metrics.dependency_up.labels("postgres").set(postgres_error is None)
+    if redis_error or postgres_error:
+        down = [name for name, state in dependencies.items() if state != "ok"]
+        return JSONResponse(
+            {
+                "detail": f"unavailable: {', '.join(down)}",
+                "dependencies": dependencies,
+            },
+            status_code=503,
+        )
+    series, versions = await asyncio.gather(store.count_series(), store.count_versions())
+    metrics.series_stored.set(series)
+    metrics.models_stored.set(versions)
+    return JSONResponse(
+        {
+            "series_trained": series,
+            "inference_latency_ms": services.inference_latency.summary(),
+            "training_latency_ms": services.training_latency.summary(),
+            "dependencies": dependencies,
+        }
+    )
+
+
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+async def metrics(services: ServicesDep) -> Response:
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/plot",
+    tags=["models"],
+    summary="PNG of a version's training data, μ and the μ ± kσ band",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+async def plot(series_id: SeriesIdQueryDep, version: VersionDep, services: ServicesDep) -> Response:
+    found = await find_model(services.store, series_id, version)
+    data = await services.store.training_data(series_id, found.version)
+    png = await run_in_threadpool(
+        render_plot, found, data, max_points=services.settings.plot_max_points
+    )
+    return Response(png, media_type="image/png")

@@ -1,0 +1,124 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints
+
+Direction = Literal["above", "below", "both"]
+# A JSON number that is finite; booleans and strings are refused (strict).
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# Fit timestamps: JSON numbers; 1.0 counts as 1, 1.5 is refused by the model's rules.
+JsonTimestamp = StrictInt | StrictFloat
+DigitString = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,19}$")]
+
+
+class _Body(BaseModel):
+    # Unknown fields are an error that names them: a mistyped "sigmaa" must not fit with k = 3.
+    model_config = ConfigDict(extra="forbid")
+
+
+class FitRequest(_Body):
+    timestamps: list[JsonTimestamp] = Field(description="Unix seconds, one per value, any order.")
+    values: list[Number] = Field(description="The training values.")
+    sigma: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] | None = Field(
+        default=None, description="k in μ ± kσ (default: the server's, 3)."
+    )
+    direction: Direction | None = Field(
+        default=None, description="Which side is anomalous (default: the server's, above)."
+    )
+
+
+class FitResponse(BaseModel):
+    series_id: str
+    version: str
+    points_used: int
+    mean: float
+    std: float
+    sigma: float
+    direction: Direction
+    lower: float
+    upper: float
+
+
+class PredictRequest(_Body):
+    timestamp: StrictInt | DigitString | StrictFloat = Field(
+        description='Unix seconds: an integer, or a string of decimal digits such as "1641013200".'
+    )
+    value: Number
+
+
+class PredictResponse(BaseModel):
+    anomaly: bool
+    model_version: str
+
+
+class BatchPredictRequest(_Body):
+    timestamps: list[JsonTimestamp] = Field(description="Unix seconds, one per value.")
+    values: list[Number]
+
+
+class BatchPredictResponse(BaseModel):
+    series_id: str
+    model_version: str
+    mean: float
+    std: float
+    sigma: float
+    direction: Direction
+    lower: float = Field(description="μ − kσ")
+    upper: float = Field(description="μ + kσ")
+    anomalies: int = Field(description="How many points are anomalous.")
+    anomaly: list[bool] = Field(description="Per point, in request order.")
+    score: list[float] = Field(description="Per point: the signed z score (value − μ) / σ.")
+
+
+class VersionInfo(BaseModel):
+    version: str
+    mean: float
+    std: float
+    sigma: float
+    direction: Direction
+    points_used: int
+    created_at: str
+    mlflow_run_id: str | None
+
+
+class SeriesModels(BaseModel):
+    series_id: str
+    versions: list[VersionInfo]
+
+
+class SeriesSummary(BaseModel):
+    series_id: str
+    latest_version: str
+    versions: int
+
+
+class SeriesPage(BaseModel):
+    items: list[SeriesSummary]
+    next: str | None
+
+
+class LatencySummary(BaseModel):
+    avg: float
+    p95: float
+    p50: float
+    p99: float
+
+
+class Health(BaseModel):
+    series_trained: int
+    inference_latency_ms: LatencySummary
+    training_latency_ms: LatencySummary
+    dependencies: dict[str, str]
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request-body entry for a route that parses its own JSON body."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }

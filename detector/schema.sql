@@ -1,0 +1,69 @@
+-- The durable store: PostgreSQL is the source of truth; Redis is rebuilt from it on demand.
+-- Applied idempotently at start-up (under an advisory lock) by every process that uses it.
+
+CREATE TABLE IF NOT EXISTS series (
+    series_id    text PRIMARY KEY,
+    last_version integer NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS model_versions (
+    id            bigserial PRIMARY KEY,
+    series_id     text NOT NULL REFERENCES series (series_id),
+    version       integer NOT NULL,
+    kind          text NOT NULL DEFAULT 'static',
+    mean          double precision NOT NULL,
+    std           double precision NOT NULL,
+    sigma         double precision NOT NULL,
+    direction     text NOT NULL,
+    points_used   integer NOT NULL,
+    first_ts      bigint NOT NULL,
+    last_ts       bigint NOT NULL,
+    min_value     double precision NOT NULL,
+    max_value     double precision NOT NULL,
+    params        jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    mlflow_run_id text,
+    UNIQUE (series_id, version)
+);
+
+-- One row a training point. Rows of one model are written together by one COPY, so a BRIN
+-- index on model_id finds them for almost no write cost (a btree would double the COPY time).
+CREATE TABLE IF NOT EXISTS training_points (
+    model_id bigint NOT NULL,
+    ts       bigint NOT NULL,
+    value    double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS training_points_model_brin
+    ON training_points USING brin (model_id) WITH (pages_per_range = 16);
+
+-- MLflow runs still to be logged: written in the fit's transaction, drained off the request
+-- path, so a fit never waits for MLflow and a run is never lost or logged twice.
+CREATE TABLE IF NOT EXISTS mlflow_outbox (
+    model_id   bigint PRIMARY KEY REFERENCES model_versions (id),
+    attempts   integer NOT NULL DEFAULT 0,
+    last_error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    next_try   timestamptz NOT NULL DEFAULT now()
+);
+
+-- Anomalies found on the stream, for history queries (source_id de-duplicates redeliveries).
+CREATE TABLE IF NOT EXISTS anomalies (
+    id            bigserial PRIMARY KEY,
+    series_id     text NOT NULL,
+    ts            bigint NOT NULL,
+    value         double precision NOT NULL,
+    model_version integer NOT NULL,
+    mean          double precision NOT NULL,
+    std           double precision NOT NULL,
+    lower_bound   double precision NOT NULL,
+    upper_bound   double precision NOT NULL,
+    score         double precision NOT NULL,
+    source        text NOT NULL,
+    source_id     text,
+    episode_id    text,
+    detected_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS anomalies_source_id ON anomalies (source_id);
+CREATE INDEX IF NOT EXISTS anomalies_series_ts ON anomalies (series_id, ts);

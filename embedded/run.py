@@ -1,0 +1,138 @@
+"""`make run`: start Redis and PostgreSQL, apply the schema, then run and supervise the API and
+the detector worker until Ctrl-C / SIGTERM, when everything it started is stopped cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from detector.connections import apply_schema_sync
+from detector.settings import Settings
+from embedded.servers import PostgresServer, RedisServer, port_in_use
+
+log = logging.getLogger("anomaly-run")
+
+
+@dataclass
+class Child:
+    """A supervised service process, restarted when it dies (with a growing back-off)."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def check(self) -> None:
+        if self.proc is None:
+            if time.monotonic() >= self.next_start:
+                self.start()
+            return
+        code = self.proc.poll()
+        if code is None:
+            if time.monotonic() - self.started_at > 60:
+                self.restarts = 0  # it has been healthy for a while: reset the back-off
+            return
+        delay = min(30.0, 0.5 * 2**self.restarts)
+        self.restarts += 1
+        log.warning("%s exited with code %s; restarting in %.1f s", self.name, code, delay)
+        self.proc = None
+        self.next_start = time.monotonic() + delay
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within 30 s; killing it", self.name)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings()
+    data_dir = Path(os.environ.get("DATA_DIR", ".data")).resolve()
+    api_port = int(os.environ.get("PORT", "8000"))
+    if port_in_use(api_port):
+        sys.exit(f"port {api_port} is taken: stop what listens there or set PORT")
+
+    stopping = False
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    redis = RedisServer(data_dir / "redis", settings.redis_port)
+    postgres = PostgresServer(
+        data_dir / "postgres",
+        settings.postgres_port,
+        database=settings.postgres_db,
+        user=settings.postgres_user,
+    )
+    children: list[Child] = []
+    try:
+        redis.start()
+        postgres.start()
+        apply_schema_sync(settings.postgres_conninfo())
+        env = {
+            **os.environ,
+            "REDIS_HOST": "127.0.0.1",
+            "REDIS_PORT": str(settings.redis_port),
+            "POSTGRES_HOST": "127.0.0.1",
+            "POSTGRES_PORT": str(settings.postgres_port),
+        }
+        env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{data_dir / 'mlflow.db'}")
+        env.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(data_dir / "mlartifacts"))
+        children.append(Child("api", [sys.executable, "-m", "api", "--port", str(api_port)], env))
+        if _has_worker():
+            children.append(Child("detector", [sys.executable, "-m", "detector"], env))
+        log.info(
+            "data in %s; API on http://127.0.0.1:%d (docs at /docs); Ctrl-C stops",
+            data_dir,
+            api_port,
+        )
+        while not stopping:
+            for child in children:
+                child.check()
+            time.sleep(0.2)
+        log.info("stopping")
+    finally:
+        for child in reversed(children):
+            child.stop()
+        postgres.stop()
+        redis.stop()
+        log.info("stopped")
+
+
+def _has_worker() -> bool:
+    try:
+        import detector.__main__  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()

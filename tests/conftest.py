@@ -1,0 +1,117 @@
+"""Session fixtures: real Redis and PostgreSQL processes, and the real API served by uvicorn."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from detector.connections import apply_schema_sync
+from detector.settings import Settings
+from embedded.servers import PostgresServer, RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), free_port(), appendonly=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    server = PostgresServer(tmp_path_factory.mktemp("pg") / "data", free_port(), durable=False)
+    server.start()
+    apply_schema_sync(server.conninfo())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server: RedisServer, postgres_server: PostgresServer) -> Settings:
+    return Settings(redis_port=redis_server.port, postgres_port=postgres_server.port)
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a service subprocess pointed at the test servers."""
+    return {
+        **os.environ,
+        "REDIS_HOST": settings.redis_host,
+        "REDIS_PORT": str(settings.redis_port),
+        "POSTGRES_HOST": settings.postgres_host,
+        "POSTGRES_PORT": str(settings.postgres_port),
+        "POSTGRES_DB": settings.postgres_db,
+        **extra,
+    }
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{base_url}/healthcheck", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the API did not become healthy")
+
+
+def start_api(settings: Settings, **extra_env: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api", "--port", str(port), "--log-level", "warning"],
+        env=service_env(settings, **extra_env),
+        cwd=ROOT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    wait_healthy(base_url, proc)
+    return proc, base_url
+
+
+@pytest.fixture(scope="session")
+def api_url(settings: Settings) -> Iterator[str]:
+    """The real service, in its own process, as a user runs it."""
+    proc, base_url = start_api(settings)
+    yield base_url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture
+def client(api_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api_url, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture
+def series_id() -> str:
+    """A fresh series per test: tests never share state, so no flushing is needed."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def redis_client(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.redis_connection_url(), decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def pg(settings: Settings) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
+        yield conn
