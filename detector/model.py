@@ -83,11 +83,13 @@ class StaticModel:
 
 def _flag(values: Any, mean: float, std: float, sigma: float, direction: str) -> Any:
     """The rule itself, written once for scalars and arrays: strict inequalities."""
+    upper, lower = mean + sigma * std, mean - sigma * std
     if direction == "above":
-        return values > mean + sigma * std
+        return values > upper
     if direction == "below":
-        return values < mean - sigma * std
-    return abs(values - mean) > sigma * std
+        return values < lower
+    # |value − μ| > kσ, written against the same rounded bounds that events report
+    return (values > upper) | (values < lower)
 
 
 MODEL_KINDS: dict[str, type[StaticModel]] = {"static": StaticModel}
@@ -165,9 +167,10 @@ def fit_static(
         raise InvalidTrainingDataError(
             "values are too large: their mean and spread overflow a 64-bit float"
         )
-    if std == 0.0:
+    if std == 0.0:  # distinct values whose spread underflows a float64
         raise InvalidTrainingDataError(
-            "values are constant (standard deviation 0): the kσ rule would flag every change"
+            "values are constant or nearly so (standard deviation 0): "
+            "the kσ rule would flag every change"
         )
     return StaticModel(mean=mean, std=std, sigma=float(sigma), direction=direction)
 

@@ -57,13 +57,17 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-def wait_healthy(base_url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def wait_serving(
+    base_url: str, proc: subprocess.Popen[bytes], *, healthy: bool = True, timeout: float = 60
+) -> None:
+    """Wait until the API answers /healthcheck (with 200, unless ``healthy`` is False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the API exited with code {proc.returncode}")
         try:
-            if httpx.get(f"{base_url}/healthcheck", timeout=2).status_code == 200:
+            status = httpx.get(f"{base_url}/healthcheck", timeout=10).status_code
+            if status == 200 or not healthy:
                 return
         except httpx.HTTPError:
             pass
@@ -71,7 +75,10 @@ def wait_healthy(base_url: str, proc: subprocess.Popen[bytes], timeout: float = 
     raise RuntimeError("the API did not become healthy")
 
 
-def start_api(settings: Settings, **extra_env: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_api(
+    settings: Settings, *, healthy: bool = True, **extra_env: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The API in its own process, pointed at the test servers (``extra_env`` overrides)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "api", "--port", str(port), "--log-level", "warning"],
@@ -79,7 +86,7 @@ def start_api(settings: Settings, **extra_env: str) -> tuple[subprocess.Popen[by
         cwd=ROOT,
     )
     base_url = f"http://127.0.0.1:{port}"
-    wait_healthy(base_url, proc)
+    wait_serving(base_url, proc, healthy=healthy)
     return proc, base_url
 
 
