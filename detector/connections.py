@@ -35,7 +35,7 @@ def postgres_pool(settings: Settings) -> AsyncConnectionPool:
         min_size=settings.postgres_pool_min,
         max_size=settings.postgres_pool_max,
         kwargs={"autocommit": True, "connect_timeout": 3},
-        timeout=10.0,
+        timeout=5.0,  # how long a request waits for a connection before a 503
         open=False,
         name="anomaly-store",
     )
