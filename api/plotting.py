@@ -48,7 +48,6 @@ def render_plot(found: ModelVersion, data: TrainingData, *, max_points: int = 40
 
     fig = Figure(figsize=(11, 5.2), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    start, end = _dates(data.timestamps[[0, -1]])
     ax.axhspan(
         model.lower,
         model.upper,
@@ -89,7 +88,11 @@ def render_plot(found: ModelVersion, data: TrainingData, *, max_points: int = 40
         f"{found.series_id} · {found.name} · μ={model.mean:.4g} σ={model.std:.4g} "
         f"k={model.sigma:g} ({model.direction}) · n={len(data):,}"
     )
-    ax.set_xlim(start, end) if start != end else None
+    low = min(model.lower, float(data.values.min()))
+    high = max(model.upper, float(data.values.max()))
+    pad = 0.06 * (high - low) or 1.0
+    ax.set_ylim(low - pad, high + pad)  # both bounds and every point inside the frame
+    ax.margins(x=0.01)
     locator = mdates.AutoDateLocator()
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
