@@ -36,3 +36,7 @@ typecheck: $(STAMP) ## mypy --strict
 
 clean: ## Remove the virtual environment and caches (keeps .data)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+.PHONY: mlflow-ui
+mlflow-ui: $(STAMP) ## Open the MLflow UI on http://127.0.0.1:5000 over make run's local store
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath .data)/mlflow.db --host 127.0.0.1 --port 5000

@@ -9,15 +9,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from api.auth import ReadAccess
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, HttpMetrics
-from api.routes import models, system
+from api.routes import events, models, system
+from api.schemas import ERROR_RESPONSES
 from detector.connections import apply_schema, postgres_pool, redis_client
 from detector.latency import LatencyWindow
 from detector.metrics import ApiMetrics
 from detector.settings import Settings, get_settings
 from detector.store import POSTGRES_ERRORS, ModelStore
+from detector.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +56,15 @@ def create_app(
             inference_latency=LatencyWindow(settings.latency_window),
             training_latency=LatencyWindow(settings.latency_window),
         )
+        # MLflow runs are logged from the outbox in the background, never on the request path.
+        tracker = MlflowTracker.from_settings(settings, pool, metrics.registry)
+        if tracker is not None:
+            tracker.start()
         try:
             yield
         finally:
+            if tracker is not None:
+                await tracker.stop()
             await pool.close()
             await redis.aclose()
 
@@ -66,8 +75,9 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app, metrics)
-    app.include_router(models.router)
-    app.include_router(system.router)
+    app.include_router(models.router, responses=ERROR_RESPONSES)
+    app.include_router(system.router, responses=ERROR_RESPONSES)
+    app.include_router(events.router, dependencies=[ReadAccess], responses=ERROR_RESPONSES)
     # The last added runs first: the size limit acts before anything reads the body.
     app.add_middleware(HttpMetrics, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from api.auth import ForbiddenError, UnauthorizedError
 from detector.errors import (
     AnomalyError,
     InvalidInputError,
@@ -18,6 +19,8 @@ from detector.errors import (
 from detector.metrics import ApiMetrics
 
 STATUS_BY_ERROR: list[tuple[type[AnomalyError], int, str]] = [
+    (UnauthorizedError, 401, "unauthorized"),
+    (ForbiddenError, 403, "forbidden"),
     (InvalidInputError, 422, "invalid"),
     (TooLargeError, 413, "too_large"),
     (ModelNotFoundError, 404, "not_found"),
@@ -49,7 +52,8 @@ def install_error_handlers(app: FastAPI, metrics: ApiMetrics) -> None:
         body: dict[str, Any] = {"detail": exc.detail}
         if isinstance(exc, StoreUnavailableError):
             body["dependency"] = exc.dependency
-        return JSONResponse(body, status_code=status)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

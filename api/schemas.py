@@ -114,6 +114,32 @@ class Health(BaseModel):
     dependencies: dict[str, str]
 
 
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error: a sentence, or for malformed bodies the list of what is wrong where."""
+
+    detail: str | list[ValidationIssue]
+    dependency: str | None = Field(default=None, description="With 503: redis or postgres.")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (401, "No API key, or an unknown one (only when keys are configured)"),
+        (403, "A read-only API key used to fit"),
+        (404, "Unknown series or version"),
+        (413, "Body or point count over the limit"),
+        (422, "Malformed request, or data the model's rules reject"),
+        (503, "Redis or PostgreSQL unavailable"),
+    )
+}
+
+
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI request-body entry for a route that parses its own JSON body."""
     return {

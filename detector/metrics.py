@@ -107,3 +107,68 @@ class ApiMetrics:
             self.predict_requests.labels(outcome)
         for source in ("rest", "stream"):
             self.anomalies.labels(source)
+
+
+class WorkerMetrics:
+    """Everything a stream worker exports on its own /metrics port (names fixed: dashboards)."""
+
+    def __init__(self, registry: CollectorRegistry, *, transport: str = "redis") -> None:
+        self.registry = registry
+        self.transport = transport
+        self.readings = Counter(
+            "stream_readings",
+            "Readings taken off the stream, by outcome (scored, no_model, dead).",
+            ["transport", "outcome"],
+            registry=registry,
+        )
+        self.anomalies = Counter(
+            "anomalies_detected",
+            "Anomalous readings found, by source (rest or stream).",
+            ["source"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "stream_dead_letters",
+            "Readings sent to the dead-letter stream, by reason.",
+            ["transport", "reason"],
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "stream_consumer_lag",
+            "Entries not yet delivered to the consumer group.",
+            ["transport"],
+            registry=registry,
+        )
+        self.pending_entries = Gauge(
+            "stream_pending_entries",
+            "Entries delivered to the group but not yet acknowledged.",
+            ["transport"],
+            registry=registry,
+        )
+        self.batch_duration = Histogram(
+            "stream_batch_duration_seconds",
+            "Time to score and commit one batch.",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.events_emitted = Counter(
+            "stream_events_emitted",
+            "Anomaly events written to the output stream.",
+            ["transport"],
+            registry=registry,
+        )
+        self.last_batch = Gauge(
+            "worker_last_batch_timestamp_seconds",
+            "Unix time the worker last committed a batch.",
+            ["transport"],
+            registry=registry,
+        )
+        for outcome in ("scored", "no_model", "dead"):
+            self.readings.labels(transport, outcome)
+        self.anomalies.labels("stream")
+        self.consumer_lag.labels(transport)
+        self.pending_entries.labels(transport)
+        self.batch_duration.labels(transport)
+        self.events_emitted.labels(transport)
+        self.last_batch.labels(transport)

@@ -65,5 +65,9 @@ CREATE TABLE IF NOT EXISTS anomalies (
     episode_id    text,
     detected_at   timestamptz NOT NULL DEFAULT now()
 );
-CREATE UNIQUE INDEX IF NOT EXISTS anomalies_source_id ON anomalies (source_id);
+-- Entry ids are unique within one stream only (several `readings` streams, e.g. one per Redis
+-- Cluster shard, can hand out the same id), so the de-duplication key includes the stream.
+ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS source_stream text NOT NULL DEFAULT '';
+DROP INDEX IF EXISTS anomalies_source_id;
+CREATE UNIQUE INDEX IF NOT EXISTS anomalies_source_key ON anomalies (source_stream, source_id);
 CREATE INDEX IF NOT EXISTS anomalies_series_ts ON anomalies (series_id, ts);

@@ -56,6 +56,39 @@ class Settings(BaseSettings):
     latency_window: int = Field(default=1000, ge=1)
     plot_max_points: int = Field(default=4000, ge=100)
 
+    # Access control: off when no key is set. API_KEYS may fit and read; API_READ_KEYS may
+    # only read (predict, models, plot, anomalies, events). Comma-separated.
+    api_keys: str = ""
+    api_read_keys: str = ""
+
+    # The streams (DESIGN "Stream contract"). In Redis Cluster give the three streams one hash
+    # tag, e.g. ``readings:{a}``, ``anomalies:{a}``, ``readings:dead:{a}``: the worker writes
+    # events and acknowledges readings in one script, which needs its keys in one slot.
+    stream_readings: str = "readings"
+    stream_anomalies: str = "anomalies"
+    stream_dead: str = "readings:dead"
+    stream_group: str = "detector"
+    stream_consumer: str | None = Field(
+        default=None, description="This worker's consumer name; default host-pid."
+    )
+    stream_batch_count: int = Field(default=1000, ge=1, le=100_000)
+    # Blocking reads must end before the client's 10 s socket timeout (a redis-py pitfall).
+    stream_block_ms: int = Field(default=2000, ge=1, le=5000)
+    stream_claim_idle_ms: int = Field(default=30_000, ge=1)
+    stream_claim_interval_ms: int = Field(default=5000, ge=1)
+    stream_max_deliveries: int = Field(default=5, ge=1)
+    stream_anomalies_maxlen: int = Field(default=1_000_000, ge=1)
+    stream_dead_maxlen: int = Field(default=100_000, ge=1)
+    # Producers' safety cap on `readings`; keep it far above any backlog the workers may face.
+    stream_readings_maxlen: int = Field(default=10_000_000, ge=1)
+    stream_trim_interval_ms: int = Field(default=2000, ge=1)
+    stream_record_postgres: bool = True
+
+    # The worker process.
+    model_refresh_seconds: float = Field(default=1.0, ge=0, le=5)
+    worker_heartbeat_ttl_seconds: int = Field(default=15, ge=1)
+    metrics_port: int = Field(default=9101, ge=0, le=65535, description="0 disables it.")
+
     def redis_connection_url(self) -> str:
         if self.redis_url:
             return self.redis_url

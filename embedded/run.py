@@ -106,8 +106,9 @@ def main() -> None:
         env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{data_dir / 'mlflow.db'}")
         env.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(data_dir / "mlartifacts"))
         children.append(Child("api", [sys.executable, "-m", "api", "--port", str(api_port)], env))
-        if _has_worker():
-            children.append(Child("detector", [sys.executable, "-m", "detector"], env))
+        children.append(
+            Child("detector", [sys.executable, "-m", "detector"], _worker_env(env, settings))
+        )
         log.info(
             "data in %s; API on http://127.0.0.1:%d (docs at /docs); Ctrl-C stops",
             data_dir,
@@ -126,12 +127,14 @@ def main() -> None:
         log.info("stopped")
 
 
-def _has_worker() -> bool:
-    try:
-        import detector.__main__  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _worker_env(env: dict[str, str], settings: Settings) -> dict[str, str]:
+    """The worker's environment: its /metrics on METRICS_PORT (9101), or off if that is taken
+    by something else (a metrics port must not stop the detector from running)."""
+    port = settings.metrics_port
+    if port and port_in_use(port):
+        log.warning("port %d is taken: the detector's /metrics is off (set METRICS_PORT)", port)
+        port = 0
+    return {**env, "METRICS_PORT": str(port)}
 
 
 if __name__ == "__main__":

@@ -164,8 +164,13 @@ def test_versions_by_any_spelling(client, series_id):
     fit(client, series_id)
     fit(client, series_id)
     point = {"timestamp": 1, "value": 10}
-    for spelling, expected in [("v1.0.0", "v1.0.0"), ("v1", "v1.0.0"), ("1", "v1.0.0"),
-                               ("2", "v2.0.0"), ("", "v2.0.0")]:
+    for spelling, expected in [
+        ("v1.0.0", "v1.0.0"),
+        ("v1", "v1.0.0"),
+        ("1", "v1.0.0"),
+        ("2", "v2.0.0"),
+        ("", "v2.0.0"),
+    ]:
         response = client.post(f"/predict/{series_id}", params={"version": spelling}, json=point)
         assert response.status_code == 200, (spelling, response.text)
         assert response.json()["model_version"] == expected
@@ -253,8 +258,16 @@ def test_models_of_a_series_oldest_first(client, series_id):
     assert body["series_id"] == series_id
     assert [v["version"] for v in body["versions"]] == ["v1.0.0", "v2.0.0"]
     first = body["versions"][0]
-    assert set(first) == {"version", "mean", "std", "sigma", "direction", "points_used",
-                          "created_at", "mlflow_run_id"}
+    assert set(first) == {
+        "version",
+        "mean",
+        "std",
+        "sigma",
+        "direction",
+        "points_used",
+        "created_at",
+        "mlflow_run_id",
+    }
     assert client.get("/models/nope-never").status_code == 404
 
 
@@ -292,7 +305,9 @@ def test_healthcheck_before_any_request_is_zero(settings):
     assert body["training_latency_ms"]["p95"] == 0.0
 
 
-@pytest.mark.parametrize(("down", "env_key"), [("redis", "REDIS_PORT"), ("postgres", "POSTGRES_PORT")])
+@pytest.mark.parametrize(
+    ("down", "env_key"), [("redis", "REDIS_PORT"), ("postgres", "POSTGRES_PORT")]
+)
 def test_dependency_down_is_503_naming_it(settings, down, env_key):
     with extra_api(settings, healthy=False, **{env_key: str(free_port())}) as http:
         response = http.get("/healthcheck")
@@ -309,9 +324,15 @@ def test_metrics_exposes_the_seed_names(client, series_id):
     fit(client, series_id)
     client.post(f"/predict/{series_id}", json={"timestamp": 1, "value": 1})
     text = client.get("/metrics").text
-    for name in ("train_requests_total", "predict_requests_total",
-                 "train_duration_seconds_bucket", "predict_duration_seconds_bucket",
-                 'le="0.0001"', "anomalies_detected_total", "http_requests_total"):
+    for name in (
+        "train_requests_total",
+        "predict_requests_total",
+        "train_duration_seconds_bucket",
+        "predict_duration_seconds_bucket",
+        'le="0.0001"',
+        "anomalies_detected_total",
+        "http_requests_total",
+    ):
         assert name in text
     assert series_id not in text  # no per-series labels
 
@@ -402,9 +423,12 @@ def test_predict_reloads_from_postgres_after_redis_is_flushed(client, series_id,
 def test_read_your_writes_across_api_processes(settings, client, series_id):
     fit(client, series_id)
     with extra_api(settings) as other:
-        assert other.post(f"/predict/{series_id}", json={"timestamp": 1, "value": 1}).json()[
-            "model_version"
-        ] == "v1.0.0"
+        assert (
+            other.post(f"/predict/{series_id}", json={"timestamp": 1, "value": 1}).json()[
+                "model_version"
+            ]
+            == "v1.0.0"
+        )
         for expected in range(2, 6):
             fit(client, series_id)
             answer = other.post(f"/predict/{series_id}", json={"timestamp": 1, "value": 1})
@@ -416,7 +440,13 @@ def test_a_fit_redis_refuses_leaves_nothing_in_postgres(settings, pg, series_id)
         response = http.post(f"/fit/{series_id}", json={"timestamps": TS, "values": VALUES})
         assert response.status_code == 503
         assert "Redis" in response.json()["detail"]
-    assert pg.execute("SELECT count(*) FROM series WHERE series_id = %s", (series_id,)).fetchone()[0] == 0
-    assert pg.execute(
-        "SELECT count(*) FROM model_versions WHERE series_id = %s", (series_id,)
-    ).fetchone()[0] == 0
+    assert (
+        pg.execute("SELECT count(*) FROM series WHERE series_id = %s", (series_id,)).fetchone()[0]
+        == 0
+    )
+    assert (
+        pg.execute(
+            "SELECT count(*) FROM model_versions WHERE series_id = %s", (series_id,)
+        ).fetchone()[0]
+        == 0
+    )

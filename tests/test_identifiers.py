@@ -11,7 +11,8 @@ from detector.identifiers import format_version, parse_version, validate_series_
 
 ALLOWED = st.text(
     alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-",
-    min_size=1, max_size=128,
+    min_size=1,
+    max_size=128,
 ).filter(lambda s: s not in (".", ".."))
 
 
@@ -39,14 +40,21 @@ def test_any_text_is_accepted_only_within_the_rule(text):
 
 @pytest.mark.parametrize(
     ("text", "parsed"),
-    [("v3.0.0", (3, 0, 0)), ("v3", (3, 0, 0)), ("3", (3, 0, 0)), ("v3.1.0", (3, 1, 0)),
-     ("12", (12, 0, 0))],
+    [
+        ("v3.0.0", (3, 0, 0)),
+        ("v3", (3, 0, 0)),
+        ("3", (3, 0, 0)),
+        ("v3.1.0", (3, 1, 0)),
+        ("12", (12, 0, 0)),
+    ],
 )
 def test_versions_parse(text, parsed):
     assert parse_version(text) == parsed
 
 
-@pytest.mark.parametrize("bad", ["0", "v0", "v0.0.0", "-1", "v-1", "x", "v", "3.0", "v1.0", "v1..0"])
+@pytest.mark.parametrize(
+    "bad", ["0", "v0", "v0.0.0", "-1", "v-1", "x", "v", "3.0", "v1.0", "v1..0"]
+)
 def test_malformed_versions(bad):
     with pytest.raises(InvalidVersionError):
         parse_version(bad)

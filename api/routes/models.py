@@ -11,6 +11,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import ReadAccess, WriteAccess
 from api.deps import (
     SeriesIdDep,
     ServicesDep,
@@ -75,12 +76,9 @@ def _fit_model(request: FitRequest, settings: Settings) -> tuple[TrainingData, S
 @router.post(
     "/fit/{series_id}",
     response_model=FitResponse,
+    dependencies=[WriteAccess],
     openapi_extra=body_schema(FitRequest),
     summary="Fit a new model version of a series",
-    responses={
-        413: {"description": "Body or point count over the limit"},
-        503: {"description": "Redis or PostgreSQL unavailable; nothing stored"},
-    },
 )
 async def fit(
     series_id: SeriesIdDep,
@@ -117,6 +115,7 @@ async def fit(
 @router.post(
     "/predict/{series_id}",
     response_model=PredictResponse,
+    dependencies=[ReadAccess],
     openapi_extra=body_schema(PredictRequest),
     summary="Is this reading anomalous?",
 )
@@ -160,6 +159,7 @@ def _check_timestamp(timestamp: int | float | str) -> int:
 @router.post(
     "/predict/{series_id}/batch",
     response_model=BatchPredictResponse,
+    dependencies=[ReadAccess],
     openapi_extra=body_schema(BatchPredictRequest),
     summary="Score many readings of one series in one call",
 )
@@ -215,7 +215,12 @@ def _batch_payload(found: ModelVersion, values: list[float]) -> dict[str, object
     }
 
 
-@router.get("/models/{series_id}", response_model=SeriesModels, summary="Every version of a series")
+@router.get(
+    "/models/{series_id}",
+    response_model=SeriesModels,
+    dependencies=[ReadAccess],
+    summary="Every version of a series",
+)
 async def series_models(series_id: SeriesIdDep, services: ServicesDep) -> SeriesModels:
     versions = await services.store.versions(series_id)
     return SeriesModels(
@@ -236,7 +241,12 @@ async def series_models(series_id: SeriesIdDep, services: ServicesDep) -> Series
     )
 
 
-@router.get("/models", response_model=SeriesPage, summary="Series with models, by id (paged)")
+@router.get(
+    "/models",
+    response_model=SeriesPage,
+    dependencies=[ReadAccess],
+    summary="Series with models, by id (paged)",
+)
 async def list_models(
     request: Request,
     services: ServicesDep,

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import ReadAccess
 from api.deps import SeriesIdQueryDep, ServicesDep, VersionDep, find_model
 from api.plotting import render_plot
 from api.schemas import Health
@@ -20,7 +21,6 @@ router = APIRouter()
     "/healthcheck",
     response_model=Health,
     tags=["operations"],
-    responses={503: {"description": "Redis or PostgreSQL unreachable; the body says which"}},
 )
 async def healthcheck(services: ServicesDep) -> JSONResponse:
     store, metrics = services.store, services.metrics
@@ -50,7 +50,13 @@ async def healthcheck(services: ServicesDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(services: ServicesDep) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -58,6 +64,7 @@ async def metrics(services: ServicesDep) -> Response:
 @router.get(
     "/plot",
     tags=["models"],
+    dependencies=[ReadAccess],
     summary="PNG of a version's training data, μ and the μ ± kσ band",
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},

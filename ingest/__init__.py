@@ -1,0 +1,1 @@
+"""Producers and subscribers of the streams: publish readings, tail anomaly events."""

@@ -1,0 +1,266 @@
+"""The ``python -m ingest`` / ``anomaly-ingest`` command line: publish, generate, subscribe."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import redis
+
+from detector.settings import Settings
+from ingest.publisher import InvalidReadingError, Publisher, checked_fields
+from ingest.subscriber import Subscriber
+
+
+class Progress:
+    """A one-line progress report on stderr, refreshed at most once a second."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = time.monotonic()
+        self._next = self.started + 1.0
+        self.shown = False
+
+    def update(self, done: int, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now < self._next:
+            return
+        if final and not self.shown:
+            return
+        self._next = now + 1.0
+        self.shown = True
+        rate = done / max(now - self.started, 1e-9)
+        end = "\n" if final else ""
+        print(f"\r{self.label}: {done:,} readings ({rate:,.0f}/s)", end=end, file=sys.stderr)
+
+
+def parse_timestamp(text: str) -> str:
+    """Unix seconds as given, or an ISO 8601 date-time (UTC if no zone, as in NAB's files)."""
+    text = text.strip()
+    if text.isdigit():
+        return text
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text  # left for the reading check to refuse with the rule
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    seconds = moment.timestamp()
+    return str(int(seconds)) if seconds == int(seconds) and seconds >= 0 else text
+
+
+def csv_rows(stream: TextIO, series_id: str | None) -> Iterator[tuple[int, dict[str, str] | str]]:
+    """(line number, entry fields or the error) per data row of a CSV with a header row
+    naming ``timestamp`` and ``value`` (and optionally ``series_id``, ``version``)."""
+    reader = csv.DictReader(stream)
+    columns = set(reader.fieldnames or ())
+    if not {"timestamp", "value"} <= columns:
+        raise SystemExit("the CSV header must name the columns 'timestamp' and 'value'")
+    if series_id is None and "series_id" not in columns:
+        raise SystemExit("give --series-id or a 'series_id' column")
+    for row in reader:
+        line = reader.line_num
+        try:
+            yield (
+                line,
+                checked_fields(
+                    row.get("series_id") or series_id or "",
+                    parse_timestamp(row.get("timestamp") or ""),
+                    (row.get("value") or "").strip(),
+                    row.get("version") or None,
+                ),
+            )
+        except InvalidReadingError as exc:
+            yield line, str(exc)
+
+
+def json_rows(stream: TextIO, series_id: str | None) -> Iterator[tuple[int, dict[str, str] | str]]:
+    """(line number, entry fields or the error) per JSON line ``{"series_id", "timestamp",
+    "value", "version"?}``; ``series_id`` may come from --series-id instead."""
+    for line, text in enumerate(stream, start=1):
+        if not text.strip():
+            continue
+        try:
+            item = json.loads(text)
+            if not isinstance(item, dict):
+                raise InvalidReadingError("each line must be a JSON object")
+            yield (
+                line,
+                checked_fields(
+                    item.get("series_id") or series_id or "",
+                    item.get("timestamp", ""),
+                    item.get("value", ""),
+                    item.get("version"),
+                ),
+            )
+        except (ValueError, InvalidReadingError) as exc:  # JSONDecodeError is a ValueError
+            yield line, str(exc)
+
+
+def publish(args: argparse.Namespace, client: redis.Redis, settings: Settings) -> int:
+    source = "stdin" if args.stdin else args.csv
+    errors = 0
+    progress = Progress(f"published from {source}")
+    with Publisher(
+        client, stream=args.stream or settings.stream_readings, maxlen=args.maxlen,
+        batch_size=args.batch_size,
+    ) as publisher:  # fmt: skip
+        if args.stdin:
+            rows = json_rows(sys.stdin, args.series_id)
+            for line, outcome in rows:
+                errors += _send(publisher, source, line, outcome)
+                progress.update(publisher.sent)
+        else:
+            with open(args.csv, newline="", encoding="utf-8") as handle:
+                for line, outcome in csv_rows(handle, args.series_id):
+                    errors += _send(publisher, source, line, outcome)
+                    progress.update(publisher.sent)
+    progress.update(publisher.sent, final=True)
+    print(f"published {publisher.sent} readings, {errors} rows refused", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _send(publisher: Publisher, source: str, line: int, outcome: dict[str, str] | str) -> int:
+    if isinstance(outcome, str):
+        print(f"{source}:{line}: row not sent: {outcome}", file=sys.stderr)
+        return 1
+    publisher.publish_fields(outcome)
+    return 0
+
+
+def generate(args: argparse.Namespace, client: redis.Redis, settings: Settings) -> int:
+    """Synthetic readings: values ~ N(100, 10); an anomaly is 5-10 σ above the mean."""
+    rng = random.Random(args.seed)
+    series = [f"{args.prefix}-{i}" for i in range(args.series)]
+    if args.fit:
+        for series_id in series:
+            _fit(args.fit, series_id, rng)
+        print(f"fitted {len(series)} series through {args.fit}", file=sys.stderr)
+    start = int(time.time())
+    progress = Progress("generated")
+    started = time.monotonic()
+    with Publisher(
+        client, stream=args.stream or settings.stream_readings, maxlen=args.maxlen,
+        batch_size=args.batch_size,
+    ) as publisher:  # fmt: skip
+        for n in range(args.count):
+            if args.rate > 0:  # pace: reading n is due at n / rate seconds
+                delay = started + n / args.rate - time.monotonic()
+                if delay > 0:
+                    publisher.flush()
+                    time.sleep(delay)
+            anomalous = rng.random() < args.anomaly_ratio
+            value = 100.0 + (rng.uniform(5, 10) if anomalous else rng.gauss(0, 1)) * 10.0
+            series_id = series[n % len(series)]
+            publisher.publish(series_id, start + n // len(series), round(value, 4))
+            progress.update(publisher.sent)
+    progress.update(publisher.sent, final=True)
+    print(f"published {publisher.sent} readings", file=sys.stderr)
+    return 0
+
+
+def _fit(base_url: str, series_id: str, rng: random.Random) -> None:
+    values = [100.0 + rng.gauss(0, 1) * 10.0 for _ in range(500)]
+    body = json.dumps({"timestamps": list(range(500)), "values": values}).encode()
+    if not base_url.startswith(("http://", "https://")):
+        raise SystemExit("--fit takes the API's http:// or https:// URL")
+    request = urllib.request.Request(  # noqa: S310 (scheme checked above)
+        f"{base_url.rstrip('/')}/fit/{series_id}",
+        data=body,
+        headers={"content-type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 (scheme checked above)
+        answer.read()
+
+
+def subscribe(args: argparse.Namespace, client: redis.Redis, settings: Settings) -> int:
+    start = "0" if args.from_start else (args.from_id or "$")
+    subscriber = Subscriber(
+        client,
+        stream=args.stream or settings.stream_anomalies,
+        start=start,
+        series_id=args.series,
+        group=args.group,
+        consumer=args.consumer,
+    )
+    try:
+        for event in subscriber.events(limit=args.count, idle_timeout=args.idle_timeout):
+            sys.stdout.write(json.dumps(event, default=_json_default) + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomaly-ingest", description=__doc__)
+    parser.add_argument("--redis-url", help="default: from REDIS_* settings")
+    parser.add_argument("--stream", help="stream name (default: from settings)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pub = commands.add_parser("publish", help="publish readings from a CSV file or stdin")
+    source = pub.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", help="CSV with a header: timestamp,value[,series_id,version]")
+    source.add_argument("--stdin", action="store_true", help="JSON lines on stdin")
+    pub.add_argument("--series-id", help="series of rows that do not name one")
+    _add_publish_options(pub)
+
+    gen = commands.add_parser("generate", help="publish synthetic readings")
+    gen.add_argument("--rate", type=float, default=0.0, help="readings/s (0: as fast as possible)")
+    gen.add_argument("--series", type=int, default=10)
+    gen.add_argument("--anomaly-ratio", type=float, default=0.01)
+    gen.add_argument("--count", type=int, default=10_000)
+    gen.add_argument("--prefix", default="gen", help="series ids are <prefix>-0, <prefix>-1 …")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--fit", metavar="API_URL", help="first fit every series through the API")
+    _add_publish_options(gen)
+
+    sub = commands.add_parser("subscribe", help="print anomaly events as JSON lines")
+    where = sub.add_mutually_exclusive_group()
+    where.add_argument("--from-start", action="store_true")
+    where.add_argument("--from", dest="from_id", metavar="ID", help="events after this id")
+    sub.add_argument("--series", help="only this series")
+    sub.add_argument("--group", help="a consumer group of your own: durable position")
+    sub.add_argument("--consumer", help="consumer name within --group")
+    sub.add_argument("--count", type=int, help="exit after this many events")
+    sub.add_argument("--idle-timeout", type=float, help="exit after this many quiet seconds")
+    return parser
+
+
+def _add_publish_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=1000, help="XADDs per round trip")
+    parser.add_argument("--maxlen", type=int, default=None, help="MAXLEN ~ on the stream")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    if getattr(args, "maxlen", 0) is None:
+        args.maxlen = settings.stream_readings_maxlen
+    client = redis.Redis.from_url(
+        args.redis_url or settings.redis_connection_url(), decode_responses=True
+    )
+    commands = {"publish": publish, "generate": generate, "subscribe": subscribe}
+    try:
+        code = commands[args.command](args, client, settings)
+    except redis.exceptions.ConnectionError as exc:
+        sys.exit(f"cannot reach Redis: {exc}")
+    finally:
+        client.close()
+    sys.exit(code)
