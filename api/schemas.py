@@ -19,15 +19,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class FitRequest(_Body):
-    timestamps: list[JsonTimestamp] = Field(description="Unix seconds, one per value, any order.")
-    values: list[Number] = Field(description="The training values.")
+class FitOptions(_Body):
     sigma: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] | None = Field(
         default=None, description="k in μ ± kσ (default: the server's, 3)."
     )
     direction: Direction | None = Field(
         default=None, description="Which side is anomalous (default: the server's, above)."
     )
+
+
+class FitRequest(FitOptions):
+    timestamps: list[JsonTimestamp] = Field(description="Unix seconds, one per value, any order.")
+    values: list[Number] = Field(description="The training values.")
 
 
 class FitResponse(BaseModel):

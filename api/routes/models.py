@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import ReadAccess, WriteAccess
+from api.bodies import ArrayBody, batch_body, fit_body
 from api.deps import (
     SeriesIdDep,
     ServicesDep,
@@ -35,6 +36,7 @@ from api.schemas import (
 from detector.errors import AnomalyError, InvalidInputError, TooLargeError
 from detector.identifiers import format_version, validate_series_id
 from detector.model import (
+    FloatArray,
     StaticModel,
     TrainingData,
     as_timestamps,
@@ -58,7 +60,7 @@ def _json(payload: object, status_code: int = 200) -> Response:
     )
 
 
-def _fit_model(request: FitRequest, settings: Settings) -> tuple[TrainingData, StaticModel]:
+def _fit_model(request: ArrayBody, settings: Settings) -> tuple[TrainingData, StaticModel]:
     data = prepare_training_data(
         request.timestamps,
         request.values,
@@ -82,7 +84,7 @@ def _fit_model(request: FitRequest, settings: Settings) -> tuple[TrainingData, S
 )
 async def fit(
     series_id: SeriesIdDep,
-    body: Annotated[FitRequest, Depends(json_body(FitRequest))],
+    body: Annotated[ArrayBody, Depends(fit_body)],
     services: ServicesDep,
 ) -> Response:
     metrics = services.metrics
@@ -166,7 +168,7 @@ def _check_timestamp(timestamp: int | float | str) -> int:
 async def predict_batch(
     series_id: SeriesIdDep,
     version: VersionDep,
-    body: Annotated[BatchPredictRequest, Depends(json_body(BatchPredictRequest))],
+    body: Annotated[ArrayBody, Depends(batch_body)],
     services: ServicesDep,
 ) -> Response:
     metrics = services.metrics
@@ -198,7 +200,7 @@ async def predict_batch(
     return _json(payload)
 
 
-def _batch_payload(found: ModelVersion, values: list[float]) -> dict[str, object]:
+def _batch_payload(found: ModelVersion, values: FloatArray) -> dict[str, object]:
     scores = found.model.score(np.asarray(values, dtype=np.float64))
     return {
         "series_id": found.series_id,
