@@ -40,3 +40,7 @@ clean: ## Remove the virtual environment and caches (keeps .data)
 .PHONY: mlflow-ui
 mlflow-ui: $(STAMP) ## Open the MLflow UI on http://127.0.0.1:5000 over make run's local store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath .data)/mlflow.db --host 127.0.0.1 --port 5000
+
+.PHONY: nab-offline
+nab-offline: $(STAMP) ## NAB score of the adaptive detector replayed offline (no Redis), with leave-one-folder-out
+	$(BIN)/python -m evaluation --detector adaptive --lofo $(NAB_ARGS)
