@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from api.auth import ReadAccess
+from api.auth import ReadAccess, WriteAccess
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, HttpMetrics
@@ -18,6 +18,7 @@ from api.schemas import ERROR_RESPONSES
 from detector.connections import apply_schema, postgres_pool, redis_client
 from detector.latency import LatencyWindow
 from detector.metrics import ApiMetrics
+from detector.pointer_cache import LatestPointerCache
 from detector.settings import Settings, get_settings
 from detector.store import POSTGRES_ERRORS, ModelStore
 from detector.tracking import MlflowTracker
@@ -49,9 +50,15 @@ def create_app(
             # Start anyway: /healthcheck reports it, and the schema is applied by whoever
             # reaches PostgreSQL first (make run and the worker apply it too).
             log.warning("PostgreSQL not reachable at start-up: %s", exc)
+        store = ModelStore(redis, pool, cache_size=settings.model_cache_size)
+        pointers = None
+        if settings.latest_pointer_tracking:
+            pointers = LatestPointerCache(settings.redis_connection_url())
+            await pointers.start()
+            store.pointers = pointers
         app.state.services = Services(
             settings=settings,
-            store=ModelStore(redis, pool, cache_size=settings.model_cache_size),
+            store=store,
             metrics=metrics,
             inference_latency=LatencyWindow(settings.latency_window),
             training_latency=LatencyWindow(settings.latency_window),
@@ -65,6 +72,8 @@ def create_app(
         finally:
             if tracker is not None:
                 await tracker.stop()
+            if pointers is not None:
+                await pointers.stop()
             await pool.close()
             await redis.aclose()
 
@@ -75,9 +84,16 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app, metrics)
-    app.include_router(models.router, responses=ERROR_RESPONSES)
+    # Access checks are attached only when keys are configured: with keys off (the default)
+    # the hot path carries no authentication dependencies at all.
+    keys_on = bool(settings.api_keys or settings.api_read_keys)
+    read = [ReadAccess] if keys_on else []
+    write = [WriteAccess] if keys_on else []
+    app.include_router(models.write_router, dependencies=write, responses=ERROR_RESPONSES)
+    app.include_router(models.router, dependencies=read, responses=ERROR_RESPONSES)
+    app.include_router(system.read_router, dependencies=read, responses=ERROR_RESPONSES)
+    app.include_router(events.router, dependencies=read, responses=ERROR_RESPONSES)
     app.include_router(system.router, responses=ERROR_RESPONSES)
-    app.include_router(events.router, dependencies=[ReadAccess], responses=ERROR_RESPONSES)
     # The last added runs first: the size limit acts before anything reads the body.
     app.add_middleware(HttpMetrics, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

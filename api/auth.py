@@ -59,11 +59,11 @@ HeaderKey = Annotated[str | None, Security(_header)]
 BearerKey = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 
 
-def require_read(request: Request, header_key: HeaderKey, bearer: BearerKey) -> None:
+async def require_read(request: Request, header_key: HeaderKey, bearer: BearerKey) -> None:
     _access(request, header_key, bearer)
 
 
-def require_write(request: Request, header_key: HeaderKey, bearer: BearerKey) -> None:
+async def require_write(request: Request, header_key: HeaderKey, bearer: BearerKey) -> None:
     if _access(request, header_key, bearer) == "read":
         raise ForbiddenError("this API key may only read; fitting needs a write key")
 

@@ -1,4 +1,8 @@
-"""Typed dependencies of the routes: the store, settings, metrics, parsed ids and bodies."""
+"""Typed dependencies of the routes: the store, settings, metrics, parsed ids and bodies.
+
+Every dependency is ``async def``: FastAPI runs plain ``def`` dependencies in a thread pool,
+which on the predict path cost more than the prediction itself.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ class Services:
     training_latency: LatencyWindow
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -43,28 +47,32 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def series_id_path(
+async def series_id_path(
     series_id: Annotated[str, Path(description=SERIES_ID_RULE)],
 ) -> str:
     return validate_series_id(series_id)
 
 
-def series_id_query(
+async def series_id_query(
     series_id: Annotated[str, Query(description=SERIES_ID_RULE)],
 ) -> str:
     return validate_series_id(series_id)
 
 
-def version_query(
-    version: Annotated[
-        str | None,
-        Query(description="v3.0.0, v3 or 3; empty or absent means the latest version"),
-    ] = None,
-) -> tuple[int, int, int] | None:
+VERSION_QUERY_HELP = "v3.0.0, v3 or 3; empty or absent means the latest version"
+
+
+def version_query_value(version: str | None) -> tuple[int, int, int] | None:
     """The requested version, or None for the latest (checked before any lookup)."""
     if version is None or version == "":
         return None
     return parse_version(version)
+
+
+async def version_query(
+    version: Annotated[str | None, Query(description=VERSION_QUERY_HELP)] = None,
+) -> tuple[int, int, int] | None:
+    return version_query_value(version)
 
 
 async def find_model(

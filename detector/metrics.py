@@ -102,6 +102,10 @@ class ApiMetrics:
             ["dependency"],
             registry=registry,
         )
+        # Pre-bound children for the hot path (a labels() lookup costs a lock and a dict).
+        self.predict_ok = self.predict_requests.labels("ok")
+        self.predict_single_duration = self.predict_duration.labels("single")
+        self.rest_anomalies = self.anomalies.labels("rest")
         for outcome in ("ok", "invalid", "not_found", "too_large", "unavailable"):
             self.train_requests.labels(outcome)
             self.predict_requests.labels(outcome)

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_batch_points: int = Field(default=1_000_000, ge=1)
     model_cache_size: int = Field(default=200_000, ge=0)
+    # Cache latest pointers in the API process, invalidated by Redis tracking (see README).
+    latest_pointer_tracking: bool = True
 
     # The API process.
     latency_window: int = Field(default=1000, ge=1)

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from detector.errors import ModelNotFoundError, StoreUnavailableError
 from detector.identifiers import format_version
 from detector.model import StaticModel, TrainingData, model_from_dict
+from detector.pointer_cache import LatestPointerCache
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class ModelStore:
         self.redis = redis_client
         self.pool = pool
         self.cache = _LRU(cache_size)
+        # Optional: latest pointers cached in process, invalidated by Redis key tracking.
+        self.pointers: LatestPointerCache | None = None
         self._put_version = redis_client.register_script(_PUT_VERSION)
         self._withdraw_version = redis_client.register_script(_WITHDRAW_VERSION)
 
@@ -261,8 +264,15 @@ class ModelStore:
         return found
 
     async def latest_version(self, series_id: str) -> int:
-        """The newest version number, read from Redis on every call (read-your-writes across
-        processes), falling back to PostgreSQL and repairing Redis when the pointer is gone."""
+        """The newest version number: from the tracked in-process cache when one is attached
+        (see ``detector.pointer_cache``), else from Redis; falling back to PostgreSQL and
+        repairing Redis when the pointer is gone."""
+        pointers, generation = self.pointers, 0
+        if pointers is not None:
+            cached = pointers.get(series_id)
+            if cached is not None:
+                return cached
+            generation = pointers.generation
         try:
             raw = await self.redis.hget(model_key(series_id), "latest")  # type: ignore[misc]
         except REDIS_ERRORS:
@@ -271,6 +281,8 @@ class ModelStore:
         else:
             redis_up = True
         if raw is not None:
+            if pointers is not None:
+                pointers.put(series_id, int(raw), generation)
             return int(raw)
         row = await self._pg_fetchone(
             "SELECT last_version FROM series WHERE series_id = %s", (series_id,)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,13 +32,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+def postgres_data_dir() -> Path:
+    """A fresh folder for a test PostgreSQL cluster, outside pytest's own temporary root.
+
+    Under root, PostgreSQL runs as ``nobody`` and must be able to walk down to its data; each
+    pytest session resets its temporary root to mode 0700, which would lock out a cluster of a
+    concurrently running session.
+    """
+    return Path(tempfile.mkdtemp(prefix="anomaly-test-pg-")) / "data"
+
+
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = PostgresServer(tmp_path_factory.mktemp("pg") / "data", free_port(), durable=False)
+def postgres_server() -> Iterator[PostgresServer]:
+    data_dir = postgres_data_dir()
+    server = PostgresServer(data_dir, free_port(), durable=False)
     server.start()
     apply_schema_sync(server.conninfo())
     yield server
     server.stop()
+    shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,12 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import ReadAccess
 from api.deps import SeriesIdQueryDep, ServicesDep, VersionDep, find_model
 from api.plotting import render_plot
 from api.schemas import Health
 
-router = APIRouter()
+router = APIRouter()  # open: health and metrics
+read_router = APIRouter()  # behind read keys when keys are set
 
 
 @router.get(
@@ -61,10 +61,9 @@ async def metrics(services: ServicesDep) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get(
+@read_router.get(
     "/plot",
     tags=["models"],
-    dependencies=[ReadAccess],
     summary="PNG of a version's training data, μ and the μ ± kσ band",
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
