@@ -14,9 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
+from detector.detectors import MultiscaleParams
 from evaluation.corpus import DEFAULT_NAB_ROOT, Corpus, load_corpus
 from evaluation.nab import PROFILES, CorpusScore, FloatArray, NabScorer
-from evaluation.replay import KIND_DEFAULTS, detector_kind, replay
+from evaluation.replay import (
+    KIND_DEFAULTS,
+    detector_kind,
+    multiscale_alerts,
+    multiscale_components,
+    replay,
+)
 from evaluation.results import read_results_dir, results_path, write_results
 
 # Published NAB scoreboard (standard profile), numenta/NAB results/final_results.json.
@@ -43,6 +50,16 @@ LOFO_GRID: dict[str, tuple[float, ...]] = {
     "k": (3.0, 4.0, 5.0),
     "half_life_days": (1.0, 7.0, 30.0),
     "quiet_days": (0.5, 1.0),
+}
+
+# The multiscale kind's grid, declared the same way: the short window's half-life needs a
+# replay per value; thresholds and the quiet period (in readings) are swept on its output.
+MULTISCALE_GRID: dict[str, tuple[float, ...]] = {
+    "fast_readings": (3.0, 6.0, 12.0),
+    "k_point": (6.0, 8.0),
+    "k_shift": (4.0, 5.0, 6.0),
+    "k_divergence": (30.0, 60.0, 100.0),
+    "quiet_readings": (72.0, 144.0, 288.0),
 }
 
 
@@ -103,6 +120,62 @@ def leave_one_folder_out(
     return combined, chosen
 
 
+def _components(
+    args: tuple[Path, float],
+) -> tuple[float, dict[str, tuple[FloatArray, float]]]:
+    root, fast = args
+    params = MultiscaleParams(fast_readings=fast)
+    corpus = load_corpus(root)
+    return fast, {
+        s.name: multiscale_components(params, s.seconds.astype(np.float64), s.values)
+        for s in corpus
+    }
+
+
+def multiscale_leave_one_folder_out(
+    corpus: Corpus, root: Path, jobs: int
+) -> tuple[dict[str, FloatArray], dict[str, MultiscaleParams]]:
+    """``leave_one_folder_out`` for the multiscale kind over MULTISCALE_GRID."""
+    standard = PROFILES["standard"]
+    scorer = NabScorer(corpus)
+    folder_of = {s.name: s.folder for s in corpus}
+    fasts = MULTISCALE_GRID["fast_readings"]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        components = dict(pool.map(_components, [(root, f) for f in fasts]))
+    grid: list[MultiscaleParams] = []
+    raw_by_folder: list[dict[str, float]] = []
+    outputs: list[dict[str, FloatArray]] = []
+    for values in itertools.product(*MULTISCALE_GRID.values()):
+        fast, k_point, k_shift, k_divergence, quiet = values
+        params = MultiscaleParams(
+            fast_readings=fast,
+            k_point=k_point,
+            k_shift=k_shift,
+            k_divergence=k_divergence,
+            quiet_readings=quiet,
+        )
+        out = {
+            s.name: multiscale_alerts(
+                *components[params.fast_readings][s.name], s.seconds.astype(np.float64), params
+            ).astype(np.float64)
+            for s in corpus
+        }
+        per_folder: dict[str, float] = dict.fromkeys(corpus.folders, 0.0)
+        for f in scorer.score(out, standard, FLAG_THRESHOLD).files:
+            per_folder[folder_of[f.name]] += f.score
+        grid.append(params)
+        raw_by_folder.append(per_folder)
+        outputs.append(out)
+    combined: dict[str, FloatArray] = {}
+    chosen: dict[str, MultiscaleParams] = {}
+    for folder in corpus.folders:
+        others = [sum(v for f, v in r.items() if f != folder) for r in raw_by_folder]
+        best = int(np.argmax(others))
+        chosen[folder] = grid[best]
+        combined.update({n: v for n, v in outputs[best].items() if folder_of[n] == folder})
+    return combined, chosen
+
+
 def format_table(rows: Sequence[tuple[str, dict[str, CorpusScore] | float]]) -> str:
     header = f"{'detector':58s} {'standard':>9s} {'low FP':>9s} {'low FN':>9s}"
     lines = [header, "-" * len(header)]
@@ -150,11 +223,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         outputs = run_detector(corpus, args.detector, params)
         name = args.detector
         d = KIND_DEFAULTS[name]
-        shown = {
+        shown: dict[str, object] = {
             "k": params.k or d.k,
             "dir": params.direction or d.direction,
         }
-        if name != "static" and name != "refit-daily":
+        if name == "multiscale":
+            m = MultiscaleParams()
+            shown = {
+                "half-lives": f"{m.slow_readings:g}/{m.fast_readings:g}",
+                "k": f"{m.k_point:g}/{m.k_shift:g}/{m.k_divergence:g}",
+                "quiet": f"{m.quiet_readings:g}",
+            }
+        elif name != "static" and name != "refit-daily":
             shown["quiet"] = f"{params.quiet_days or d.quiet_days}d"
         if name == "adaptive":
             shown["half-life"] = f"{params.half_life_days or d.half_life_days}d"
@@ -176,8 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     rows: list[tuple[str, dict[str, CorpusScore] | float]] = [(label, results)]
     rows.extend((f"{n} (published)", v) for n, v in SCOREBOARD)
-    if args.lofo:
+    chosen_ms: dict[str, MultiscaleParams] = {}
+    chosen: dict[str, Params] = {}
+    if args.lofo and args.detector == "multiscale":
+        combined, chosen_ms = multiscale_leave_one_folder_out(corpus, args.nab_root, args.jobs)
+    elif args.lofo:
         combined, chosen = leave_one_folder_out(corpus, args.nab_root, args.detector, args.jobs)
+    if args.lofo:
         lofo = {p.name: scorer.score(combined, p, FLAG_THRESHOLD) for p in PROFILES.values()}
         rows.append((f"{name} (ours) leave-one-folder-out", lofo))
     print(format_table(rows))
@@ -191,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("leave-one-folder-out choices (k, half-life days, quiet days) per held-out folder:")
         for folder, p in chosen.items():
             print(f"  {folder:24s} k={p.k} half-life={p.half_life_days}d quiet={p.quiet_days}d")
+        for folder, m in chosen_ms.items():
+            print(
+                f"  {folder:24s} fast={m.fast_readings:g} k={m.k_point:g}/{m.k_shift:g}/"
+                f"{m.k_divergence:g} quiet={m.quiet_readings:g} readings"
+            )
     return 0
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detector.adaptive import DecayingMoments, Moments
+from detector.detectors import MultiscaleParams, MultiscaleState, group_alerts
 from evaluation.nab import probationary_length
 
 FloatArray = npt.NDArray[np.float64]
@@ -166,6 +167,9 @@ class DetectorKind:
     make_alerting: Callable[[], Alerting]
     k: float = 3.0
     direction: Direction = "above"
+    # A self-contained streaming detector (its own rule and alert grouping) instead of a
+    # baseline + kσ rule + alerting; fitted on the probationary rows.
+    make_streaming: Callable[[FloatArray, FloatArray], MultiscaleState] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,11 +192,17 @@ def replay(kind: DetectorKind, timestamps: FloatArray, values: FloatArray) -> Re
     ts = np.asarray(timestamps, dtype=np.float64)
     vals = np.asarray(values, dtype=np.float64)
     n_fit = probationary_length(ts.size)
-    baseline, alerting = kind.make_baseline(), kind.make_alerting()
-    baseline.fit(ts[:n_fit], vals[:n_fit])
     z = np.zeros(ts.size)
     anomaly = np.zeros(ts.size, dtype=bool)
     alert = np.zeros(ts.size, dtype=bool)
+    if kind.make_streaming is not None:
+        state = kind.make_streaming(ts[:n_fit], vals[:n_fit])
+        for i in range(n_fit, ts.size):
+            score, alert[i] = state.update(float(ts[i]), float(vals[i]))
+            z[i], anomaly[i] = score, score > 1.0
+        return Replay(z, anomaly, alert)
+    baseline, alerting = kind.make_baseline(), kind.make_alerting()
+    baseline.fit(ts[:n_fit], vals[:n_fit])
     k, direction = kind.k, kind.direction
     for i in range(n_fit, ts.size):
         t = float(ts[i])
@@ -210,6 +220,7 @@ def detector_kind(
     direction: Direction | None = None,
     quiet_days: float | None = None,
     half_life_days: float | None = None,
+    multiscale: MultiscaleParams | None = None,
 ) -> DetectorKind:
     """Build a registered kind; unset parameters take the kind's defaults (KIND_DEFAULTS)."""
     if name not in KIND_DEFAULTS:
@@ -238,8 +249,43 @@ def detector_kind(
         # once per quiet period beat the gated, extending variants (see the README section).
         "adaptive": (lambda: AdaptiveBaseline(half_life=half_life), once_a_day),
     }
+    if name == "multiscale":
+        params = multiscale or MultiscaleParams()
+
+        def fit(ts: FloatArray, values: FloatArray) -> MultiscaleState:
+            return MultiscaleState.fit(ts, values, params)
+
+        return DetectorKind(
+            name, StaticBaseline, every, k=1.0, direction="both", make_streaming=fit
+        )
     make_baseline, make_alerting = makers[name]
     return DetectorKind(name, make_baseline, make_alerting, k=k, direction=chosen_direction)
+
+
+def multiscale_components(
+    params: MultiscaleParams, timestamps: FloatArray, values: FloatArray
+) -> tuple[FloatArray, float]:
+    """The multiscale kind's three statistics per row (zeros on probationary rows) and the
+    series' step: thresholds and quiet periods can then be swept without replaying again."""
+    ts = np.asarray(timestamps, dtype=np.float64)
+    vals = np.asarray(values, dtype=np.float64)
+    n_fit = probationary_length(ts.size)
+    state = MultiscaleState.fit(ts[:n_fit], vals[:n_fit], params)
+    out = np.zeros((ts.size, 3))
+    for i in range(n_fit, ts.size):
+        out[i] = state.observe(float(ts[i]), float(vals[i]))
+    return out, state.step
+
+
+def multiscale_alerts(
+    components: FloatArray, step: float, timestamps: FloatArray, params: MultiscaleParams
+) -> BoolArray:
+    """What ``replay`` of the multiscale kind alerts on, from precomputed components."""
+    limits = np.array([params.k_point, params.k_shift, params.k_divergence])
+    anomalous = np.max(components / limits, axis=1) > 1.0
+    return group_alerts(
+        np.asarray(timestamps, dtype=np.float64), anomalous, params.quiet_readings * step
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,4 +304,6 @@ KIND_DEFAULTS: dict[str, KindDefaults] = {
     "refit-daily": KindDefaults(),
     "refit-daily-episodes": KindDefaults(),
     "adaptive": KindDefaults(k=4.0, direction="both", quiet_days=0.5, half_life_days=7.0),
+    # Its own parameters live in MultiscaleParams (time scales in readings, see the README).
+    "multiscale": KindDefaults(k=1.0, direction="both"),
 }
