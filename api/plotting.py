@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import itertools
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import matplotlib
 
@@ -38,8 +40,18 @@ def decimate(
     return timestamps[index], values[index]
 
 
-def render_plot(found: ModelVersion, data: TrainingData, *, max_points: int = 4000) -> bytes:
-    """A PNG a person can read; statistics come from the model, never from the decimated data."""
+def render_plot(
+    found: ModelVersion,
+    data: TrainingData,
+    *,
+    max_points: int = 4000,
+    detected: Sequence[Mapping[str, Any]] = (),
+) -> bytes:
+    """A PNG a person can read; statistics come from the model, never from the decimated data.
+
+    ``detected``: anomalies recorded from the stream (``GET /anomalies`` rows), drawn on top,
+    with the onset of each episode marked when the rows carry ``onset``.
+    """
     model = found.model
     ts, values = decimate(data.timestamps, data.values, max_points)
     dates = _dates(ts)
@@ -84,12 +96,36 @@ def render_plot(found: ModelVersion, data: TrainingData, *, max_points: int = 40
             zorder=3,
             label=f"beyond threshold ({outside_ts.size})",
         )
+    if detected:
+        det_ts = np.asarray([int(d["timestamp"]) for d in detected], dtype=np.int64)
+        det_values = np.asarray([float(d["value"]) for d in detected])
+        ax.scatter(
+            _dates(det_ts),
+            det_values,
+            marker="x",
+            color="tab:orange",
+            s=28,
+            zorder=4,
+            label=f"detected on the stream ({len(detected)})",
+        )
+        onsets = [d for d in detected if str(d.get("onset", "0")) in ("1", "True", "true")]
+        for i, onset in enumerate(onsets[:200]):
+            ax.axvline(
+                _dates(np.asarray([int(onset["timestamp"])]))[0],
+                color="tab:orange",
+                alpha=0.5,
+                linewidth=1,
+                label="episode onset" if i == 0 else None,
+            )
+        low = min(model.lower, float(data.values.min()), float(det_values.min()))
+        high = max(model.upper, float(data.values.max()), float(det_values.max()))
+    else:
+        low = min(model.lower, float(data.values.min()))
+        high = max(model.upper, float(data.values.max()))
     ax.set_title(
         f"{found.series_id} · {found.name} · μ={model.mean:.4g} σ={model.std:.4g} "
         f"k={model.sigma:g} ({model.direction}) · n={len(data):,}"
     )
-    low = min(model.lower, float(data.values.min()))
-    high = max(model.upper, float(data.values.max()))
     pad = 0.06 * (high - low) or 1.0
     ax.set_ylim(low - pad, high + pad)  # both bounds and every point inside the frame
     ax.margins(x=0.01)

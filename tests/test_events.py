@@ -97,3 +97,16 @@ def test_anomalies_history_rejects_bad_parameters(client):
         answer = client.get("/anomalies", params=params)
         assert answer.status_code == 422, params
         assert "detail" in answer.json()
+
+
+def test_plot_overlays_the_anomalies_detected_on_the_stream(
+    settings, client, redis_client, series_id
+):
+    s = stream_settings(settings)
+    fit(client, series_id, [90.0, 110.0] * 5)
+    publish(redis_client, s.stream_readings, [(series_id, 1000 + n, 300.0) for n in range(5)])
+    run_worker(s)
+    plain = client.get("/plot", params={"series_id": series_id})
+    overlaid = client.get("/plot", params={"series_id": series_id, "anomalies": "true"})
+    assert overlaid.status_code == 200 and overlaid.content.startswith(b"\x89PNG")
+    assert overlaid.content != plain.content  # the five detections are drawn

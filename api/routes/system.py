@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -12,6 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import SeriesIdQueryDep, ServicesDep, VersionDep, find_model
 from api.plotting import render_plot
 from api.schemas import Health
+from detector.errors import StoreUnavailableError
+from detector.history import query_anomalies
+from detector.store import POSTGRES_ERRORS
 
 router = APIRouter()  # open: health and metrics
 read_router = APIRouter()  # behind read keys when keys are set
@@ -68,10 +72,23 @@ async def metrics(services: ServicesDep) -> Response:
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
 )
-async def plot(series_id: SeriesIdQueryDep, version: VersionDep, services: ServicesDep) -> Response:
+async def plot(
+    series_id: SeriesIdQueryDep,
+    version: VersionDep,
+    services: ServicesDep,
+    anomalies: Annotated[
+        bool, Query(description="Overlay the anomalies recorded from the stream (history).")
+    ] = False,
+) -> Response:
     found = await find_model(services.store, series_id, version)
     data = await services.store.training_data(series_id, found.version)
+    detected: list[dict[str, Any]] = []
+    if anomalies:
+        try:
+            detected = await query_anomalies(services.store.pool, series_id, limit=10_000)
+        except POSTGRES_ERRORS as exc:
+            raise StoreUnavailableError("postgres", f"PostgreSQL is unavailable: {exc}") from exc
     png = await run_in_threadpool(
-        render_plot, found, data, max_points=services.settings.plot_max_points
+        render_plot, found, data, max_points=services.settings.plot_max_points, detected=detected
     )
     return Response(png, media_type="image/png")
