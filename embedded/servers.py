@@ -17,7 +17,9 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,13 @@ def _die_with_parent() -> None:
     """Children get SIGTERM if the process that started them dies (no orphans)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _child_setup() -> Callable[[], None] | None:
+    # The kernel sends the death signal when the forking *thread* exits, not the process: a
+    # server (re)started from a short-lived thread would die with it. Only the main thread,
+    # which lives as long as the process, may tie a child's life to its own.
+    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def free_port() -> int:
@@ -127,7 +136,7 @@ class RedisServer:
             "--daemonize",
             "no",
         ]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_child_setup())
         _wait_for_port(self.proc, self.port, "redis-server", self.log_file)
         log.info("redis-server %s listening on 127.0.0.1:%d", args[0], self.port)
         return self
@@ -241,7 +250,7 @@ class PostgresServer:
                 stderr=log_out,
                 env=env,
                 cwd="/",
-                preexec_fn=_die_with_parent,
+                preexec_fn=_child_setup(),
                 **as_user,  # type: ignore[arg-type]
             )
         _wait_for_port(self.proc, self.port, "postgres", self.log_file)
