@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install run test lint typecheck clean
+.PHONY: help install run test lint typecheck clean bench
 
 help: ## Show the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -28,6 +28,9 @@ run: $(STAMP) ## Start Redis, PostgreSQL, the API (port 8000) and a detector wor
 test: $(STAMP) ## Run the whole test suite against real Redis and PostgreSQL
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: $(STAMP) ## Run the benchmarks (ratios against same-run baselines)
+	$(BIN)/python -m bench
+
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .
 
@@ -44,3 +47,7 @@ mlflow-ui: $(STAMP) ## Open the MLflow UI on http://127.0.0.1:5000 over make run
 .PHONY: nab-offline
 nab-offline: $(STAMP) ## NAB score of the adaptive detector replayed offline (no Redis), with leave-one-folder-out
 	$(BIN)/python -m evaluation --detector adaptive --lofo $(NAB_ARGS)
+
+.PHONY: nab
+nab: $(STAMP) ## NAB through the real stream: REST fits, publisher, one worker, episode onsets scored
+	$(BIN)/python -m bench.nab_stream $(NAB_ARGS)

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.schemas import Direction, FitOptions
+from api.schemas import Direction, FitOptions, Kind
 from detector.model import FloatArray
 
 # Bodies above this size are parsed in a worker thread so the event loop keeps serving.
@@ -33,6 +33,7 @@ class ArrayBody:
     values: FloatArray
     sigma: float | None = None
     direction: Direction | None = None
+    kind: Kind | None = None
 
 
 def _invalid(loc: tuple[str | int, ...], msg: str, kind: str) -> RequestValidationError:
@@ -77,7 +78,7 @@ def _parse(raw: bytes, *, with_options: bool) -> ArrayBody:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_input=False)]
         ) from None
-    return ArrayBody(timestamps, values, options.sigma, options.direction)
+    return ArrayBody(timestamps, values, options.sigma, options.direction, options.kind)
 
 
 async def _read(request: Request, *, with_options: bool) -> ArrayBody:

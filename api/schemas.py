@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints
 
 Direction = Literal["above", "below", "both"]
+Kind = Literal["static", "multiscale"]
 # A JSON number that is finite; booleans and strings are refused (strict).
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # Fit timestamps: JSON numbers; 1.0 counts as 1, 1.5 is refused by the model's rules.
@@ -26,6 +27,15 @@ class FitOptions(_Body):
     direction: Direction | None = Field(
         default=None, description="Which side is anomalous (default: the server's, above)."
     )
+    kind: Kind | None = Field(
+        default=None,
+        description=(
+            "Detector kind (default static). multiscale: the stream keeps a per-series state "
+            "(point, short-window shift and histogram-change tests, one alert per excursion); "
+            "POST /predict and the batch endpoint still apply the static μ ± kσ rule of the "
+            "training data."
+        ),
+    )
 
 
 class FitRequest(FitOptions):
@@ -43,6 +53,7 @@ class FitResponse(BaseModel):
     direction: Direction
     lower: float
     upper: float
+    kind: Kind
 
 
 class PredictRequest(_Body):
@@ -96,6 +107,7 @@ class SeriesSummary(BaseModel):
     series_id: str
     latest_version: str
     versions: int
+    kind: Kind = Field(description="The latest version's kind.")
 
 
 class SeriesPage(BaseModel):

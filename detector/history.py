@@ -11,10 +11,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from detector.identifiers import format_version, parse_version
 
+# One statement for the whole batch (arrays unnested server-side): one round trip, atomic
+# without a transaction block, however many anomalies the batch holds.
 _INSERT = """
 INSERT INTO anomalies (series_id, ts, value, model_version, mean, std, lower_bound,
-    upper_bound, score, source, source_stream, source_id, detected_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'stream', %s, %s, %s)
+    upper_bound, score, source, source_stream, source_id, detected_at, episode_id, onset)
+SELECT s, t, v, mv, m, sd, lo, up, sc, 'stream', %s, sid, da, eid, ons
+FROM unnest(%s::text[], %s::bigint[], %s::float8[], %s::int[], %s::float8[], %s::float8[],
+    %s::float8[], %s::float8[], %s::float8[], %s::text[], %s::timestamptz[], %s::text[],
+    %s::boolean[])
+    AS u(s, t, v, mv, m, sd, lo, up, sc, sid, da, eid, ons)
 ON CONFLICT (source_stream, source_id) DO NOTHING
 """
 
@@ -22,32 +28,37 @@ ON CONFLICT (source_stream, source_id) DO NOTHING
 async def record_anomalies(
     pool: AsyncConnectionPool, stream: str, events: Sequence[Mapping[str, str]]
 ) -> None:
-    """Insert anomaly events (the `anomalies` stream's fields) in one round of statements.
+    """Insert anomaly events (the `anomalies` stream's fields) in one statement.
 
     Idempotent: a redelivered reading has the same (stream, source_id) and is skipped, so the
     worker writes here before acknowledging and may safely write again after a crash.
     """
     if not events:
         return
-    rows = [
-        (
-            e["series_id"],
-            int(e["timestamp"]),
-            float(e["value"]),
-            parse_version(e["model_version"])[0],
-            float(e["mean"]),
-            float(e["std"]),
-            float(e["lower"]),
-            float(e["upper"]),
-            float(e["score"]),
-            stream,
-            e["source_id"],
-            datetime.fromtimestamp(float(e["detected_at"]), tz=UTC),
-        )
-        for e in events
-    ]
-    async with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-        await cur.executemany(_INSERT, rows)
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(13))
+    for e in events:
+        for column, value in zip(
+            columns,
+            (
+                e["series_id"],
+                int(e["timestamp"]),
+                float(e["value"]),
+                parse_version(e["model_version"])[0],
+                float(e["mean"]),
+                float(e["std"]),
+                float(e["lower"]),
+                float(e["upper"]),
+                float(e["score"]),
+                e["source_id"],
+                datetime.fromtimestamp(float(e["detected_at"]), tz=UTC),
+                e.get("episode_id"),
+                None if "onset" not in e else e["onset"] == "1",
+            ),
+            strict=True,
+        ):
+            column.append(value)
+    async with pool.connection() as conn:
+        await conn.execute(_INSERT, (stream, *columns))
 
 
 async def query_anomalies(
@@ -64,7 +75,7 @@ async def query_anomalies(
         await cur.execute(
             """
             SELECT series_id, ts, value, model_version, mean, std, lower_bound, upper_bound,
-                   score, source, source_id, detected_at
+                   score, source, source_id, detected_at, episode_id, onset
             FROM anomalies
             WHERE series_id = %s AND ts >= %s AND ts <= %s
             ORDER BY ts, id
@@ -87,6 +98,48 @@ async def query_anomalies(
             "source": r["source"],
             "source_id": r["source_id"],
             "detected_at": r["detected_at"].timestamp(),
+            "episode_id": r["episode_id"],
+            "onset": r["onset"],
+        }
+        for r in rows
+    ]
+
+
+async def query_episodes(
+    pool: AsyncConnectionPool,
+    series_id: str,
+    *,
+    since: int | None = None,
+    until: int | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """A series' recorded episodes with an anomaly in since <= timestamp <= until, oldest
+    first: id, first and last anomaly timestamp, count and max |score| of their anomalies in
+    that range (anomalies recorded without an episode are left out)."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            """
+            SELECT episode_id, min(ts) AS first_ts, max(ts) AS last_ts, count(*) AS n,
+                   max(abs(score)) AS max_abs_score,
+                   min(ts) FILTER (WHERE onset) AS onset_ts
+            FROM anomalies
+            WHERE series_id = %s AND ts >= %s AND ts <= %s AND episode_id IS NOT NULL
+            GROUP BY episode_id
+            ORDER BY min(ts), episode_id
+            LIMIT %s
+            """,
+            (series_id, 0 if since is None else since, 2**62 if until is None else until, limit),
+        )
+        rows = await cur.fetchall()
+    return [
+        {
+            "episode_id": r["episode_id"],
+            "first_timestamp": int(r["first_ts"]),
+            "last_timestamp": int(r["last_ts"]),
+            "onset_timestamp": None if r["onset_ts"] is None else int(r["onset_ts"]),
+            "count": int(r["n"]),
+            "max_abs_score": float(r["max_abs_score"]),
         }
         for r in rows
     ]

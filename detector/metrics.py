@@ -6,6 +6,9 @@ The API runs one process per container (see README), so no multiprocess mode is 
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Sub-millisecond buckets: a cached prediction takes well under a millisecond.
@@ -168,6 +171,12 @@ class WorkerMetrics:
             ["transport"],
             registry=registry,
         )
+        self.episodes_opened = Counter(
+            "episodes_opened",
+            "Anomaly episodes opened (one onset each), by source stream.",
+            ["source"],
+            registry=registry,
+        )
         for outcome in ("scored", "no_model", "dead"):
             self.readings.labels(transport, outcome)
         self.anomalies.labels("stream")
@@ -176,3 +185,17 @@ class WorkerMetrics:
         self.batch_duration.labels(transport)
         self.events_emitted.labels(transport)
         self.last_batch.labels(transport)
+
+    def count_batch(
+        self, scored: int, no_model: int, dead_reasons: Iterable[str], emitted: int
+    ) -> None:
+        """Count one committed batch's outcomes (the same for every transport)."""
+        reasons = Tally(dead_reasons)
+        t = self.transport
+        self.readings.labels(t, "scored").inc(scored)
+        self.readings.labels(t, "no_model").inc(no_model)
+        self.readings.labels(t, "dead").inc(sum(reasons.values()))
+        for reason, n in reasons.items():
+            self.dead_letters.labels(t, reason).inc(n)
+        self.anomalies.labels("stream").inc(emitted)
+        self.events_emitted.labels(t).inc(emitted)

@@ -92,7 +92,19 @@ def _flag(values: Any, mean: float, std: float, sigma: float, direction: str) ->
     return (values > upper) | (values < lower)
 
 
-MODEL_KINDS: dict[str, type[StaticModel]] = {"static": StaticModel}
+@dataclass(frozen=True, slots=True)
+class MultiscaleModel(StaticModel):
+    """The ``multiscale`` kind (``detector.detectors``): its streaming state lives per series
+    in Redis (``detector.multiscale_stream``) and its initial state in PostgreSQL
+    (``model_versions.params``). The fields here are the training data's μ, σ and the fit's k
+    and direction: the stateless rule that ``POST /predict``, the batch endpoint, ``/plot`` and
+    readings pinned to this version use, since a single call has no stream context."""
+
+    kind: ClassVar[str] = "multiscale"
+
+
+MODEL_KINDS: dict[str, type[StaticModel]] = {"static": StaticModel, "multiscale": MultiscaleModel}
+ModelKind = Literal["static", "multiscale"]
 
 
 def model_from_dict(data: dict[str, Any]) -> StaticModel:

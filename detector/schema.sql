@@ -71,3 +71,5 @@ ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS source_stream text NOT NULL DEFAU
 DROP INDEX IF EXISTS anomalies_source_id;
 CREATE UNIQUE INDEX IF NOT EXISTS anomalies_source_key ON anomalies (source_stream, source_id);
 CREATE INDEX IF NOT EXISTS anomalies_series_ts ON anomalies (series_id, ts);
+-- Episodes: episode_id is the opener's source_id; onset marks the reading that opened it.
+ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS onset boolean;

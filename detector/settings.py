@@ -85,6 +85,27 @@ class Settings(BaseSettings):
     stream_readings_maxlen: int = Field(default=10_000_000, ge=1)
     stream_trim_interval_ms: int = Field(default=2000, ge=1)
     stream_record_postgres: bool = True
+    # Episodes (README "Episodes"): anomalies of a series closer than this in event time form
+    # one episode; events gain `episode_id` and `onset`. State: one small Redis hash a series.
+    episodes: bool = True
+    episode_quiet_seconds: int = Field(default=3600, ge=0)
+    episode_history: int = Field(default=8, ge=0, le=1000)
+
+    # The Kafka path (``python -m detector.kafka worker``): a faust app, group = app id.
+    kafka_bootstrap: str = Field(
+        default="kafka://127.0.0.1:9092", description="faust broker URL(s), ';'-separated."
+    )
+    kafka_app_id: str = "detector"
+    kafka_readings_topic: str = "readings"
+    kafka_anomalies_topic: str = "anomalies"
+    kafka_dead_topic: str = "readings.dead"
+    kafka_partitions: int = Field(default=8, ge=1, description="When faust creates the topics.")
+    kafka_batch_count: int = Field(default=1000, ge=1, le=100_000)
+    kafka_batch_within_seconds: float = Field(default=0.2, gt=0, le=10)
+    kafka_processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    kafka_metrics_port: int = Field(default=9102, ge=0, le=65535, description="0 disables it.")
+    # A killed worker's partitions move to the others after this long without a heartbeat.
+    kafka_session_timeout_seconds: float = Field(default=30.0, ge=1, le=300)
 
     # The worker process.
     model_refresh_seconds: float = Field(default=1.0, ge=0, le=5)

@@ -55,6 +55,10 @@ return 1
 """
 
 
+_DIRECTION_CODES = {"above": "a", "below": "b", "both": "ab"}
+_DIRECTIONS_BY_CODE = {code: name for name, code in _DIRECTION_CODES.items()}
+
+
 def model_key(series_id: str) -> str:
     return f"model:{{{series_id}}}"
 
@@ -75,19 +79,56 @@ class ModelVersion:
         return format_version(self.version)
 
     def to_redis(self) -> str:
-        return orjson.dumps(
-            {**self.model.to_dict(), "n": self.points_used, "at": self.created_at.timestamp()}
-        ).decode()
+        """The Redis copy: a compact JSON array ``[mean, std, sigma, direction, points_used,
+        created_at]`` (direction "a", "b" or "ab" for above, below, both; created_at in whole
+        seconds; the kind appended only when it is not "static").
+
+        Compact because of how Redis stores a small hash: while every value is at most
+        ``hash-max-ziplist-value`` (64) bytes, the whole hash is one packed allocation; one longer
+        value turns it into a hash table, about twice the memory. Typical models take 55-64
+        bytes here, so a series costs ~170 bytes of Redis instead of ~480. PostgreSQL keeps the
+        exact ``created_at``; mean, std and sigma round-trip exactly (shortest repr).
+        """
+        model = self.model
+        fields: list[Any] = [
+            model.mean,
+            model.std,
+            model.sigma,
+            _DIRECTION_CODES[model.direction],
+            self.points_used,
+            int(self.created_at.timestamp()),
+        ]
+        if model.kind != "static":
+            fields.append(model.kind)
+        return orjson.dumps(fields).decode()
 
     @classmethod
     def from_redis(cls, series_id: str, version: int, raw: str) -> ModelVersion:
         data = orjson.loads(raw)
+        if isinstance(data, dict):  # the earlier form, still in Redis from older versions
+            return cls(
+                series_id=series_id,
+                version=version,
+                model=model_from_dict(data),
+                points_used=int(data["n"]),
+                created_at=datetime.fromtimestamp(float(data["at"]), tz=UTC),
+            )
+        mean, std, sigma, direction, points_used, created_at, *kind = data
+        model = model_from_dict(
+            {
+                "kind": kind[0] if kind else "static",
+                "mean": mean,
+                "std": std,
+                "sigma": sigma,
+                "direction": _DIRECTIONS_BY_CODE[direction],
+            }
+        )
         return cls(
             series_id=series_id,
             version=version,
-            model=model_from_dict(data),
-            points_used=int(data["n"]),
-            created_at=datetime.fromtimestamp(float(data["at"]), tz=UTC),
+            model=model,
+            points_used=int(points_used),
+            created_at=datetime.fromtimestamp(created_at, tz=UTC),
         )
 
     @classmethod
@@ -127,6 +168,9 @@ class _LRU:
         return len(self._data)
 
 
+# Kind-specific parameters (a multiscale initial state is ~1 KB) kept in process.
+_PARAMS_CACHE = 10_000
+
 _VERSION_COLUMNS = (
     "series_id, version, kind, mean, std, sigma, direction, points_used, created_at, mlflow_run_id"
 )
@@ -145,11 +189,18 @@ class ModelStore:
         self.pointers: LatestPointerCache | None = None
         self._put_version = redis_client.register_script(_PUT_VERSION)
         self._withdraw_version = redis_client.register_script(_WITHDRAW_VERSION)
+        # Set by a PostgreSQL failure, cleared by a successful probe (see ``_postgres_gate``).
+        self._postgres_down = False
+        self._params: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
 
     # ------------------------------------------------------------------ writing
 
     async def save_fit(
-        self, series_id: str, data: TrainingData, model: StaticModel
+        self,
+        series_id: str,
+        data: TrainingData,
+        model: StaticModel,
+        params: dict[str, Any] | None = None,
     ) -> ModelVersion:
         """Store a new version durably and make it the latest.
 
@@ -162,12 +213,13 @@ class ModelStore:
         key = model_key(series_id)
         redis_written = False
         try:
+            await self._postgres_gate("the fit was not stored")
             async with self.pool.connection() as conn:
                 try:
                     async with conn.transaction():
                         version = await self._allocate_version(conn, series_id)
                         model_id, created_at = await self._insert_version(
-                            conn, series_id, version, data, model
+                            conn, series_id, version, data, model, params or {}
                         )
                         await _copy_points(conn, model_id, data)
                         await conn.execute(
@@ -189,6 +241,7 @@ class ModelStore:
                         await self._withdraw(key, version)
                     raise
         except POSTGRES_ERRORS as exc:
+            self._postgres_down = True
             raise StoreUnavailableError(
                 "postgres", f"PostgreSQL is unavailable, the fit was not stored: {_brief(exc)}"
             ) from exc
@@ -223,12 +276,13 @@ class ModelStore:
         version: int,
         data: TrainingData,
         model: StaticModel,
+        params: dict[str, Any],
     ) -> tuple[int, datetime]:
         cur = await conn.execute(
             """
             INSERT INTO model_versions (series_id, version, kind, mean, std, sigma, direction,
-                points_used, first_ts, last_ts, min_value, max_value)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                points_used, first_ts, last_ts, min_value, max_value, params)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
             RETURNING id, created_at
             """,
             (
@@ -244,6 +298,7 @@ class ModelStore:
                 int(data.timestamps[-1]),
                 float(data.values.min()),
                 float(data.values.max()),
+                orjson.dumps(params).decode(),
             ),
         )
         row = await cur.fetchone()
@@ -338,14 +393,39 @@ class ModelStore:
             raise ModelNotFoundError(f"no model for series '{series_id}'")
         return [ModelVersion.from_row(r) for r in rows]
 
-    async def list_series(self, *, limit: int, after: str | None) -> list[tuple[str, int]]:
-        """(series_id, latest version) pairs ordered by id, after ``after`` (keyset paging)."""
+    async def list_series(self, *, limit: int, after: str | None) -> list[tuple[str, int, str]]:
+        """(series_id, latest version, its kind) ordered by id, after ``after`` (keyset
+        paging)."""
         rows = await self._pg_fetchall(
-            "SELECT series_id, last_version FROM series WHERE series_id > %s "
-            "ORDER BY series_id LIMIT %s",
+            "SELECT s.series_id, s.last_version, coalesce(m.kind, 'static') AS kind "
+            "FROM series s LEFT JOIN model_versions m "
+            "ON m.series_id = s.series_id AND m.version = s.last_version "
+            "WHERE s.series_id > %s ORDER BY s.series_id LIMIT %s",
             (after or "", limit),
         )
-        return [(r["series_id"], int(r["last_version"])) for r in rows]
+        return [(r["series_id"], int(r["last_version"]), str(r["kind"])) for r in rows]
+
+    async def params(self, series_id: str, version: int) -> dict[str, Any]:
+        """A version's kind-specific parameters (``model_versions.params``: for the multiscale
+        kind its detector parameters and initial state), cached: versions never change."""
+        key = (series_id, version)
+        found = self._params.get(key)
+        if found is not None:
+            self._params.move_to_end(key)
+            return found
+        row = await self._pg_fetchone(
+            "SELECT params FROM model_versions WHERE series_id = %s AND version = %s",
+            (series_id, version),
+        )
+        if row is None:
+            raise ModelNotFoundError(
+                f"no version {format_version(version)} for series '{series_id}'"
+            )
+        found = dict(row["params"] or {})
+        self._params[key] = found
+        while len(self._params) > _PARAMS_CACHE:
+            self._params.popitem(last=False)
+        return found
 
     async def training_data(self, series_id: str, version: int) -> TrainingData:
         """The stored training points of a version, sorted by timestamp."""
@@ -411,10 +491,38 @@ class ModelStore:
                 "redis", f"Redis is unavailable, the fit was not stored: {_brief(exc)}"
             ) from exc
 
+    async def _postgres_gate(self, consequence: str) -> None:
+        """Fail fast while PostgreSQL is known to be down; a no-op on the healthy path.
+
+        After a PostgreSQL failure, each request first tries a direct connection, which is
+        refused at once while the server is down: a 503 in milliseconds instead of waiting
+        the pool's 5 s for a connection that cannot come. Once the probe connects, the pool
+        drops the connections the outage broke (``check``), so the next request does not get
+        a dead one, and requests go through the pool again.
+        """
+        if not self._postgres_down:
+            return
+        conninfo, kwargs = self.pool.conninfo, self.pool.kwargs
+        if not isinstance(conninfo, str) or not isinstance(kwargs, dict):
+            return  # configured by callables (not ours): let the pool find out
+        try:
+            probe = await psycopg.AsyncConnection.connect(
+                conninfo, **{**kwargs, "connect_timeout": 2}
+            )
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailableError(
+                "postgres", f"PostgreSQL is unavailable, {consequence}: {_brief(exc)}"
+            ) from exc
+        await probe.close()
+        self._postgres_down = False
+        await self.pool.check()
+
     async def _pg(self, query: Callable[[], Awaitable[T]]) -> T:
         try:
+            await self._postgres_gate("try again later")
             return await query()
         except POSTGRES_ERRORS as exc:
+            self._postgres_down = True
             raise StoreUnavailableError(
                 "postgres", f"PostgreSQL is unavailable: {_brief(exc)}"
             ) from exc

@@ -11,36 +11,56 @@ import orjson
 import redis.exceptions
 from redis.asyncio import Redis
 
+from detector.streams import RawEntry
+
 log = logging.getLogger(__name__)
 
-# Commits a batch atomically. For each entry still pending in the group (whoever owns it) its
-# outputs are written, then it is acknowledged. An entry no longer pending was finished by
-# another consumer that had claimed it: it is skipped, so no event is ever written twice.
-# Outputs are written before the XACKs: if a write fails, nothing is acknowledged and the
-# entries are delivered again (at-least-once) rather than lost.
+# Commits a batch atomically. ARGV[4] is the batch's entry ids (space-separated), ARGV[5] the
+# outputs of the entries that have one, as JSON [[id, kind, [field, value, ...]], ...] in entry
+# order. For each entry still pending in the group (whoever owns it) its output is written, then
+# it is acknowledged. An entry no longer pending was finished by another consumer that had
+# claimed it: it is skipped, so no event is ever written twice. Outputs are written before the
+# XACKs: if a write fails, nothing is acknowledged and the entries are delivered again
+# (at-least-once) rather than lost.
+#
+# Pending-ness comes from one XPENDING range over the batch (ARGV[6]..ARGV[7]); an id the range
+# did not show (another consumer's entries crowded it out, or it is really gone) is checked on
+# its own, so the answer never depends on the range. The XACKs go 1000 ids a call.
 _COMMIT = """
 local group = ARGV[1]
-local entries = cjson.decode(ARGV[4])
+local ids = {}
+for id in string.gmatch(ARGV[4], '%S+') do
+    ids[#ids + 1] = id
+end
 local live = {}
-for i, entry in ipairs(entries) do
-    if #redis.call('XPENDING', KEYS[1], group, entry[1], entry[1], 1) > 0 then
-        live[#live + 1] = entry
+local window = #ids * 2 + 16
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[6], ARGV[7], window)) do
+    live[p[1]] = true
+end
+local acks = {}
+for _, id in ipairs(ids) do
+    if live[id] == nil then
+        live[id] = #redis.call('XPENDING', KEYS[1], group, id, id, 1) > 0
+    end
+    if live[id] then
+        acks[#acks + 1] = id
     end
 end
 local emitted = 0
-for _, entry in ipairs(live) do
-    local kind = entry[2]
-    if kind == 'a' then
-        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(entry[3]))
-        emitted = emitted + 1
-    elseif kind == 'd' then
-        redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(entry[3]))
+for _, out in ipairs(cjson.decode(ARGV[5])) do
+    if live[out[1]] then
+        if out[2] == 'a' then
+            redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out[3]))
+            emitted = emitted + 1
+        elseif out[2] == 'd' then
+            redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(out[3]))
+        end
     end
 end
-for _, entry in ipairs(live) do
-    redis.call('XACK', KEYS[1], group, entry[1])
+for i = 1, #acks, 1000 do
+    redis.call('XACK', KEYS[1], group, unpack(acks, i, math.min(i + 999, #acks)))
 end
-return {#live, emitted}
+return {#acks, emitted}
 """
 
 # Entries not yet delivered to the group: the stream's length minus the entries up to the
@@ -67,8 +87,8 @@ MAX_DEAD_FIELDS = 200
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """What committing one entry writes: an anomaly event ("a"), a dead letter ("d") or
-    nothing but the acknowledgement ("")."""
+    """What committing one entry writes besides its acknowledgement: an anomaly event ("a")
+    or a dead letter ("d"); "" writes nothing."""
 
     source_id: str
     kind: str = ""
@@ -89,7 +109,12 @@ def is_nogroup(exc: redis.exceptions.ResponseError) -> bool:
     """The stream or its group is gone (FLUSHALL, DEL): XREADGROUP says NOGROUP, XINFO says
     no such key."""
     text = str(exc)
-    return text.startswith("NOGROUP") or text.lower().startswith("no such key")
+    # Raised inside a script (the commit's XPENDING, when FLUSHALL lands between our read and
+    # our commit), Redis 6.2 wraps the error: "Error running script (…): @user_script:6:
+    # NOGROUP No such key …". Missing that crashed the worker instead of recreating the group.
+    return (
+        text.startswith("NOGROUP") or ": NOGROUP " in text or text.lower().startswith("no such key")
+    )
 
 
 class StreamOps:
@@ -110,6 +135,10 @@ class StreamOps:
         self.readings, self.anomalies, self.dead, self.group = readings, anomalies, dead, group
         self.anomalies_maxlen, self.dead_maxlen = anomalies_maxlen, dead_maxlen
         self._commit = client.register_script(_COMMIT)
+        # The same connections, but XREADGROUP replies are left as Redis sent them (flat field
+        # lists): redis-py's own parsing builds a dict per entry, the worker's largest cost.
+        self._raw = Redis(connection_pool=client.connection_pool)
+        self._raw.set_response_callback("XREADGROUP", _as_sent)
         self._lag = client.register_script(_LAG)
         self._delete_idle_consumer = client.register_script(_DELETE_IDLE_CONSUMER)
 
@@ -127,23 +156,48 @@ class StreamOps:
             return False
         return True
 
-    async def commit(self, outputs: Sequence[Output]) -> tuple[int, int]:
-        """Write the outputs and acknowledge their entries in one atomic script.
+    async def read(
+        self, consumer: str, from_id: str, count: int, *, block: int | None = None
+    ) -> list[RawEntry]:
+        """Up to ``count`` entries for ``consumer`` (``>``: new ones, waiting up to ``block``
+        ms for some; an id: its pending ones after that id), fields as flat lists."""
+        reply: Any = await self._raw.xreadgroup(
+            self.group, consumer, {self.readings: from_id}, count=count, block=block
+        )
+        if not reply:
+            return []
+        if isinstance(reply, dict):  # RESP3: {stream: [[id, fields], ...]}
+            entries = next(iter(reply.values()))
+        else:  # RESP2: [[stream, [[id, fields], ...]]]
+            entries = reply[0][1]
+        return [(entry[0], entry[1] or None) for entry in entries]
+
+    async def commit(self, entry_ids: Sequence[str], outputs: Sequence[Output]) -> tuple[int, int]:
+        """Acknowledge ``entry_ids`` and write the ``outputs`` (events and dead letters of some
+        of them, in entry order) in one atomic script.
 
         Returns (entries committed, events emitted); entries another consumer had already
         committed are not counted.
         """
-        if not outputs:
+        if not entry_ids:
             return 0, 0
         payload = orjson.dumps(
-            [
-                [out.source_id, out.kind, _flatten(out.fields) if out.fields else []]
-                for out in outputs
-            ]
+            [[out.source_id, out.kind, _flatten(out.fields or {})] for out in outputs]
         ).decode()
+        # Entries come in stream order (XREADGROUP, XAUTOCLAIM), so the ends bound the range;
+        # were they not, the script's single checks would still decide correctly.
+        first, last = sorted((entry_ids[0], entry_ids[-1]), key=parse_id)
         committed, emitted = await self._commit(
             keys=[self.readings, self.anomalies, self.dead],
-            args=[self.group, self.anomalies_maxlen, self.dead_maxlen, payload],
+            args=[
+                self.group,
+                self.anomalies_maxlen,
+                self.dead_maxlen,
+                " ".join(entry_ids),
+                payload,
+                first,
+                last,
+            ],
         )
         return int(committed), int(emitted)
 
@@ -203,6 +257,10 @@ class StreamOps:
             keys=[self.readings], args=[self.group, consumer]
         )
         return int(deleted) >= 0
+
+
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response
 
 
 def _flatten(fields: dict[str, str]) -> list[str]:

@@ -7,33 +7,45 @@ import logging
 import os
 import socket
 import time
-from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
-import numpy as np
 import orjson
 import psycopg
 import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from detector.errors import ModelNotFoundError, StoreUnavailableError
+from detector.episodes import EpisodeTracker
+from detector.errors import StoreUnavailableError
 from detector.history import record_anomalies
 from detector.latest import LatestVersions
 from detector.metrics import WorkerMetrics
+from detector.multiscale_stream import MultiscaleStreams
+from detector.scoring import score_batch
 from detector.settings import Settings
 from detector.store import POSTGRES_ERRORS, REDIS_ERRORS, ModelStore
 from detector.stream_ops import Output, StreamOps, is_nogroup
-from detector.streams import DeadLetter, Reading, event_fields, parse_reading
+from detector.streams import DeadLetter, RawEntry, as_fields, flat_fields, parse_batch
 
 log = logging.getLogger(__name__)
-
-Entry = tuple[str, dict[str, str]]
 
 _MAX_BACKOFF = 5.0
 # In burst mode, how long to wait for other consumers' pending entries before looking again.
 _BURST_POLL = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A scored batch, ready to record and commit."""
+
+    ids: list[str]
+    outputs: list[Output]
+    events: list[dict[str, str]]
+    scored: int
+    no_model: int
+    dead: list[DeadLetter]
+    started: float
 
 
 def default_consumer_name() -> str:
@@ -68,6 +80,22 @@ class Worker:
         self.consumer = consumer or settings.stream_consumer or default_consumer_name()
         self.store = store or ModelStore(redis_client, pool, cache_size=settings.model_cache_size)
         self.latest = LatestVersions(self.store, settings.model_refresh_seconds)
+        # Per-series state of the multiscale kind (compare-and-set in Redis, see the module).
+        self.streams = MultiscaleStreams(
+            redis_client,
+            self.store,
+            readings_stream=settings.stream_readings,
+            group=settings.stream_group,
+        )
+        self.episodes = (
+            EpisodeTracker(
+                redis_client,
+                quiet_seconds=settings.episode_quiet_seconds,
+                history=settings.episode_history,
+            )
+            if settings.episodes
+            else None
+        )
         self.ops = StreamOps(
             redis_client,
             readings=settings.stream_readings,
@@ -88,6 +116,7 @@ class Worker:
         self._next_heartbeat = 0.0
         self._label = metrics.transport
         self._started = time.monotonic()
+        self._prefetched: asyncio.Task[list[RawEntry]] | None = None
 
     def request_stop(self) -> None:
         """Finish the batch in hand, then return from ``run`` (the SIGTERM handler)."""
@@ -99,12 +128,25 @@ class Worker:
         log.info("worker %s consuming %s", self.consumer, self.settings.stream_readings)
         self._started = time.monotonic()
         await self._ensure_group()
+        try:
+            await self._consume(burst)
+        except asyncio.CancelledError:
+            # Cancelled from outside (not a SIGTERM): let the read-ahead end first (a
+            # non-blocking read, milliseconds), so it is not cut off mid-reply on a connection
+            # the caller is about to close.
+            await self._drop_inflight()
+            raise
+        await self._finish_prefetched()
+        await self._finish()
+
+    async def _consume(self, burst: bool) -> None:
         backoff = 0.1
         while not self._stopping:
             try:
                 more = await self._step(burst)
                 backoff = 0.1
             except redis.exceptions.ResponseError as exc:
+                await self._drop_inflight()
                 if not is_nogroup(exc):
                     raise
                 log.warning("consumer group vanished (FLUSHALL or a deleted stream); recreating")
@@ -112,6 +154,7 @@ class Worker:
                 self._recovering, self._pending_cursor = True, "0"
                 continue
             except (*REDIS_ERRORS, StoreUnavailableError) as exc:
+                await self._drop_inflight()
                 log.warning("store unavailable (%s); retrying in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(_MAX_BACKOFF, backoff * 2)
@@ -120,7 +163,26 @@ class Worker:
                 continue
             if burst and not more:
                 break
-        await self._finish()
+
+    async def _drop_inflight(self) -> None:
+        """After an error, let the read-ahead end (cancelling it mid-reply would strand its
+        connection) and forget it: what it read is still pending for us and comes back with
+        the re-read of our pending entries (id 0)."""
+        task, self._prefetched = self._prefetched, None
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _finish_prefetched(self) -> None:
+        """On stop, the read-ahead batch is in hand too: finish it (or leave it pending)."""
+        try:
+            if self._prefetched is None:
+                return
+            entries = await self._prefetched
+            self._prefetched = None
+            if entries:
+                await self._process(entries, redelivered=False)
+        except (*REDIS_ERRORS, StoreUnavailableError, redis.exceptions.ResponseError) as exc:
+            log.warning("left the read-ahead batch pending: %s", exc)
 
     async def _ensure_group(self) -> None:
         while True:
@@ -167,8 +229,13 @@ class Worker:
             if claimed:
                 await self._process(claimed, redelivered=True)
                 return True
-        entries = await self._read(">", block=None if burst else s.stream_block_ms)
+        entries = await self._next_batch(block=None if burst else s.stream_block_ms)
         if entries:
+            if len(entries) >= s.stream_batch_count and not self._stopping:
+                # A full batch, so more are probably waiting: ask for them now. Redis serves
+                # the read (and redis-py parses it, at our awaits) while this batch is scored
+                # and committed; the batches still commit one after the other, in order.
+                self._prefetched = asyncio.create_task(self._read(">", block=None))
             await self._process(entries, redelivered=False)
             await self._maintain()
             return True
@@ -180,22 +247,23 @@ class Worker:
         await asyncio.sleep(_BURST_POLL)  # others' entries: wait for them, or claim them
         return True
 
-    async def _read(self, from_id: str, *, block: int | None) -> list[Entry]:
-        s = self.settings
-        reply: Any = await self.redis.xreadgroup(
-            s.stream_group,
-            self.consumer,
-            {s.stream_readings: from_id},
-            count=s.stream_batch_count,
-            block=block,
-        )
-        if not reply:
-            return []
-        if isinstance(reply, dict):  # RESP3
-            return [e for batch in reply[s.stream_readings] for e in batch]
-        return list(reply[0][1])
+    async def _next_batch(self, *, block: int | None) -> list[RawEntry]:
+        """New entries: the read-ahead's if there is one, else a fresh read."""
+        if self._prefetched is not None:
+            # Shielded: were we cancelled meanwhile, the read must not be cut off mid-reply;
+            # it stays referenced, so the cancellation handler waits for it.
+            entries = await asyncio.shield(self._prefetched)
+            self._prefetched = None
+            if entries:
+                return entries
+        return await self._read(">", block=block)
 
-    async def _claim(self) -> list[Entry]:
+    async def _read(self, from_id: str, *, block: int | None) -> list[RawEntry]:
+        return await self.ops.read(
+            self.consumer, from_id, self.settings.stream_batch_count, block=block
+        )
+
+    async def _claim(self) -> list[RawEntry]:
         """Take over entries idle longer than the claim time (their consumer probably died)."""
         s = self.settings
         reply = await self.redis.xautoclaim(
@@ -206,7 +274,8 @@ class Worker:
             start_id=self._claim_cursor,
             count=s.stream_batch_count,
         )
-        cursor, entries = str(reply[0]), [e for e in reply[1] if e[0] is not None]
+        cursor = str(reply[0])
+        entries: list[RawEntry] = [(e[0], flat_fields(e[1])) for e in reply[1] if e[0] is not None]
         if cursor in ("0-0", "0"):  # a full pass done: rest until the next interval
             self._claim_cursor = "0-0"
             self._next_claim = time.monotonic() + s.stream_claim_interval_ms / 1000
@@ -216,99 +285,67 @@ class Worker:
             log.info("claimed %d idle entries from other consumers", len(entries))
         return entries
 
-    async def _process(self, entries: Sequence[Entry], *, redelivered: bool) -> None:
+    async def _process(self, entries: Sequence[RawEntry], *, redelivered: bool) -> None:
+        """Prepare, record and commit one batch."""
+        await self._complete(await self._prepare(entries, redelivered=redelivered))
+
+    async def _prepare(self, entries: Sequence[RawEntry], *, redelivered: bool) -> _Prepared:
+        """Validate the batch column-wise (poison → dead letter) and score it in one go."""
         started = time.perf_counter()
-        outputs: dict[str, Output] = {}
         dead: list[DeadLetter] = []
-        readings: list[Reading] = []
-        too_many: set[str] = set()
+        entries_left: Sequence[RawEntry] = entries
         if redelivered:
             counts = await self.ops.delivery_counts(self.consumer, [e[0] for e in entries])
             limit = self.settings.stream_max_deliveries
             too_many = {entry_id for entry_id, n in counts.items() if n > limit}
-        for entry_id, fields in entries:
-            if not fields:  # deleted from the stream while pending: nothing left to score
-                outputs[entry_id] = Output(entry_id)
-                continue
-            if entry_id in too_many:
-                parsed: Reading | DeadLetter = DeadLetter(
-                    entry_id,
-                    "too_many_deliveries",
-                    f"delivered more than {self.settings.stream_max_deliveries} times",
-                    fields,
-                )
-            else:
-                parsed = parse_reading(entry_id, fields)
-            if isinstance(parsed, DeadLetter):
-                dead.append(parsed)
-            else:
-                readings.append(parsed)
-        no_model, events, unknown = await self._score(readings, outputs)
-        if unknown:
+            if too_many:
+                why = f"delivered more than {limit} times"
+                dead += [
+                    DeadLetter(i, "too_many_deliveries", why, as_fields(f))
+                    for i, f in entries
+                    if i in too_many and f
+                ]
+                entries_left = [e for e in entries if e[0] not in too_many]
+        batch, invalid = parse_batch(entries_left)
+        dead += invalid
+        scored = await score_batch(batch, self.store, self.latest, self.streams)
+        if scored.opened:  # the multiscale kind's own alerts (their events carry episodes)
+            self.metrics.episodes_opened.labels(self.settings.stream_readings).inc(scored.opened)
+        if self.episodes is not None and scored.events:
+            # Counted here, once: a redelivered opener is recognised by the script.
+            opened = await self.episodes.assign(scored.events)
+            self.metrics.episodes_opened.labels(self.settings.stream_readings).inc(opened)
+        if scored.unknown:
             raw = dict(entries)
-            dead += [DeadLetter(i, "unknown_version", why, raw[i]) for i, why in unknown]
+            dead += [
+                DeadLetter(i, "unknown_version", why, as_fields(raw[i]))
+                for i, why in scored.unknown
+            ]
+        outputs = {i: Output(i, "a", event) for i, event in scored.events.items()}
         for letter in dead:
             outputs[letter.source_id] = Output(letter.source_id, "d", letter.to_fields())
-        if events and self.settings.stream_record_postgres:
-            await self._record(events)
-        ordered = [outputs[entry_id] for entry_id, _ in entries]
-        committed, emitted = await self.ops.commit(ordered)
-        self._count(len(readings) - no_model - len(unknown), no_model, dead, emitted)
+        ids = [entry_id for entry_id, _ in entries]
+        return _Prepared(
+            ids=ids,
+            outputs=[outputs[i] for i in ids if i in outputs] if outputs else [],
+            events=list(scored.events.values()),
+            scored=len(batch) - scored.no_model - len(scored.unknown),
+            no_model=scored.no_model,
+            dead=dead,
+            started=started,
+        )
+
+    async def _complete(self, prepared: _Prepared) -> None:
+        """Record the batch's anomalies in PostgreSQL, then write its events and dead letters
+        and acknowledge it in one atomic script."""
+        if prepared.events and self.settings.stream_record_postgres:
+            await self._record(prepared.events)
+        committed, emitted = await self.ops.commit(prepared.ids, prepared.outputs)
+        self._count(prepared.scored, prepared.no_model, prepared.dead, emitted)
         self.processed += committed
         m, label = self.metrics, self._label
-        m.batch_duration.labels(label).observe(time.perf_counter() - started)
+        m.batch_duration.labels(label).observe(time.perf_counter() - prepared.started)
         m.last_batch.labels(label).set(time.time())
-
-    async def _score(
-        self, readings: list[Reading], outputs: dict[str, Output]
-    ) -> tuple[int, list[dict[str, str]], list[tuple[str, str]]]:
-        """Score readings grouped by (series, version), filling ``outputs``. Returns (readings
-        without a model, events, (entry id, why) of pinned versions that do not exist)."""
-        latest = await self.latest.resolve(r.series_id for r in readings if r.version is None)
-        groups: defaultdict[tuple[str, int], list[Reading]] = defaultdict(list)
-        no_model = 0
-        for reading in readings:
-            version = latest[reading.series_id] if reading.version is None else reading.version
-            if version is None:
-                no_model += 1
-                outputs[reading.source_id] = Output(reading.source_id)
-            else:
-                groups[(reading.series_id, version)].append(reading)
-        detected_at = time.time()
-        events: list[dict[str, str]] = []
-        unknown: list[tuple[str, str]] = []
-        for (series_id, version), members in groups.items():
-            try:
-                found = await self.store.get(series_id, version)
-            except ModelNotFoundError as exc:
-                for reading in members:
-                    if reading.version is None:  # latest pointer raced a withdrawn fit
-                        no_model += 1
-                        outputs[reading.source_id] = Output(reading.source_id)
-                    else:
-                        unknown.append((reading.source_id, exc.detail))
-                continue
-            model = found.model
-            values = np.fromiter((r.value for r in members), dtype=np.float64, count=len(members))
-            scores = model.score(values)
-            flagged = set(np.flatnonzero(scores.anomaly).tolist())
-            for i, reading in enumerate(members):
-                if i in flagged:
-                    event = event_fields(
-                        reading,
-                        version=version,
-                        mean=model.mean,
-                        std=model.std,
-                        lower=scores.lower,
-                        upper=scores.upper,
-                        score=float(scores.score[i]),
-                        detected_at=detected_at,
-                    )
-                    events.append(event)
-                    outputs[reading.source_id] = Output(reading.source_id, "a", event)
-                else:
-                    outputs[reading.source_id] = Output(reading.source_id)
-        return no_model, events, unknown
 
     async def _record(self, events: list[dict[str, str]]) -> None:
         """Write anomalies to PostgreSQL, retrying in place while it is down: the batch stays
@@ -326,14 +363,7 @@ class Worker:
                 backoff = min(_MAX_BACKOFF, backoff * 2)
 
     def _count(self, scored: int, no_model: int, dead: list[DeadLetter], emitted: int) -> None:
-        m, label = self.metrics, self._label
-        m.readings.labels(label, "scored").inc(scored)
-        m.readings.labels(label, "no_model").inc(no_model)
-        m.readings.labels(label, "dead").inc(len(dead))
-        for reason, n in Counter(letter.reason for letter in dead).items():
-            m.dead_letters.labels(label, reason).inc(n)
-        m.anomalies.labels("stream").inc(emitted)
-        m.events_emitted.labels(label).inc(emitted)
+        self.metrics.count_batch(scored, no_model, [letter.reason for letter in dead], emitted)
 
     async def _heartbeat(self) -> None:
         now = time.monotonic()

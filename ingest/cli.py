@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import redis
 
 from detector.settings import Settings
+from ingest.kafka import KafkaPublisher, KafkaSubscriber
 from ingest.publisher import InvalidReadingError, Publisher, checked_fields
 from ingest.subscriber import Subscriber
 
@@ -110,10 +111,7 @@ def publish(args: argparse.Namespace, client: redis.Redis, settings: Settings) -
     source = "stdin" if args.stdin else args.csv
     errors = 0
     progress = Progress(f"published from {source}")
-    with Publisher(
-        client, stream=args.stream or settings.stream_readings, maxlen=args.maxlen,
-        batch_size=args.batch_size,
-    ) as publisher:  # fmt: skip
+    with _publisher(args, client, settings) as publisher:
         if args.stdin:
             rows = json_rows(sys.stdin, args.series_id)
             for line, outcome in rows:
@@ -129,7 +127,25 @@ def publish(args: argparse.Namespace, client: redis.Redis, settings: Settings) -
     return 1 if errors else 0
 
 
-def _send(publisher: Publisher, source: str, line: int, outcome: dict[str, str] | str) -> int:
+def _publisher(
+    args: argparse.Namespace, client: redis.Redis, settings: Settings
+) -> Publisher | KafkaPublisher:
+    """The readings publisher of the chosen transport (the same interface on both)."""
+    if args.transport == "kafka":
+        return KafkaPublisher(
+            args.kafka_bootstrap or settings.kafka_bootstrap,
+            topic=args.stream or settings.kafka_readings_topic,
+            batch_size=args.batch_size,
+        )
+    return Publisher(
+        client, stream=args.stream or settings.stream_readings, maxlen=args.maxlen,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+
+
+def _send(
+    publisher: Publisher | KafkaPublisher, source: str, line: int, outcome: dict[str, str] | str
+) -> int:
     if isinstance(outcome, str):
         print(f"{source}:{line}: row not sent: {outcome}", file=sys.stderr)
         return 1
@@ -148,10 +164,7 @@ def generate(args: argparse.Namespace, client: redis.Redis, settings: Settings) 
     start = int(time.time())
     progress = Progress("generated")
     started = time.monotonic()
-    with Publisher(
-        client, stream=args.stream or settings.stream_readings, maxlen=args.maxlen,
-        batch_size=args.batch_size,
-    ) as publisher:  # fmt: skip
+    with _publisher(args, client, settings) as publisher:
         for n in range(args.count):
             if args.rate > 0:  # pace: reading n is due at n / rate seconds
                 delay = started + n / args.rate - time.monotonic()
@@ -185,14 +198,26 @@ def _fit(base_url: str, series_id: str, rng: random.Random) -> None:
 
 def subscribe(args: argparse.Namespace, client: redis.Redis, settings: Settings) -> int:
     start = "0" if args.from_start else (args.from_id or "$")
-    subscriber = Subscriber(
-        client,
-        stream=args.stream or settings.stream_anomalies,
-        start=start,
-        series_id=args.series,
-        group=args.group,
-        consumer=args.consumer,
-    )
+    subscriber: Subscriber | KafkaSubscriber
+    if args.transport == "kafka":
+        if args.from_id:
+            raise SystemExit("--from takes a Redis entry id; with --transport kafka use --group")
+        subscriber = KafkaSubscriber(
+            args.kafka_bootstrap or settings.kafka_bootstrap,
+            topic=args.stream or settings.kafka_anomalies_topic,
+            from_start=args.from_start,
+            series_id=args.series,
+            group=args.group,
+        )
+    else:
+        subscriber = Subscriber(
+            client,
+            stream=args.stream or settings.stream_anomalies,
+            start=start,
+            series_id=args.series,
+            group=args.group,
+            consumer=args.consumer,
+        )
     try:
         for event in subscriber.events(limit=args.count, idle_timeout=args.idle_timeout):
             sys.stdout.write(json.dumps(event, default=_json_default) + "\n")
@@ -211,7 +236,11 @@ def _json_default(value: Any) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-ingest", description=__doc__)
     parser.add_argument("--redis-url", help="default: from REDIS_* settings")
-    parser.add_argument("--stream", help="stream name (default: from settings)")
+    parser.add_argument("--stream", help="stream or topic name (default: from settings)")
+    parser.add_argument(
+        "--transport", choices=("redis", "kafka"), default="redis", help="the bus (default redis)"
+    )
+    parser.add_argument("--kafka-bootstrap", help="default: KAFKA_BOOTSTRAP (kafka://host:port)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     pub = commands.add_parser("publish", help="publish readings from a CSV file or stdin")

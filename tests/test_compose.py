@@ -46,7 +46,7 @@ WORKER_METRICS = {
 PROMQL_WORDS = {
     "sum", "max", "min", "avg", "count", "rate", "increase", "irate", "histogram_quantile",
     "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
-    "time", "absent", "abs", "clamp_min", "bool", "offset", "humanize", "up",
+    "time", "absent", "abs", "clamp_min", "bool", "offset", "humanize", "up", "vector",
 }  # fmt: skip
 
 
@@ -135,7 +135,13 @@ def test_compose_services_ports_healthchecks_and_volumes() -> None:
         "mlflow",
         "prometheus",
         "grafana",
+        # the `kafka` profile only (below)
+        "kafka",
+        "detector-kafka",
     }
+    default = {name for name, service in SERVICES.items() if not service.get("profiles")}
+    assert "kafka" not in default and "detector-kafka" not in default
+    assert SERVICES["kafka"]["profiles"] == SERVICES["detector-kafka"]["profiles"] == ["kafka"]
     for name, port in SEED_PORTS.items():
         assert port in container_ports(name), name
     for name, service in SERVICES.items():
@@ -143,7 +149,7 @@ def test_compose_services_ports_healthchecks_and_volumes() -> None:
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
             assert source.startswith("./") or source in COMPOSE["volumes"], (name, volume)
-    for name in ("api", "detector"):
+    for name in ("api", "detector", "detector-kafka"):
         depends = SERVICES[name]["depends_on"]
         assert (
             depends["redis"]["condition"] == depends["postgres"]["condition"] == "service_healthy"
@@ -169,7 +175,7 @@ def test_secrets_come_from_env_and_are_required() -> None:
 def test_service_env_matches_settings_names_and_other_services(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in ("api", "detector"):
+    for name in ("api", "detector", "detector-kafka"):
         env = service_env(name)
         unknown = {k for k in env if k.lower() not in Settings.model_fields}
         assert unknown == set(), f"{name} sets variables Settings does not read: {unknown}"
@@ -186,6 +192,9 @@ def test_service_env_matches_settings_names_and_other_services(
         assert 5000 in container_ports("mlflow")
     worker = settings_from(service_env("detector"), monkeypatch)
     assert getattr(worker, "metrics_port", 9101) in container_ports("detector")
+    kafka_worker = settings_from(service_env("detector-kafka"), monkeypatch)
+    assert kafka_worker.kafka_metrics_port in container_ports("detector-kafka")
+    assert kafka_worker.kafka_bootstrap == "kafka://kafka:9092" and 9092 in container_ports("kafka")
 
 
 def test_dockerfile_is_slim_non_root_with_healthcheck() -> None:
@@ -203,9 +212,10 @@ def test_dockerfile_is_slim_non_root_with_healthcheck() -> None:
     [
         [sys.executable, "-m", "api", "--help"],
         [sys.executable, "-m", "detector", "--help"],
+        [sys.executable, "-m", "detector.kafka", "--help"],
         [str(Path(sys.executable).parent / "mlflow"), "server", "--help"],
     ],
-    ids=["api", "detector", "mlflow"],
+    ids=["api", "detector", "detector-kafka", "mlflow"],
 )
 def test_service_commands_run_natively(argv: list[str]) -> None:
     if argv[2:3] == ["detector"] and not (ROOT / "detector" / "__main__.py").exists():

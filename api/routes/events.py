@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from api.deps import SeriesIdQueryDep, ServicesDep
 from detector.connections import redis_client
 from detector.errors import InvalidInputError, StoreUnavailableError
-from detector.history import query_anomalies
+from detector.history import query_anomalies, query_episodes
 from detector.identifiers import SERIES_ID_RULE, validate_series_id
 from detector.store import POSTGRES_ERRORS, REDIS_ERRORS
 from detector.streams import decode_event
@@ -100,9 +100,19 @@ async def anomalies(
     since: Annotated[int | None, Query(ge=0, description="Earliest reading timestamp")] = None,
     until: Annotated[int | None, Query(ge=0, description="Latest reading timestamp")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    episodes: Annotated[
+        bool,
+        Query(description="Group into episodes (id, first/last timestamp, count, max |score|)"),
+    ] = False,
 ) -> dict[str, Any]:
-    """Anomalies the stream workers recorded, oldest first, ``since <= timestamp <= until``."""
+    """Anomalies the stream workers recorded, oldest first, ``since <= timestamp <= until``;
+    with ``episodes=true`` their episodes instead (``{"series_id", "episodes": [...]}``)."""
     try:
+        if episodes:
+            found = await query_episodes(
+                services.store.pool, series_id, since=since, until=until, limit=limit
+            )
+            return {"series_id": series_id, "episodes": found}
         items = await query_anomalies(
             services.store.pool, series_id, since=since, until=until, limit=limit
         )

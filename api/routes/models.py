@@ -35,10 +35,12 @@ from api.schemas import (
     VersionInfo,
     body_schema,
 )
+from detector.detectors import MultiscaleState
 from detector.errors import AnomalyError, InvalidInputError, TooLargeError
 from detector.identifiers import SERIES_ID_RULE, format_version, validate_series_id
 from detector.model import (
     FloatArray,
+    MultiscaleModel,
     StaticModel,
     TrainingData,
     as_timestamps,
@@ -63,7 +65,11 @@ def _json(payload: object, status_code: int = 200) -> Response:
     )
 
 
-def _fit_model(request: ArrayBody, settings: Settings) -> tuple[TrainingData, StaticModel]:
+def _fit_model(
+    request: ArrayBody, settings: Settings
+) -> tuple[TrainingData, StaticModel, dict[str, object]]:
+    """Validate and fit; for the multiscale kind also its initial streaming state (stored in
+    ``model_versions.params``), fitted on the same training data."""
     data = prepare_training_data(
         request.timestamps,
         request.values,
@@ -75,7 +81,11 @@ def _fit_model(request: ArrayBody, settings: Settings) -> tuple[TrainingData, St
         sigma=request.sigma if request.sigma is not None else settings.default_sigma,
         direction=request.direction or settings.default_direction,
     )
-    return data, model
+    if request.kind == "multiscale":
+        state = MultiscaleState.fit(data.timestamps, data.values)
+        multiscale = MultiscaleModel(model.mean, model.std, model.sigma, model.direction)
+        return data, multiscale, {"state": state.to_dict()}
+    return data, model, {}
 
 
 @write_router.post(
@@ -92,8 +102,8 @@ async def fit(
     metrics = services.metrics
     start = time.perf_counter()
     try:
-        data, model = await run_in_threadpool(_fit_model, body, services.settings)
-        stored = await services.store.save_fit(series_id, data, model)
+        data, model, params = await run_in_threadpool(_fit_model, body, services.settings)
+        stored = await services.store.save_fit(series_id, data, model, params)
     except AnomalyError as exc:
         metrics.train_requests.labels(classify(exc)[1]).inc()
         raise
@@ -112,6 +122,7 @@ async def fit(
             "direction": model.direction,
             "lower": model.lower,
             "upper": model.upper,
+            "kind": model.kind,
         }
     )
 
@@ -141,6 +152,9 @@ async def predict(
     except AnomalyError as exc:
         metrics.predict_requests.labels(classify(exc)[1]).inc()
         raise
+    # Every kind answers with its version's stateless μ ± kσ rule (for the multiscale kind, its
+    # training data's μ and σ): one call has no stream context, and it never reads or changes
+    # the series' streaming state.
     anomaly = found.model.is_anomaly(body.value)
     elapsed = time.perf_counter() - start
     metrics.predict_ok.inc()
@@ -269,8 +283,8 @@ async def list_models(
         next_url = str(request.url.replace(query=urlencode({"limit": limit, "after": page[-1][0]})))
     return SeriesPage(
         items=[
-            {"series_id": sid, "latest_version": format_version(v), "versions": v}  # type: ignore[misc]
-            for sid, v in page
+            {"series_id": sid, "latest_version": format_version(v), "versions": v, "kind": kind}  # type: ignore[misc]
+            for sid, v, kind in page
         ],
         next=next_url,
     )

@@ -1,0 +1,1 @@
+"""The detector on Kafka: a faust-streaming agent scoring topic `readings` into `anomalies`."""
