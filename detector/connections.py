@@ -66,7 +66,7 @@ async def apply_schema(pool: AsyncConnectionPool) -> None:
     """Create the tables if missing; safe to run from several processes at once."""
     async with pool.connection() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        await conn.execute(schema_sql())  # type: ignore[arg-type]
+        await conn.execute(schema_sql())
     log.info("database schema is in place")
 
 
@@ -74,4 +74,4 @@ def apply_schema_sync(conninfo: str) -> None:
     """The same, for command-line tools without an event loop."""
     with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        conn.execute(schema_sql())  # type: ignore[arg-type]
+        conn.execute(schema_sql())

@@ -329,7 +329,7 @@ class ModelStore:
                 return cached
             generation = pointers.generation
         try:
-            raw = await self.redis.hget(model_key(series_id), "latest")  # type: ignore[misc]
+            raw = await self.redis.hget(model_key(series_id), "latest")
         except REDIS_ERRORS:
             raw = None
             redis_up = False
@@ -355,11 +355,11 @@ class ModelStore:
     ) -> ModelVersion:
         if from_redis:
             try:
-                raw = await self.redis.hget(model_key(series_id), str(version))  # type: ignore[misc]
+                raw = await self.redis.hget(model_key(series_id), str(version))
             except REDIS_ERRORS:
                 raw, from_redis = None, False
             if raw is not None:
-                return ModelVersion.from_redis(series_id, version, raw)
+                return ModelVersion.from_redis(series_id, version, str(raw))
         row = await self._pg_fetchone(
             f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE series_id = %s AND version = %s",  # noqa: S608 (constant column list)
             (series_id, version),
@@ -468,7 +468,7 @@ class ModelStore:
     async def ping_redis(self) -> str | None:
         """None when Redis answers, else why not."""
         try:
-            await self.redis.ping()  # type: ignore[misc]
+            await self.redis.ping()
         except (*REDIS_ERRORS, redis.exceptions.RedisError) as exc:
             return _brief(exc)
         return None
@@ -531,7 +531,7 @@ class ModelStore:
         async def query() -> dict[str, Any] | None:
             async with self.pool.connection() as conn:
                 cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(sql, params)  # type: ignore[arg-type]
+                await cur.execute(sql, params)
                 return await cur.fetchone()
 
         return await self._pg(query)
@@ -540,7 +540,7 @@ class ModelStore:
         async def query() -> list[dict[str, Any]]:
             async with self.pool.connection() as conn:
                 cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(sql, params)  # type: ignore[arg-type]
+                await cur.execute(sql, params)
                 return await cur.fetchall()
 
         return await self._pg(query)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,12 @@ class RedisServer:
         self.proc = None
 
 
+class _RunAs(TypedDict, total=False):
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
 @dataclass
 class PostgresServer:
     """A postgres child process with its own data folder (initialised on first start)."""
@@ -164,7 +171,8 @@ class PostgresServer:
     def conninfo(self, database: str | None = None) -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database or self.database}"
 
-    def _run_as(self) -> dict[str, int]:
+    def _run_as(self) -> _RunAs:
+        """Under root, the unprivileged user and group the server must run as."""
         if os.geteuid() != 0:
             return {}
         nobody = pwd.getpwnam("nobody")
@@ -218,7 +226,7 @@ class PostgresServer:
                 stderr=subprocess.PIPE,
                 env=env,
                 cwd="/",
-                **as_user,  # type: ignore[arg-type]
+                **as_user,
             )
         args = [
             str(bin_dir / "postgres"),
@@ -251,7 +259,7 @@ class PostgresServer:
                 env=env,
                 cwd="/",
                 preexec_fn=_child_setup(),
-                **as_user,  # type: ignore[arg-type]
+                **as_user,
             )
         _wait_for_port(self.proc, self.port, "postgres", self.log_file)
         self._ensure_database()

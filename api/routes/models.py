@@ -215,7 +215,7 @@ async def predict_batch(
     metrics.predict_requests.labels("ok").inc()
     metrics.predict_duration.labels("batch").observe(elapsed)
     metrics.predicted_points.inc(n)
-    metrics.anomalies.labels("rest").inc(payload["anomalies"])
+    metrics.anomalies.labels("rest").inc(int(payload["anomalies"]))  # type: ignore[call-overload]
     return _json(payload)
 
 
@@ -283,7 +283,7 @@ async def list_models(
         next_url = str(request.url.replace(query=urlencode({"limit": limit, "after": page[-1][0]})))
     return SeriesPage(
         items=[
-            {"series_id": sid, "latest_version": format_version(v), "versions": v, "kind": kind}  # type: ignore[misc]
+            {"series_id": sid, "latest_version": format_version(v), "versions": v, "kind": kind}
             for sid, v, kind in page
         ],
         next=next_url,
