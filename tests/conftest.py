@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import hypothesis
 import psycopg
 import pytest
 import redis
@@ -22,6 +23,11 @@ from detector.settings import Settings
 from embedded.servers import PostgresServer, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# No per-example deadline: these machines are shared and noisy, and a slow example is not a
+# wrong one (speed is judged by `make bench`, never by a test).
+hypothesis.settings.register_profile("project", deadline=None)
+hypothesis.settings.load_profile("project")
 
 
 @pytest.fixture(scope="session")
