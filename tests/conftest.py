@@ -24,9 +24,11 @@ from embedded.servers import PostgresServer, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# No per-example deadline: these machines are shared and noisy, and a slow example is not a
-# wrong one (speed is judged by `make bench`, never by a test).
-hypothesis.settings.register_profile("project", deadline=None)
+# No per-example deadline and no "generation is slow" check: these machines are shared and
+# noisy, and a slow example is not a wrong one (speed is judged by `make bench`, never here).
+hypothesis.settings.register_profile(
+    "project", deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
 hypothesis.settings.load_profile("project")
 
 
