@@ -96,6 +96,7 @@ class VersionInfo(BaseModel):
     points_used: int
     created_at: str
     mlflow_run_id: str | None
+    kind: str = Field(default="static", description="The detector kind (static, multiscale).")
 
 
 class SeriesModels(BaseModel):

@@ -267,6 +267,7 @@ def test_models_of_a_series_oldest_first(client, series_id):
         "points_used",
         "created_at",
         "mlflow_run_id",
+        "kind",  # beside DESIGN's keys: which detector kind the version is
     }
     assert client.get("/models/nope-never").status_code == 404
 

@@ -255,6 +255,7 @@ async def series_models(series_id: SeriesIdDep, services: ServicesDep) -> Series
                 points_used=v.points_used,
                 created_at=v.created_at.isoformat(),
                 mlflow_run_id=v.mlflow_run_id,
+                kind=v.model.kind,
             )
             for v in versions
         ],
