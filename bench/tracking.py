@@ -1,0 +1,116 @@
+"""Fit latency with MLflow tracking off and on (a local sqlite store), alternating, against
+real Redis, PostgreSQL and the API: ``python -m bench.tracking [FITS] [POINTS] [PAUSE_S]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from detector.connections import apply_schema_sync
+from detector.settings import Settings
+from embedded.servers import PostgresServer, RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timed_fits(settings: Settings, args: argparse.Namespace, **env: str) -> list[float]:
+    """Start an API (with ``env``), warm it up, then time ``args.fits`` fits in ms."""
+    port = free_port()
+    service_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW")}
+    service_env.update(
+        REDIS_PORT=str(settings.redis_port), POSTGRES_PORT=str(settings.postgres_port), **env
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api", "--port", str(port), "--log-level", "warning"],
+        env=service_env,
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthcheck").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API did not start")
+            time.sleep(0.1)
+        body = {
+            "timestamps": list(range(args.points)),
+            "values": [float(i % 17) for i in range(args.points)],
+        }
+        times = []
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for _ in range(20):  # warm-up
+                http.post(f"/fit/warm-{uuid.uuid4().hex[:8]}", json=body).raise_for_status()
+            for i in range(args.fits):
+                start = time.perf_counter()
+                http.post(
+                    f"/fit/bench-{i % 20}-{uuid.uuid4().hex[:6]}", json=body
+                ).raise_for_status()
+                times.append((time.perf_counter() - start) * 1000)
+                time.sleep(args.pause)
+        return times
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def report(name: str, times: list[float]) -> None:
+    ordered = sorted(times)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    print(
+        f"{name:>14}: n={len(times)} mean={statistics.mean(times):.2f} ms "
+        f"p50={pct(0.5):.2f} p95={pct(0.95):.2f} p99={pct(0.99):.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("fits", type=int, nargs="?", default=200)
+    parser.add_argument("points", type=int, nargs="?", default=1000)
+    parser.add_argument("pause", type=float, nargs="?", default=0.0)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
+    redis = RedisServer(tmp / "redis", free_port()).start()
+    pg = PostgresServer(tmp / "pg", free_port()).start()
+    try:
+        settings = Settings(redis_port=redis.port, postgres_port=pg.port)
+        apply_schema_sync(settings.postgres_conninfo())
+        tracked = {
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+            "MLFLOW_ARTIFACTS_DESTINATION": str(tmp / "artifacts"),
+        }
+        runs = [
+            ("tracking off", {}),
+            ("tracking on", tracked),
+            ("off (again)", {}),
+            ("on (again)", tracked),
+        ]
+        results = [(name, timed_fits(settings, args, **env)) for name, env in runs]
+        print(f"{args.fits} fits of {args.points} points, {args.pause} s between fits")
+        for name, times in results:
+            report(name, times)
+    finally:
+        pg.stop()
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
