@@ -26,6 +26,7 @@ import orjson
 import psycopg
 import redis
 
+from bench.app import wait_healthy
 from detector.connections import apply_schema_sync
 from detector.model import StaticModel
 from detector.settings import Settings
@@ -764,16 +765,7 @@ def main() -> None:
         )
         url = f"http://127.0.0.1:{api_port}"
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthcheck").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the API did not start")
-                time.sleep(0.2)
+            wait_healthy(url)
             ctx = Context(
                 settings,
                 url,

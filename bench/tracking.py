@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.app import wait_healthy
 from detector.connections import apply_schema_sync
 from detector.settings import Settings
 from embedded.servers import PostgresServer, RedisServer, free_port
@@ -37,16 +38,7 @@ def timed_fits(settings: Settings, args: argparse.Namespace, **env: str) -> list
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthcheck").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.1)
+        wait_healthy(url)
         body = {
             "timestamps": list(range(args.points)),
             "values": [float(i % 17) for i in range(args.points)],
