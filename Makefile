@@ -45,8 +45,8 @@ mlflow-ui: $(STAMP) ## Open the MLflow UI on http://127.0.0.1:5000 over make run
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath .data)/mlflow.db --host 127.0.0.1 --port 5000
 
 .PHONY: nab-offline
-nab-offline: $(STAMP) ## NAB score of the adaptive detector replayed offline (no Redis), with leave-one-folder-out
-	$(BIN)/python -m evaluation --detector adaptive --lofo $(NAB_ARGS)
+nab-offline: $(STAMP) ## NAB score of the multiscale detector replayed offline (no Redis), with leave-one-folder-out
+	$(BIN)/python -m evaluation --detector multiscale --lofo $(NAB_ARGS)
 
 .PHONY: nab
 nab: $(STAMP) ## NAB through the real stream: REST fits, publisher, one worker, episode onsets scored
