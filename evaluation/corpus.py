@@ -14,7 +14,7 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float64]
 TimeArray = npt.NDArray[np.datetime64]
 
-# The repository root's copy: the project must not depend on ../shared at run time.
+# The repository's own copy of the corpus (bench/nab), so nothing outside the clone is needed.
 DEFAULT_NAB_ROOT = Path(__file__).resolve().parent.parent / "bench" / "nab"
 
 
