@@ -108,7 +108,12 @@ def start_api(
         cwd=ROOT,
     )
     base_url = f"http://127.0.0.1:{port}"
-    wait_serving(base_url, proc, healthy=healthy)
+    try:
+        wait_serving(base_url, proc, healthy=healthy)
+    except BaseException:
+        proc.kill()  # never leave a server behind when it fails to come up
+        proc.wait(30)
+        raise
     return proc, base_url
 
 
