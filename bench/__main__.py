@@ -122,9 +122,19 @@ def fit_series(ctx: Context, ids: list[str], concurrency: int = 16) -> None:
             async def worker() -> None:
                 while queue:
                     sid = queue.pop()
-                    r = await http.post(
-                        f"/fit/{sid}", content=body, headers={"content-type": "application/json"}
-                    )
+                    for attempt in range(3):
+                        try:
+                            r = await http.post(
+                                f"/fit/{sid}",
+                                content=body,
+                                headers={"content-type": "application/json"},
+                            )
+                            break
+                        except (httpx.ReadError, httpx.RemoteProtocolError):
+                            # A pooled keep-alive connection the server closed as we reused
+                            # it; a repeated fit only adds a version, which is harmless here.
+                            if attempt == 2:
+                                raise
                     r.raise_for_status()
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
