@@ -81,7 +81,7 @@ async def query_anomalies(
             ORDER BY ts, id
             LIMIT %s
             """,
-            (series_id, 0 if since is None else since, 2**62 if until is None else until, limit),
+            (series_id, *_time_range(since, until), limit),
         )
         rows = await cur.fetchall()
     return [
@@ -129,7 +129,7 @@ async def query_episodes(
             ORDER BY min(ts), episode_id
             LIMIT %s
             """,
-            (series_id, 0 if since is None else since, 2**62 if until is None else until, limit),
+            (series_id, *_time_range(since, until), limit),
         )
         rows = await cur.fetchall()
     return [
@@ -143,3 +143,8 @@ async def query_episodes(
         }
         for r in rows
     ]
+
+
+def _time_range(since: int | None, until: int | None) -> tuple[int, int]:
+    """Inclusive timestamp bounds of a history query; an open end is unbounded."""
+    return (0 if since is None else since, 2**62 if until is None else until)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -97,21 +98,40 @@ def leave_one_folder_out(
         Params(k=k, half_life_days=h, quiet_days=q)
         for k, h, q in itertools.product(*LOFO_GRID.values())
     ]
-    standard = PROFILES["standard"]
     scorer = NabScorer(corpus)
-    folder_of = {s.name: s.folder for s in corpus}
     raw_by_folder: list[dict[str, float]] = []
     outputs: list[dict[str, FloatArray]] = []
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         for _, out in pool.map(_grid_point, [(root, kind_name, p) for p in grid]):
-            result = scorer.score(out, standard, FLAG_THRESHOLD)
-            per_folder: dict[str, float] = dict.fromkeys(corpus.folders, 0.0)
-            for f in result.files:
-                per_folder[folder_of[f.name]] += f.score
-            raw_by_folder.append(per_folder)
+            raw_by_folder.append(_score_by_folder(corpus, scorer, out))
             outputs.append(out)
+    return _choose_without_each_folder(corpus, grid, raw_by_folder, outputs)
+
+
+P = TypeVar("P")
+
+
+def _score_by_folder(
+    corpus: Corpus, scorer: NabScorer, out: dict[str, FloatArray]
+) -> dict[str, float]:
+    """The raw standard-profile score of one grid point's outputs, summed per folder."""
+    folder_of = {s.name: s.folder for s in corpus}
+    per_folder: dict[str, float] = dict.fromkeys(corpus.folders, 0.0)
+    for f in scorer.score(out, PROFILES["standard"], FLAG_THRESHOLD).files:
+        per_folder[folder_of[f.name]] += f.score
+    return per_folder
+
+
+def _choose_without_each_folder(
+    corpus: Corpus,
+    grid: Sequence[P],
+    raw_by_folder: list[dict[str, float]],
+    outputs: list[dict[str, FloatArray]],
+) -> tuple[dict[str, FloatArray], dict[str, P]]:
+    """For each folder, the grid point best on the *other* folders; its outputs for that one."""
+    folder_of = {s.name: s.folder for s in corpus}
     combined: dict[str, FloatArray] = {}
-    chosen: dict[str, Params] = {}
+    chosen: dict[str, P] = {}
     for folder in corpus.folders:
         others = [sum(v for f, v in r.items() if f != folder) for r in raw_by_folder]
         best = int(np.argmax(others))
@@ -136,9 +156,7 @@ def multiscale_leave_one_folder_out(
     corpus: Corpus, root: Path, jobs: int
 ) -> tuple[dict[str, FloatArray], dict[str, MultiscaleParams]]:
     """``leave_one_folder_out`` for the multiscale kind over MULTISCALE_GRID."""
-    standard = PROFILES["standard"]
     scorer = NabScorer(corpus)
-    folder_of = {s.name: s.folder for s in corpus}
     fasts = MULTISCALE_GRID["fast_readings"]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         components = dict(pool.map(_components, [(root, f) for f in fasts]))
@@ -160,20 +178,10 @@ def multiscale_leave_one_folder_out(
             ).astype(np.float64)
             for s in corpus
         }
-        per_folder: dict[str, float] = dict.fromkeys(corpus.folders, 0.0)
-        for f in scorer.score(out, standard, FLAG_THRESHOLD).files:
-            per_folder[folder_of[f.name]] += f.score
         grid.append(params)
-        raw_by_folder.append(per_folder)
+        raw_by_folder.append(_score_by_folder(corpus, scorer, out))
         outputs.append(out)
-    combined: dict[str, FloatArray] = {}
-    chosen: dict[str, MultiscaleParams] = {}
-    for folder in corpus.folders:
-        others = [sum(v for f, v in r.items() if f != folder) for r in raw_by_folder]
-        best = int(np.argmax(others))
-        chosen[folder] = grid[best]
-        combined.update({n: v for n, v in outputs[best].items() if folder_of[n] == folder})
-    return combined, chosen
+    return _choose_without_each_folder(corpus, grid, raw_by_folder, outputs)
 
 
 def format_table(rows: Sequence[tuple[str, dict[str, CorpusScore] | float]]) -> str:
