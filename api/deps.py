@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api.bodies import THREAD_PARSE_BYTES
 from detector.errors import ModelNotFoundError
 from detector.identifiers import SERIES_ID_RULE, parse_version, validate_series_id
 from detector.latency import LatencyWindow
@@ -23,9 +24,6 @@ from detector.settings import Settings
 from detector.store import ModelStore, ModelVersion
 
 B = TypeVar("B", bound=BaseModel)
-
-# Bodies above this size are parsed in a worker thread so the event loop keeps serving.
-_THREAD_PARSE_BYTES = 256 * 1024
 
 
 @dataclass
@@ -100,7 +98,7 @@ def json_body(model: type[B]) -> Callable[[Request], Awaitable[B]]:
     async def parse(request: Request) -> B:
         raw = await request.body()
         try:
-            if len(raw) > _THREAD_PARSE_BYTES:
+            if len(raw) > THREAD_PARSE_BYTES:
                 return await run_in_threadpool(model.model_validate_json, raw)
             return model.model_validate_json(raw)
         except ValidationError as exc:
