@@ -12,16 +12,17 @@ from prometheus_client import CollectorRegistry
 from api.auth import ReadAccess, WriteAccess
 from api.deps import Services
 from api.errors import install_error_handlers
+from api.latency import LatencyWindow
+from api.metrics import ApiMetrics
 from api.middleware import BodySizeLimit, HttpMetrics
+from api.pointer_cache import LatestPointerCache
 from api.routes import events, models, system
 from api.schemas import ERROR_RESPONSES
-from detector.connections import apply_schema, postgres_pool, redis_client
-from detector.latency import LatencyWindow
-from detector.metrics import ApiMetrics
-from detector.pointer_cache import LatestPointerCache
+from detector.errors import POSTGRES_ERRORS
+from detector.mlflow_outbox import MlflowTracker
 from detector.settings import Settings, get_settings
-from detector.store import POSTGRES_ERRORS, ModelStore
-from detector.tracking import MlflowTracker
+from detector.store.connections import apply_schema, postgres_pool, redis_client
+from detector.store.models import ModelStore
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.schemas import Direction, FitOptions, Kind
-from detector.model import FloatArray
+from detector.kinds.training import FloatArray
 
 # Bodies above this size are parsed in a worker thread so the event loop keeps serving.
 THREAD_PARSE_BYTES = 256 * 1024

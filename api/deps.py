@@ -16,12 +16,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.bodies import THREAD_PARSE_BYTES
+from api.latency import LatencyWindow
+from api.metrics import ApiMetrics
 from detector.errors import ModelNotFoundError
 from detector.identifiers import SERIES_ID_RULE, parse_version, validate_series_id
-from detector.latency import LatencyWindow
-from detector.metrics import ApiMetrics
 from detector.settings import Settings
-from detector.store import ModelStore, ModelVersion
+from detector.store.codec import ModelVersion
+from detector.store.models import ModelStore
 
 B = TypeVar("B", bound=BaseModel)
 

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.auth import ForbiddenError, UnauthorizedError
+from api.metrics import ApiMetrics
 from detector.errors import (
     AnomalyError,
     InvalidInputError,
@@ -16,7 +17,6 @@ from detector.errors import (
     StoreUnavailableError,
     TooLargeError,
 )
-from detector.metrics import ApiMetrics
 
 STATUS_BY_ERROR: list[tuple[type[AnomalyError], int, str]] = [
     (UnauthorizedError, 401, "unauthorized"),

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from detector.metrics import ApiMetrics
+from api.metrics import ApiMetrics
 
 
 class BodyTooLarge(Exception):

@@ -16,8 +16,8 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.figure import Figure
 
-from detector.model import FloatArray, IntArray, TrainingData
-from detector.store import ModelVersion
+from detector.kinds.training import FloatArray, IntArray, TrainingData
+from detector.store.codec import ModelVersion
 
 
 def decimate(

@@ -27,10 +27,11 @@ import psycopg
 import redis
 
 from bench.app import wait_healthy
-from detector.connections import apply_schema_sync
-from detector.model import StaticModel
+from detector.kinds.static import StaticModel
+from detector.redis_keys import model_key
 from detector.settings import Settings
-from detector.store import ModelVersion, model_key
+from detector.store.codec import ModelVersion
+from detector.store.connections import apply_schema_sync
 from embedded.servers import PostgresServer, RedisServer, free_port
 from ingest.publisher import Publisher, checked_fields
 

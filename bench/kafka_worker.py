@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 
 import httpx
-
-from detector.connections import apply_schema_sync
-from detector.settings import Settings
-from embedded.servers import PostgresServer, RedisServer, free_port
-from tests.conftest import start_api
 from tests.kafka_helpers import KafkaNames, KafkaWorker, create_topics, start_tansu
 from tests.test_kafka import publish
 from tests.test_worker import fit_series, make_readings
+
+from detector.settings import Settings
+from detector.store.connections import apply_schema_sync
+from embedded.servers import PostgresServer, RedisServer, free_port
+from tests.conftest import start_api
 
 
 def main(count: int) -> None:

@@ -21,8 +21,8 @@ import numpy as np
 import redis
 
 from bench.__main__ import env_for
-from detector.connections import apply_schema_sync
 from detector.settings import Settings
+from detector.store.connections import apply_schema_sync
 from embedded.servers import PostgresServer, RedisServer, free_port
 from evaluation.__main__ import FLAG_THRESHOLD, SCOREBOARD, Params, format_table, run_detector
 from evaluation.corpus import DEFAULT_NAB_ROOT, Series, load_corpus

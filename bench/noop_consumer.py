@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any
 
-from detector.connections import redis_client
 from detector.settings import Settings
+from detector.store.connections import redis_client
 
 
 async def drain(settings: Settings, count: int, consumer: str) -> dict[str, float]:

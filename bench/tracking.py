@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 
 from bench.app import wait_healthy
-from detector.connections import apply_schema_sync
 from detector.settings import Settings
+from detector.store.connections import apply_schema_sync
 from embedded.servers import PostgresServer, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,11 +10,11 @@ import signal
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from detector.connections import apply_schema, postgres_pool, redis_client
+from detector.errors import POSTGRES_ERRORS
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
-from detector.store import POSTGRES_ERRORS
-from detector.worker import Worker
+from detector.store.connections import apply_schema, postgres_pool, redis_client
+from detector.transports.redis.worker import Worker
 
 log = logging.getLogger("detector")
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import psycopg
+import psycopg_pool
+import redis.exceptions
+
 
 class AnomalyError(Exception):
     """Base of every error the service raises on purpose."""
@@ -41,3 +45,9 @@ class StoreUnavailableError(AnomalyError):
     def __init__(self, dependency: str, detail: str) -> None:
         super().__init__(detail)
         self.dependency = dependency
+
+
+# Foreign errors that mean "the dependency cannot be reached": the store's boundary catches
+# these and raises StoreUnavailableError, so the rest of the service catches the tree above.
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+POSTGRES_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, OSError)

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detector.errors import ModelNotFoundError
-from detector.latest import LatestVersions
-from detector.model import MultiscaleModel, StaticModel
-from detector.multiscale_stream import MultiscaleStreams, StreamReading
-from detector.store import ModelStore
-from detector.streams import Reading, ReadingBatch, event_fields
+from detector.kinds.registry import MultiscaleModel
+from detector.kinds.static import StaticModel
+from detector.state.multiscale import MultiscaleStreams, StreamReading
+from detector.store.latest import LatestVersions
+from detector.store.models import ModelStore
+from detector.wire.events import event_fields
+from detector.wire.readings import Reading, ReadingBatch
 
 
 @dataclass(slots=True)
@@ -53,7 +55,7 @@ async def score_batch(
     are built only for the anomalous ones, in batch order.
 
     With ``streams``, readings whose latest model is multiscale (and that pin no version) are
-    folded into their series' streaming state instead (``detector.multiscale_stream``); their
+    folded into their series' streaming state instead (``detector.state.multiscale``); their
     events carry the detector's own episode fields. Without it (or for pinned readings) a
     multiscale version is scored by its stateless μ ± kσ rule, as ``POST /predict`` does.
     """

@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     api_keys: str = ""
     api_read_keys: str = ""
 
-    # The streams (DESIGN "Stream contract"). In Redis Cluster give the three streams one hash
+    # The streams (docs: stream contract). In Redis Cluster give the three streams one hash
     # tag, e.g. ``readings:{a}``, ``anomalies:{a}``, ``readings:dead:{a}``: the worker writes
     # events and acknowledges readings in one script, which needs its keys in one slot.
     stream_readings: str = "readings"
@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     episode_quiet_seconds: int = Field(default=3600, ge=0)
     episode_history: int = Field(default=8, ge=0, le=1000)
 
-    # The Kafka path (``python -m detector.kafka worker``): a faust app, group = app id.
+    # The Kafka path (``python -m detector.transports.kafka worker``): a faust app, group = app id.
     kafka_bootstrap: str = Field(
         default="kafka://127.0.0.1:9092", description="faust broker URL(s), ';'-separated."
     )

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from detector.connections import apply_schema_sync
 from detector.settings import Settings
+from detector.store.connections import apply_schema_sync
 from embedded.servers import PostgresServer, RedisServer, port_in_use
 
 log = logging.getLogger("anomaly-run")

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from detector.detectors import MultiscaleParams
+from detector.kinds.multiscale import MultiscaleParams
 from evaluation.corpus import DEFAULT_NAB_ROOT, Corpus, load_corpus
 from evaluation.nab import PROFILES, CorpusScore, FloatArray, NabScorer
 from evaluation.replay import (

@@ -10,8 +10,8 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from detector.adaptive import DecayingMoments, Moments
-from detector.detectors import MultiscaleParams, MultiscaleState, group_alerts
+from detector.kinds.moments import DecayingMoments, Moments
+from detector.kinds.multiscale import MultiscaleParams, MultiscaleState, group_alerts
 from evaluation.nab import probationary_length
 
 FloatArray = npt.NDArray[np.float64]

@@ -11,8 +11,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from detector.kafka.wire import bootstrap_servers, fields_from_json, reading_value, source_id
-from detector.streams import decode_event
+from detector.wire.events import decode_event
+from detector.wire.kafka import bootstrap_servers, fields_from_json, reading_value, source_id
 from ingest.publisher import checked_fields
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import redis
 
-from detector.streams import DeadLetter, number, parse_reading
+from detector.wire.events import number
+from detector.wire.readings import DeadLetter, parse_reading
 
 
 class InvalidReadingError(ValueError):

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from detector.streams import decode_event
+from detector.wire.events import decode_event
 
 
 def resolve_start(client: redis.Redis, stream: str, start: str) -> str:

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import hypothesis
@@ -18,11 +12,10 @@ import psycopg
 import pytest
 import redis
 
-from detector.connections import apply_schema_sync
 from detector.settings import Settings
+from detector.store.connections import apply_schema_sync
 from embedded.servers import PostgresServer, RedisServer, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.services import postgres_data_dir, start_api
 
 # No per-example deadline and no "generation is slow" check: these machines are shared and
 # noisy, and a slow example is not a wrong one (speed is judged by `make bench`, never here).
@@ -40,16 +33,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-def postgres_data_dir() -> Path:
-    """A fresh folder for a test PostgreSQL cluster, outside pytest's own temporary root.
-
-    Under root, PostgreSQL runs as ``nobody`` and must be able to walk down to its data; each
-    pytest session resets its temporary root to mode 0700, which would lock out a cluster of a
-    concurrently running session.
-    """
-    return Path(tempfile.mkdtemp(prefix="anomaly-test-pg-")) / "data"
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     data_dir = postgres_data_dir()
@@ -64,57 +47,6 @@ def postgres_server() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def settings(redis_server: RedisServer, postgres_server: PostgresServer) -> Settings:
     return Settings(redis_port=redis_server.port, postgres_port=postgres_server.port)
-
-
-def service_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """Environment for a service subprocess pointed at the test servers."""
-    return {
-        **os.environ,
-        "REDIS_HOST": settings.redis_host,
-        "REDIS_PORT": str(settings.redis_port),
-        "POSTGRES_HOST": settings.postgres_host,
-        "POSTGRES_PORT": str(settings.postgres_port),
-        "POSTGRES_DB": settings.postgres_db,
-        **extra,
-    }
-
-
-def wait_serving(
-    base_url: str, proc: subprocess.Popen[bytes], *, healthy: bool = True, timeout: float = 60
-) -> None:
-    """Wait until the API answers /healthcheck (with 200, unless ``healthy`` is False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the API exited with code {proc.returncode}")
-        try:
-            status = httpx.get(f"{base_url}/healthcheck", timeout=10).status_code
-            if status == 200 or not healthy:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the API did not become healthy")
-
-
-def start_api(
-    settings: Settings, *, healthy: bool = True, **extra_env: str
-) -> tuple[subprocess.Popen[bytes], str]:
-    """The API in its own process, pointed at the test servers (``extra_env`` overrides)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api", "--port", str(port), "--log-level", "warning"],
-        env=service_env(settings, **extra_env),
-        cwd=ROOT,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_serving(base_url, proc, healthy=healthy)
-    except BaseException:
-        proc.kill()  # never leave a server behind when it fails to come up
-        proc.wait(30)
-        raise
-    return proc, base_url
 
 
 @pytest.fixture(scope="session")

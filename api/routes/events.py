@@ -13,12 +13,11 @@ from fastapi.responses import StreamingResponse
 from redis.asyncio import Redis
 
 from api.deps import SeriesIdQueryDep, ServicesDep
-from detector.connections import redis_client
-from detector.errors import InvalidInputError, StoreUnavailableError
-from detector.history import query_anomalies, query_episodes
+from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, InvalidInputError, StoreUnavailableError
 from detector.identifiers import SERIES_ID_RULE, validate_series_id
-from detector.store import POSTGRES_ERRORS, REDIS_ERRORS
-from detector.streams import decode_event
+from detector.store.connections import redis_client
+from detector.store.history import query_anomalies, query_episodes
+from detector.wire.events import decode_event
 
 router = APIRouter(tags=["streams"])
 

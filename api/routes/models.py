@@ -35,20 +35,14 @@ from api.schemas import (
     VersionInfo,
     body_schema,
 )
-from detector.detectors import MultiscaleState
 from detector.errors import AnomalyError, InvalidInputError, TooLargeError
 from detector.identifiers import SERIES_ID_RULE, format_version, validate_series_id
-from detector.model import (
-    FloatArray,
-    MultiscaleModel,
-    StaticModel,
-    TrainingData,
-    as_timestamps,
-    fit_static,
-    prepare_training_data,
-)
+from detector.kinds.multiscale import MultiscaleState
+from detector.kinds.registry import MultiscaleModel
+from detector.kinds.static import StaticModel, fit_static
+from detector.kinds.training import FloatArray, TrainingData, as_timestamps, prepare_training_data
 from detector.settings import Settings
-from detector.store import ModelVersion
+from detector.store.codec import ModelVersion
 
 router = APIRouter(tags=["models"])  # reads: predict, batch, models
 write_router = APIRouter(tags=["models"])  # fits

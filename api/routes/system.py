@@ -13,9 +13,8 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import SeriesIdQueryDep, ServicesDep, VersionDep, find_model
 from api.plotting import render_plot
 from api.schemas import Health
-from detector.errors import StoreUnavailableError
-from detector.history import query_anomalies
-from detector.store import POSTGRES_ERRORS
+from detector.errors import POSTGRES_ERRORS, StoreUnavailableError
+from detector.store.history import query_anomalies
 
 router = APIRouter()  # open: health and metrics
 read_router = APIRouter()  # behind read keys when keys are set

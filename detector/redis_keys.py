@@ -1,0 +1,42 @@
+"""Every Redis key the service writes, in one place.
+
+Per-series keys put the series id in braces: ids never contain braces, so the braces delimit
+the id exactly (``a:latest`` is a series of its own and cannot touch the keys of ``a``), and
+they are the Redis Cluster hash tag, so every key of one series lives in one slot. Stream
+names (``readings``, ``anomalies``, ``readings:dead``) are settings, not built here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# The prefix of model hashes; the API's pointer cache subscribes to changes under it.
+MODEL_PREFIX: Final = "model:"
+
+
+def model_key(series_id: str) -> str:
+    """The series' model versions (a field per version number) and its ``latest`` pointer."""
+    return f"{MODEL_PREFIX}{{{series_id}}}"
+
+
+def series_of_model_key(key: bytes) -> str | None:
+    """The series id of a model key, or None for any other key."""
+    prefix = MODEL_PREFIX.encode() + b"{"
+    if key.startswith(prefix) and key.endswith(b"}"):
+        return key[len(prefix) : -1].decode()
+    return None
+
+
+def state_key(series_id: str) -> str:
+    """The series' streaming state of a stateful kind."""
+    return f"state:{{{series_id}}}"
+
+
+def episode_key(series_id: str) -> str:
+    """The series' current episode and a few closed ones."""
+    return f"episode:{{{series_id}}}"
+
+
+def heartbeat_key(readings_stream: str, consumer: str) -> str:
+    """A worker's liveness record (``detector.transports.redis.health``)."""
+    return f"{readings_stream}:heartbeat:{consumer}"

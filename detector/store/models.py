@@ -1,0 +1,470 @@
+"""The versioned model store: PostgreSQL holds the truth, Redis the hot copy, RAM the cache.
+
+Layout in Redis: one hash per series (``detector.redis_keys.model_key``) with a field per
+version number (the model, ``detector.store.codec``) and a ``latest`` field.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+import orjson
+import psycopg
+import redis.exceptions
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, ModelNotFoundError, StoreUnavailableError
+from detector.identifiers import format_version
+from detector.kinds.static import StaticModel
+from detector.kinds.training import TrainingData
+from detector.redis_keys import model_key
+from detector.store.codec import ModelVersion, copy_points, parse_points
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# Sets a version's model and moves `latest` forward only: fits that finish out of order, or a
+# reload from PostgreSQL racing a fit, can never move the pointer back.
+_PUT_VERSION = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local current = tonumber(redis.call('HGET', KEYS[1], 'latest') or '0')
+if ARGV[3] == '1' and tonumber(ARGV[1]) > current then
+    redis.call('HSET', KEYS[1], 'latest', ARGV[1])
+end
+return 1
+"""
+
+# Undoes a version whose PostgreSQL commit failed after Redis had been told about it.
+_WITHDRAW_VERSION = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HGET', KEYS[1], 'latest') == ARGV[1] then
+    redis.call('HDEL', KEYS[1], 'latest')
+end
+return 1
+"""
+
+
+class PointerCache(Protocol):
+    """A process-local cache of latest pointers that Redis invalidates (the API has one)."""
+
+    generation: int
+
+    def get(self, series_id: str) -> int | None: ...
+
+    def put(self, series_id: str, version: int, generation: int) -> None: ...
+
+
+class _LRU:
+    """A small bounded mapping for immutable model versions (they never change once made)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
+
+    def get(self, key: tuple[str, int]) -> ModelVersion | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, int], value: ModelVersion) -> None:
+        if self.capacity <= 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+# Kind-specific parameters (a multiscale initial state is ~1 KB) kept in process.
+_PARAMS_CACHE = 10_000
+
+_VERSION_COLUMNS = (
+    "series_id, version, kind, mean, std, sigma, direction, points_used, created_at, mlflow_run_id"
+)
+
+
+class ModelStore:
+    """Fit storage and model lookup, used alike by the API and the stream worker."""
+
+    def __init__(
+        self, redis_client: Redis, pool: AsyncConnectionPool, *, cache_size: int = 200_000
+    ):
+        self.redis = redis_client
+        self.pool = pool
+        self.cache = _LRU(cache_size)
+        # Optional: latest pointers cached in process, invalidated by Redis key tracking.
+        self.pointers: PointerCache | None = None
+        self._put_version = redis_client.register_script(_PUT_VERSION)
+        self._withdraw_version = redis_client.register_script(_WITHDRAW_VERSION)
+        # Set by a PostgreSQL failure, cleared by a successful probe (see ``_postgres_gate``).
+        self._postgres_down = False
+        self._params: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
+
+    # ------------------------------------------------------------------ writing
+
+    async def save_fit(
+        self,
+        series_id: str,
+        data: TrainingData,
+        model: StaticModel,
+        params: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Store a new version durably and make it the latest.
+
+        Order: in one PostgreSQL transaction, allocate the version (a row lock on the series
+        serialises concurrent fits of one series), insert its metadata and COPY its points; then,
+        still inside the transaction, write the model to Redis and move its latest pointer; then
+        commit. If Redis fails the transaction rolls back: nothing is half-written. If the commit
+        itself fails, the Redis entry is withdrawn again.
+        """
+        key = model_key(series_id)
+        redis_written = False
+        try:
+            await self._postgres_gate("the fit was not stored")
+            async with self.pool.connection() as conn:
+                try:
+                    async with conn.transaction():
+                        version = await self._allocate_version(conn, series_id)
+                        model_id, created_at = await self._insert_version(
+                            conn, series_id, version, data, model, params or {}
+                        )
+                        await copy_points(conn, model_id, data)
+                        await conn.execute(
+                            "INSERT INTO mlflow_outbox (model_id) VALUES (%s)", (model_id,)
+                        )
+                        stored = ModelVersion(
+                            series_id=series_id,
+                            version=version,
+                            model=model,
+                            points_used=len(data),
+                            created_at=created_at,
+                        )
+                        await self._redis_call(
+                            self._put_version(keys=[key], args=[version, stored.to_redis(), 1])
+                        )
+                        redis_written = True
+                except BaseException:
+                    if redis_written:
+                        await self._withdraw(key, version)
+                    raise
+        except POSTGRES_ERRORS as exc:
+            self._postgres_down = True
+            raise StoreUnavailableError(
+                "postgres", f"PostgreSQL is unavailable, the fit was not stored: {_brief(exc)}"
+            ) from exc
+        self.cache.put((series_id, version), stored)
+        return stored
+
+    async def _withdraw(self, key: str, version: int) -> None:
+        try:
+            await self._withdraw_version(keys=[key], args=[version])
+        except REDIS_ERRORS:
+            log.warning("could not withdraw %s %s from Redis after a failed commit", key, version)
+
+    @staticmethod
+    async def _allocate_version(conn: psycopg.AsyncConnection[Any], series_id: str) -> int:
+        cur = await conn.execute(
+            """
+            INSERT INTO series (series_id, last_version) VALUES (%s, 1)
+            ON CONFLICT (series_id)
+            DO UPDATE SET last_version = series.last_version + 1, updated_at = now()
+            RETURNING last_version
+            """,
+            (series_id,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    @staticmethod
+    async def _insert_version(
+        conn: psycopg.AsyncConnection[Any],
+        series_id: str,
+        version: int,
+        data: TrainingData,
+        model: StaticModel,
+        params: dict[str, Any],
+    ) -> tuple[int, datetime]:
+        cur = await conn.execute(
+            """
+            INSERT INTO model_versions (series_id, version, kind, mean, std, sigma, direction,
+                points_used, first_ts, last_ts, min_value, max_value, params)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
+            RETURNING id, created_at
+            """,
+            (
+                series_id,
+                version,
+                model.kind,
+                model.mean,
+                model.std,
+                model.sigma,
+                model.direction,
+                len(data),
+                int(data.timestamps[0]),
+                int(data.timestamps[-1]),
+                float(data.values.min()),
+                float(data.values.max()),
+                orjson.dumps(params).decode(),
+            ),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), row[1]
+
+    # ------------------------------------------------------------------ reading
+
+    async def get(self, series_id: str, version: int | None = None) -> ModelVersion:
+        """The model of ``version`` (None: the latest), or ModelNotFoundError."""
+        if version is None:
+            version = await self.latest_version(series_id)
+        cached = self.cache.get((series_id, version))
+        if cached is not None:
+            return cached
+        found = await self._load_version(series_id, version)
+        self.cache.put((series_id, version), found)
+        return found
+
+    async def latest_version(self, series_id: str) -> int:
+        """The newest version number: from the tracked in-process cache when one is attached
+        (see ``api.pointer_cache``), else from Redis; falling back to PostgreSQL and
+        repairing Redis when the pointer is gone."""
+        pointers, generation = self.pointers, 0
+        if pointers is not None:
+            cached = pointers.get(series_id)
+            if cached is not None:
+                return cached
+            generation = pointers.generation
+        try:
+            raw = await self.redis.hget(model_key(series_id), "latest")
+        except REDIS_ERRORS:
+            raw = None
+            redis_up = False
+        else:
+            redis_up = True
+        if raw is not None:
+            if pointers is not None:
+                pointers.put(series_id, int(raw), generation)
+            return int(raw)
+        row = await self._pg_fetchone(
+            "SELECT last_version FROM series WHERE series_id = %s", (series_id,)
+        )
+        if row is None:
+            raise ModelNotFoundError(f"no model for series '{series_id}'")
+        version = int(row["last_version"])
+        if redis_up:
+            found = await self._load_version(series_id, version, from_redis=False)
+            await self._repair(found, make_latest=True)
+        return version
+
+    async def _load_version(
+        self, series_id: str, version: int, *, from_redis: bool = True
+    ) -> ModelVersion:
+        if from_redis:
+            try:
+                raw = await self.redis.hget(model_key(series_id), str(version))
+            except REDIS_ERRORS:
+                raw, from_redis = None, False
+            if raw is not None:
+                return ModelVersion.from_redis(series_id, version, str(raw))
+        row = await self._pg_fetchone(
+            f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE series_id = %s AND version = %s",  # noqa: S608 (constant column list)
+            (series_id, version),
+        )
+        if row is None:
+            raise ModelNotFoundError(
+                f"no version {format_version(version)} for series '{series_id}'"
+            )
+        found = ModelVersion.from_row(row)
+        if from_redis:  # Redis is up but had lost it: put it back.
+            await self._repair(found, make_latest=False)
+        return found
+
+    async def _repair(self, found: ModelVersion, *, make_latest: bool) -> None:
+        try:
+            await self._put_version(
+                keys=[model_key(found.series_id)],
+                args=[found.version, found.to_redis(), 1 if make_latest else 0],
+            )
+            log.info("reloaded %s %s into Redis from PostgreSQL", found.series_id, found.name)
+        except REDIS_ERRORS:
+            log.warning("Redis unavailable; serving %s from PostgreSQL", found.series_id)
+
+    async def versions(self, series_id: str) -> list[ModelVersion]:
+        """Every version of a series, oldest first (from PostgreSQL)."""
+        rows = await self._pg_fetchall(
+            f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE series_id = %s ORDER BY version",  # noqa: S608
+            (series_id,),
+        )
+        if not rows:
+            raise ModelNotFoundError(f"no model for series '{series_id}'")
+        return [ModelVersion.from_row(r) for r in rows]
+
+    async def list_series(self, *, limit: int, after: str | None) -> list[tuple[str, int, str]]:
+        """(series_id, latest version, its kind) ordered by id, after ``after`` (keyset
+        paging)."""
+        rows = await self._pg_fetchall(
+            "SELECT s.series_id, s.last_version, coalesce(m.kind, 'static') AS kind "
+            "FROM series s LEFT JOIN model_versions m "
+            "ON m.series_id = s.series_id AND m.version = s.last_version "
+            "WHERE s.series_id > %s ORDER BY s.series_id LIMIT %s",
+            (after or "", limit),
+        )
+        return [(r["series_id"], int(r["last_version"]), str(r["kind"])) for r in rows]
+
+    async def params(self, series_id: str, version: int) -> dict[str, Any]:
+        """A version's kind-specific parameters (``model_versions.params``: for the multiscale
+        kind its detector parameters and initial state), cached: versions never change."""
+        key = (series_id, version)
+        found = self._params.get(key)
+        if found is not None:
+            self._params.move_to_end(key)
+            return found
+        row = await self._pg_fetchone(
+            "SELECT params FROM model_versions WHERE series_id = %s AND version = %s",
+            (series_id, version),
+        )
+        if row is None:
+            raise ModelNotFoundError(
+                f"no version {format_version(version)} for series '{series_id}'"
+            )
+        found = dict(row["params"] or {})
+        self._params[key] = found
+        while len(self._params) > _PARAMS_CACHE:
+            self._params.popitem(last=False)
+        return found
+
+    async def training_data(self, series_id: str, version: int) -> TrainingData:
+        """The stored training points of a version, sorted by timestamp."""
+
+        async def query() -> TrainingData:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT id FROM model_versions WHERE series_id = %s AND version = %s",
+                    (series_id, version),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    raise ModelNotFoundError(
+                        f"no version {format_version(version)} for series '{series_id}'"
+                    )
+                buffer = bytearray()
+                async with conn.cursor().copy(
+                    "COPY (SELECT ts, value FROM training_points WHERE model_id = %s ORDER BY ts)"
+                    " TO STDOUT (FORMAT BINARY)",
+                    (row[0],),
+                ) as copy:
+                    async for chunk in copy:
+                        buffer += chunk
+            return parse_points(bytes(buffer))
+
+        return await self._pg(query)
+
+    async def count_series(self) -> int:
+        row = await self._pg_fetchone("SELECT count(*) AS n FROM series", ())
+        assert row is not None
+        return int(row["n"])
+
+    async def count_versions(self) -> int:
+        row = await self._pg_fetchone("SELECT count(*) AS n FROM model_versions", ())
+        assert row is not None
+        return int(row["n"])
+
+    # ------------------------------------------------------------------ health
+
+    async def ping_redis(self) -> str | None:
+        """None when Redis answers, else why not."""
+        try:
+            await self.redis.ping()
+        except (*REDIS_ERRORS, redis.exceptions.RedisError) as exc:
+            return _brief(exc)
+        return None
+
+    async def ping_postgres(self) -> str | None:
+        try:
+            async with self.pool.connection(timeout=3.0) as conn:
+                await conn.execute("SELECT 1")
+        except (*POSTGRES_ERRORS, psycopg.Error) as exc:
+            return _brief(exc)
+        return None
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _redis_call(self, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except REDIS_ERRORS as exc:
+            raise StoreUnavailableError(
+                "redis", f"Redis is unavailable, the fit was not stored: {_brief(exc)}"
+            ) from exc
+
+    async def _postgres_gate(self, consequence: str) -> None:
+        """Fail fast while PostgreSQL is known to be down; a no-op on the healthy path.
+
+        After a PostgreSQL failure, each request first tries a direct connection, which is
+        refused at once while the server is down: a 503 in milliseconds instead of waiting
+        the pool's 5 s for a connection that cannot come. Once the probe connects, the pool
+        drops the connections the outage broke (``check``), so the next request does not get
+        a dead one, and requests go through the pool again.
+        """
+        if not self._postgres_down:
+            return
+        conninfo, kwargs = self.pool.conninfo, self.pool.kwargs
+        if not isinstance(conninfo, str) or not isinstance(kwargs, dict):
+            return  # configured by callables (not ours): let the pool find out
+        try:
+            probe = await psycopg.AsyncConnection.connect(
+                conninfo, **{**kwargs, "connect_timeout": 2}
+            )
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailableError(
+                "postgres", f"PostgreSQL is unavailable, {consequence}: {_brief(exc)}"
+            ) from exc
+        await probe.close()
+        self._postgres_down = False
+        await self.pool.check()
+
+    async def _pg(self, query: Callable[[], Awaitable[T]]) -> T:
+        try:
+            await self._postgres_gate("try again later")
+            return await query()
+        except POSTGRES_ERRORS as exc:
+            self._postgres_down = True
+            raise StoreUnavailableError(
+                "postgres", f"PostgreSQL is unavailable: {_brief(exc)}"
+            ) from exc
+
+    async def _pg_fetchone(self, sql: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
+        async def query() -> dict[str, Any] | None:
+            async with self.pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(sql, params)
+                return await cur.fetchone()
+
+        return await self._pg(query)
+
+    async def _pg_fetchall(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        async def query() -> list[dict[str, Any]]:
+            async with self.pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(sql, params)
+                return await cur.fetchall()
+
+        return await self._pg(query)
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

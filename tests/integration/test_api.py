@@ -1,0 +1,453 @@
+"""The REST contract (docs/api.md), against the real service (uvicorn, Redis, PostgreSQL)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+
+from embedded.servers import free_port
+from tests.support.services import start_api
+
+TS = [1_700_000_000 + 60 * i for i in range(10)]
+VALUES = [10.0, 11.0, 9.0, 10.5, 9.5, 10.0, 10.2, 9.8, 10.1, 9.9]
+
+
+def fit(client, series_id, **extra):
+    body = {"timestamps": TS, "values": VALUES, **extra}
+    response = client.post(f"/fit/{series_id}", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@contextmanager
+def extra_api(settings, *, healthy=True, **env):
+    proc, url = start_api(settings, healthy=healthy, **env)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            yield http
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+# ---------------------------------------------------------------- fit
+
+
+def test_fit_answers_version_and_points(client, series_id):
+    body = fit(client, series_id)
+    assert body["series_id"] == series_id
+    assert body["version"] == "v1.0.0"
+    assert body["points_used"] == 10
+    assert body["mean"] == pytest.approx(np.mean(VALUES))
+    assert body["std"] == pytest.approx(np.std(VALUES))
+    assert fit(client, series_id)["version"] == "v2.0.0"  # same data: still a new version
+    assert fit(client, series_id)["version"] == "v3.0.0"
+
+
+def test_fit_accepts_unsorted_points_and_stores_them_sorted(client, series_id, pg):
+    response = client.post(
+        f"/fit/{series_id}", json={"timestamps": [30, 10, 20, 40.0], "values": [3, 1, 2, 4]}
+    )
+    assert response.status_code == 200, response.text
+    rows = pg.execute(
+        "SELECT p.ts, p.value FROM training_points p JOIN model_versions m ON m.id = p.model_id "
+        "WHERE m.series_id = %s ORDER BY p.ts",
+        (series_id,),
+    ).fetchall()
+    assert rows == [(10, 1.0), (20, 2.0), (30, 3.0), (40, 4.0)]
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"timestamps": [1, 2], "values": [1, 2]}, "at least 3"),
+        ({"timestamps": [1, 2, 3], "values": [1, 2]}, "same length"),
+        ({"timestamps": [1, 2, 3], "values": [5, 5, 5]}, "constant"),
+        ({"timestamps": [1, 1, 3], "values": [1, 2, 3]}, "unique"),
+        ({"timestamps": [1, 2.5, 3], "values": [1, 2, 3]}, "non-negative integers"),
+        ({"timestamps": [1, -2, 3], "values": [1, 2, 3]}, "non-negative integers"),
+        ({"timestamps": [1, 2, 3], "values": [1, 2, 3], "sigma": 0}, "greater than 0"),
+        ({"timestamps": [1, 2, 3], "values": [1, 2, 3], "direction": "up"}, "above"),
+    ],
+)
+def test_fit_rules_are_422_saying_why(client, series_id, body, needle):
+    response = client.post(f"/fit/{series_id}", json=body)
+    assert response.status_code == 422
+    assert needle in response.text
+    assert client.get(f"/models/{series_id}").status_code == 404  # nothing written
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"timestamps": [1, 2, 3], "values": [1, NaN, 3]}',
+        '{"timestamps": [1, 2, 3], "values": [1, Infinity, 3]}',
+        '{"timestamps": ["1", "2", "3"], "values": [1, 2, 3]}',
+        '{"timestamps": [1, 2, 3], "values": [1, "2", 3]}',
+        '{"timestamps": [1, 2, 3], "values": [true, 2, 3]}',
+        '{"timestamps": [1, 2, 3]}',
+        '{"timestamps": [1, 2, 3], "values": [1, 2, 3]',
+        "[]",
+        "",
+    ],
+)
+def test_fit_wrong_types_are_422(client, series_id, raw):
+    response = client.post(
+        f"/fit/{series_id}", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert "detail" in response.json()
+
+
+def test_unknown_fields_are_named(client, series_id):
+    response = client.post(
+        f"/fit/{series_id}", json={"timestamps": [1, 2, 3], "values": [1, 2, 3], "sigmaa": 4}
+    )
+    assert response.status_code == 422
+    assert "sigmaa" in response.text
+
+
+def test_sigma_and_direction_are_stored_with_the_version(client, series_id):
+    fit(client, series_id, sigma=1.5, direction="both")
+    fit(client, series_id)
+    versions = client.get(f"/models/{series_id}").json()["versions"]
+    assert [(v["version"], v["sigma"], v["direction"]) for v in versions] == [
+        ("v1.0.0", 1.5, "both"),
+        ("v2.0.0", 3.0, "above"),
+    ]
+    low = {"timestamp": 1, "value": 5.0}
+    assert client.post(f"/predict/{series_id}?version=1", json=low).json()["anomaly"] is True
+    assert client.post(f"/predict/{series_id}", json=low).json()["anomaly"] is False
+
+
+# ---------------------------------------------------------------- predict
+
+
+def test_predict_answers_exactly_two_keys(client, series_id):
+    body = fit(client, series_id)
+    upper = body["mean"] + 3 * body["std"]
+    for ts in ("1641013200", 1641013200):
+        high = client.post(f"/predict/{series_id}", json={"timestamp": ts, "value": upper + 0.01})
+        assert high.status_code == 200
+        assert high.json() == {"anomaly": True, "model_version": "v1.0.0"}
+    normal = client.post(f"/predict/{series_id}", json={"timestamp": 1, "value": 10.0})
+    assert normal.json() == {"anomaly": False, "model_version": "v1.0.0"}
+    low = client.post(f"/predict/{series_id}", json={"timestamp": 1, "value": -1e6})
+    assert low.json()["anomaly"] is False  # default direction is "above"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"timestamp": "1.0", "value": 1},
+        {"timestamp": "+1", "value": 1},
+        {"timestamp": " 1", "value": 1},
+        {"timestamp": "-1", "value": 1},
+        {"timestamp": -1, "value": 1},
+        {"timestamp": 1.5, "value": 1},
+        {"timestamp": 1, "value": "1"},
+        {"timestamp": 1, "value": True},
+        {"timestamp": 1},
+        {"timestamp": 1, "value": 1, "extra": 2},
+    ],
+)
+def test_bad_predict_bodies_are_422_even_for_unknown_series(client, series_id, body):
+    response = client.post(f"/predict/{series_id}", json=body)
+    assert response.status_code == 422, response.text
+
+
+def test_versions_by_any_spelling(client, series_id):
+    fit(client, series_id)
+    fit(client, series_id)
+    point = {"timestamp": 1, "value": 10}
+    for spelling, expected in [
+        ("v1.0.0", "v1.0.0"),
+        ("v1", "v1.0.0"),
+        ("1", "v1.0.0"),
+        ("2", "v2.0.0"),
+        ("", "v2.0.0"),
+    ]:
+        response = client.post(f"/predict/{series_id}", params={"version": spelling}, json=point)
+        assert response.status_code == 200, (spelling, response.text)
+        assert response.json()["model_version"] == expected
+
+
+@pytest.mark.parametrize("version", ["0", "v0", "v0.0.0", "-1", "abc", "v1.0"])
+def test_malformed_versions_are_422_before_any_lookup(client, version):
+    response = client.post(
+        "/predict/never-fitted", params={"version": version}, json={"timestamp": 1, "value": 1}
+    )
+    assert response.status_code == 422
+
+
+def test_unknown_series_and_versions_are_404_naming_them(client, series_id):
+    point = {"timestamp": 1, "value": 1}
+    response = client.post(f"/predict/{series_id}", json=point)
+    assert response.status_code == 404 and series_id in response.json()["detail"]
+    fit(client, series_id)
+    for version in ("v7", "v1.1.0"):
+        response = client.post(f"/predict/{series_id}", params={"version": version}, json=point)
+        assert response.status_code == 404
+        detail = response.json()["detail"]
+        assert series_id in detail and version.lstrip("v")[:1] in detail
+
+
+@pytest.mark.parametrize("bad", ["a%20b", "%C3%A9", "x" * 129, "a*b", "..", "."])
+def test_bad_series_ids_are_422_stating_the_rule(client, bad):
+    response = client.post(f"/fit/{bad}", json={"timestamps": [1, 2, 3], "values": [1, 2, 3]})
+    if bad in (".", ".."):  # clients normalise these paths away; nothing may be stored
+        assert response.status_code in (404, 405, 422)
+        return
+    assert response.status_code == 422
+    assert "1-128 characters" in response.json()["detail"]
+
+
+def test_key_separators_cannot_reach_another_series(client, series_id):
+    fit(client, series_id)
+    for other in (f"{series_id}:latest", f"{series_id}:1", f"{series_id}:"):
+        response = client.post(f"/predict/{other}", json={"timestamp": 1, "value": 1})
+        assert response.status_code == 404
+    assert fit(client, f"{series_id}:latest")["version"] == "v1.0.0"
+    assert fit(client, series_id)["version"] == "v2.0.0"
+
+
+# ---------------------------------------------------------------- batch, models, plot
+
+
+def test_batch_predict_scores_every_point(client, series_id):
+    body = fit(client, series_id, direction="both")
+    values = [10.0, 100.0, -100.0, 10.5]
+    response = client.post(
+        f"/predict/{series_id}/batch", json={"timestamps": [1, 2, 3, 4], "values": values}
+    )
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["anomaly"] == [False, True, True, False]
+    assert out["anomalies"] == 2
+    assert out["score"] == pytest.approx([(v - body["mean"]) / body["std"] for v in values])
+    assert out["lower"] == pytest.approx(body["mean"] - 3 * body["std"])
+    assert out["upper"] == pytest.approx(body["mean"] + 3 * body["std"])
+    bad = client.post(f"/predict/{series_id}/batch", json={"timestamps": [1], "values": [1, 2]})
+    assert bad.status_code == 422
+
+
+def test_models_listing_pages_by_series_id(client, series_id):
+    ids = [f"{series_id}-{i}" for i in range(5)]
+    for sid in ids:
+        fit(client, sid)
+    fit(client, ids[0])
+    seen, url = [], f"/models?limit=2&after={series_id}"
+    while url and len(seen) < 5:
+        page = client.get(url).json()
+        seen.extend(page["items"])
+        url = page["next"]
+    assert [item["series_id"] for item in seen[:5]] == ids
+    assert seen[0]["latest_version"] == "v2.0.0" and seen[0]["versions"] == 2
+    assert client.get("/models?limit=0").status_code == 422
+    assert client.get("/models?limit=1001").status_code == 422
+
+
+def test_models_of_a_series_oldest_first(client, series_id):
+    fit(client, series_id)
+    fit(client, series_id, sigma=4)
+    body = client.get(f"/models/{series_id}").json()
+    assert body["series_id"] == series_id
+    assert [v["version"] for v in body["versions"]] == ["v1.0.0", "v2.0.0"]
+    first = body["versions"][0]
+    assert set(first) == {
+        "version",
+        "mean",
+        "std",
+        "sigma",
+        "direction",
+        "points_used",
+        "created_at",
+        "mlflow_run_id",
+        "kind",  # beside the contract's keys: which detector kind the version is
+    }
+    assert client.get("/models/nope-never").status_code == 404
+
+
+def test_plot_is_a_png(client, series_id):
+    fit(client, series_id)
+    response = client.get("/plot", params={"series_id": series_id})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
+    assert client.get("/plot", params={"series_id": series_id, "version": "v1"}).status_code == 200
+    assert client.get("/plot", params={"series_id": series_id, "version": "v9"}).status_code == 404
+    assert client.get("/plot", params={"series_id": "unknown-series"}).status_code == 404
+    assert client.get("/plot", params={"series_id": "../../etc/passwd"}).status_code == 422
+
+
+# ---------------------------------------------------------------- health and metrics
+
+
+def test_healthcheck_counts_series_and_reports_latencies(client, series_id):
+    before = client.get("/healthcheck").json()
+    fit(client, series_id)
+    fit(client, series_id)
+    client.post(f"/predict/{series_id}", json={"timestamp": 1, "value": 1})
+    after = client.get("/healthcheck").json()
+    assert after["series_trained"] == before["series_trained"] + 1
+    for key in ("inference_latency_ms", "training_latency_ms"):
+        assert set(after[key]) >= {"avg", "p95"}
+        assert after[key]["avg"] > 0 and after[key]["p95"] >= after[key]["p50"] > 0
+
+
+def test_healthcheck_before_any_request_is_zero(settings):
+    with extra_api(settings) as http:
+        body = http.get("/healthcheck").json()
+    assert body["inference_latency_ms"]["avg"] == 0.0
+    assert body["training_latency_ms"]["p95"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("down", "env_key"), [("redis", "REDIS_PORT"), ("postgres", "POSTGRES_PORT")]
+)
+def test_dependency_down_is_503_naming_it(settings, down, env_key):
+    with extra_api(settings, healthy=False, **{env_key: str(free_port())}) as http:
+        response = http.get("/healthcheck")
+        assert response.status_code == 503
+        body = response.json()
+        assert down in body["detail"]
+        assert body["dependencies"][down] != "ok"
+        fit_response = http.post("/fit/s503", json={"timestamps": [1, 2, 3], "values": [1, 2, 3]})
+        assert fit_response.status_code == 503
+        assert fit_response.json()["dependency"] == down
+
+
+def test_metrics_exposes_the_seed_names(client, series_id):
+    fit(client, series_id)
+    client.post(f"/predict/{series_id}", json={"timestamp": 1, "value": 1})
+    text = client.get("/metrics").text
+    for name in (
+        "train_requests_total",
+        "predict_requests_total",
+        "train_duration_seconds_bucket",
+        "predict_duration_seconds_bucket",
+        'le="0.0001"',
+        "anomalies_detected_total",
+        "http_requests_total",
+    ):
+        assert name in text
+    assert series_id not in text  # no per-series labels
+
+
+# ---------------------------------------------------------------- limits
+
+
+def test_size_limits_are_413(settings, series_id):
+    with extra_api(settings, MAX_BODY_BYTES="2048", MAX_TRAINING_POINTS="50") as http:
+        big = {"timestamps": list(range(1000)), "values": [float(i) for i in range(1000)]}
+        response = http.post(f"/fit/{series_id}", json=big)
+        assert response.status_code == 413
+        assert "limit" in response.json()["detail"]
+        over = {"timestamps": list(range(60)), "values": [float(i) for i in range(60)]}
+        response = http.post(f"/fit/{series_id}", json=over)
+        assert response.status_code == 413
+        assert "at most 50 points" in response.json()["detail"]
+
+        def chunks():
+            for _ in range(10):
+                yield b" " * 1000
+
+        response = http.post(
+            f"/fit/{series_id}", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 413
+
+
+# ---------------------------------------------------------------- concurrency and volume
+
+
+def test_forty_concurrent_fits_get_forty_versions(api_url, series_id):
+    def one(_):
+        with httpx.Client(base_url=api_url, timeout=60) as http:
+            r = http.post(f"/fit/{series_id}", json={"timestamps": TS, "values": VALUES})
+            assert r.status_code == 200, r.text
+            return r.json()["version"]
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        versions = list(pool.map(one, range(40)))
+    assert sorted(versions) == sorted(f"v{i}.0.0" for i in range(1, 41))
+
+
+def test_concurrent_predicts_agree(api_url, client, series_id):
+    body = fit(client, series_id)
+    upper = body["mean"] + 3 * body["std"]
+    values = [upper - 1, upper + 1] * 100
+
+    def one(value):
+        with httpx.Client(base_url=api_url, timeout=60) as http:
+            r = http.post(f"/predict/{series_id}", json={"timestamp": 1, "value": value})
+            return r.json()["anomaly"]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        flags = list(pool.map(one, values))
+    assert flags == [v > upper for v in values]
+
+
+def test_two_hundred_thousand_point_fit(client, series_id):
+    rng = np.random.default_rng(1)
+    values = rng.normal(50, 5, 200_000)
+    ts = (1_600_000_000 + 60 * np.arange(200_000)).tolist()
+    response = client.post(f"/fit/{series_id}", json={"timestamps": ts, "values": values.tolist()})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["points_used"] == 200_000
+    assert body["std"] == pytest.approx(float(np.std(values)))
+    plot = client.get("/plot", params={"series_id": series_id})
+    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+
+
+# ---------------------------------------------------------------- the store's guarantees
+
+
+def test_predict_reloads_from_postgres_after_redis_is_flushed(client, series_id, redis_client):
+    body = fit(client, series_id)
+    fit(client, series_id, sigma=1.0)
+    redis_client.flushall()
+    point = {"timestamp": 1, "value": body["mean"] + 2 * body["std"]}  # between 1σ and 3σ
+    response = client.post(f"/predict/{series_id}", json=point)
+    assert response.json() == {"anomaly": True, "model_version": "v2.0.0"}
+    response = client.post(f"/predict/{series_id}", params={"version": "1"}, json=point)
+    assert response.json() == {"anomaly": False, "model_version": "v1.0.0"}
+    assert redis_client.hget(f"model:{{{series_id}}}", "latest") == "2"
+    assert fit(client, series_id)["version"] == "v3.0.0"
+
+
+def test_read_your_writes_across_api_processes(settings, client, series_id):
+    fit(client, series_id)
+    with extra_api(settings) as other:
+        assert (
+            other.post(f"/predict/{series_id}", json={"timestamp": 1, "value": 1}).json()[
+                "model_version"
+            ]
+            == "v1.0.0"
+        )
+        for expected in range(2, 6):
+            fit(client, series_id)
+            answer = other.post(f"/predict/{series_id}", json={"timestamp": 1, "value": 1})
+            assert answer.json()["model_version"] == f"v{expected}.0.0"
+
+
+def test_a_fit_redis_refuses_leaves_nothing_in_postgres(settings, pg, series_id):
+    with extra_api(settings, healthy=False, REDIS_PORT=str(free_port())) as http:
+        response = http.post(f"/fit/{series_id}", json={"timestamps": TS, "values": VALUES})
+        assert response.status_code == 503
+        assert "Redis" in response.json()["detail"]
+    assert (
+        pg.execute("SELECT count(*) FROM series WHERE series_id = %s", (series_id,)).fetchone()[0]
+        == 0
+    )
+    assert (
+        pg.execute(
+            "SELECT count(*) FROM model_versions WHERE series_id = %s", (series_id,)
+        ).fetchone()[0]
+        == 0
+    )

@@ -1,0 +1,77 @@
+"""Schemathesis against the live OpenAPI of the running service: no 5xx, responses match."""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from tests.support.services import start_api
+
+EXAMPLES = 150
+# An endless Server-Sent Events stream: tested on its own in test_events.py.
+SKIPPED = {"/events"}
+
+
+KEY = "fuzz-write-key"
+
+
+@pytest.fixture(scope="module")
+def operations(settings):
+    # API keys on, so schemathesis also checks that every protected route refuses no key.
+    proc, url = start_api(settings, API_KEYS=KEY)
+    yield _operations(url)
+    proc.terminate()
+    proc.wait(30)
+
+
+def _operations(url):
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    found = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        found[f"{operation.method.upper()} {operation.path}"] = operation
+    return found
+
+
+ROUTES = [
+    "POST /fit/{series_id}",
+    "POST /predict/{series_id}",
+    "POST /predict/{series_id}/batch",
+    "GET /models/{series_id}",
+    "GET /models",
+    "GET /healthcheck",
+    "GET /plot",
+    "GET /metrics",
+]
+
+
+def test_every_route_is_fuzzed(operations):
+    documented = {name for name in operations if name.split(" ", 1)[1] not in SKIPPED}
+    assert documented >= set(ROUTES)
+    assert not documented - set(ROUTES) - {"GET /anomalies"}, "fuzz the new routes too"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", [*ROUTES, "GET /anomalies"])
+def test_no_server_errors_and_responses_match_the_schema(operations, route):
+    if route not in operations:
+        pytest.skip(f"{route} is not served yet")
+    calls = []
+
+    @given(case=operations[route].as_strategy())
+    @settings(
+        max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
+    def fuzz(case):
+        calls.append(case)
+        # The schema cannot say "not constant" or "unique timestamps": such data is a documented
+        # 422, so the check that schema-valid data must be accepted does not apply.
+        case.call_and_validate(
+            headers={"X-API-Key": KEY}, excluded_checks=[positive_data_acceptance]
+        )
+
+    fuzz()
+    print(f"schemathesis: {route}: {len(calls)} examples")
+    assert len(calls) >= 1

@@ -1,0 +1,78 @@
+"""Starting the real service for tests: its environment and the API in its own process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from detector.settings import Settings
+from embedded.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def postgres_data_dir() -> Path:
+    """A fresh folder for a test PostgreSQL cluster, outside pytest's own temporary root.
+
+    Under root, PostgreSQL runs as ``nobody`` and must be able to walk down to its data; each
+    pytest session resets its temporary root to mode 0700, which would lock out a cluster of a
+    concurrently running session.
+    """
+    return Path(tempfile.mkdtemp(prefix="anomaly-test-pg-")) / "data"
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a service subprocess pointed at the test servers."""
+    return {
+        **os.environ,
+        "REDIS_HOST": settings.redis_host,
+        "REDIS_PORT": str(settings.redis_port),
+        "POSTGRES_HOST": settings.postgres_host,
+        "POSTGRES_PORT": str(settings.postgres_port),
+        "POSTGRES_DB": settings.postgres_db,
+        **extra,
+    }
+
+
+def wait_serving(
+    base_url: str, proc: subprocess.Popen[bytes], *, healthy: bool = True, timeout: float = 60
+) -> None:
+    """Wait until the API answers /healthcheck (with 200, unless ``healthy`` is False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API exited with code {proc.returncode}")
+        try:
+            status = httpx.get(f"{base_url}/healthcheck", timeout=10).status_code
+            if status == 200 or not healthy:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the API did not become healthy")
+
+
+def start_api(
+    settings: Settings, *, healthy: bool = True, **extra_env: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The API in its own process, pointed at the test servers (``extra_env`` overrides)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api", "--port", str(port), "--log-level", "warning"],
+        env=service_env(settings, **extra_env),
+        cwd=ROOT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_serving(base_url, proc, healthy=healthy)
+    except BaseException:
+        proc.kill()  # never leave a server behind when it fails to come up
+        proc.wait(30)
+        raise
+    return proc, base_url

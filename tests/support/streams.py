@@ -1,0 +1,82 @@
+"""Helpers shared by the stream tests: per-test stream names, running a worker in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+import redis
+from prometheus_client import CollectorRegistry
+
+from detector.metrics import WorkerMetrics
+from detector.settings import Settings
+from detector.store.connections import postgres_pool, redis_client
+from detector.transports.redis.worker import Worker
+from ingest.publisher import Publisher
+
+
+def stream_settings(settings: Settings, **overrides: Any) -> Settings:
+    """The session settings with streams of this test's own (tests never share a stream)."""
+    tag = uuid.uuid4().hex[:10]
+    values: dict[str, Any] = {
+        "stream_readings": f"readings-{tag}",
+        "stream_anomalies": f"anomalies-{tag}",
+        "stream_dead": f"readings-{tag}:dead",
+        "metrics_port": 0,
+        "stream_block_ms": 200,
+        **overrides,
+    }
+    return settings.model_copy(update=values)
+
+
+async def run_worker_async(
+    settings: Settings, *, consumer: str = "test-worker", burst: bool = True
+) -> tuple[Worker, WorkerMetrics]:
+    metrics = WorkerMetrics(CollectorRegistry())
+    client = redis_client(settings)
+    pool = postgres_pool(settings)
+    await pool.open()
+    try:
+        worker = Worker(settings, client, pool, metrics=metrics, consumer=consumer)
+        await worker.run(burst=burst)
+    finally:
+        await pool.close()
+        await client.aclose()
+    return worker, metrics
+
+
+def run_worker(settings: Settings, **kwargs: Any) -> tuple[Worker, WorkerMetrics]:
+    return asyncio.run(run_worker_async(settings, **kwargs))
+
+
+def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def fit(client: httpx.Client, series_id: str, values: list[float]) -> str:
+    """Fit over REST (as users do); returns the version name."""
+    answer = client.post(
+        f"/fit/{series_id}", json={"timestamps": list(range(len(values))), "values": values}
+    )
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["version"])
+
+
+def publish(
+    client: redis.Redis, stream: str, rows: list[tuple[str, int, float]], batch: int = 1000
+) -> list[str]:
+    """Publish (series, timestamp, value) rows; returns their entry ids in order."""
+    publisher = Publisher(client, stream=stream, batch_size=10**9)
+    ids: list[str] = []
+    for start in range(0, len(rows), batch):
+        for series_id, timestamp, value in rows[start : start + batch]:
+            publisher.publish(series_id, timestamp, value)
+        ids += publisher.flush()
+    return ids
+
+
+def events(client: redis.Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
+    return [(str(i), f) for i, f in client.xrange(stream)]  # type: ignore[union-attr]

@@ -1,0 +1,99 @@
+"""Property tests of the stream wire format: never a crash, and one verdict per entry."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from detector.wire.events import decode_event, event_fields
+from detector.wire.readings import (
+    DeadLetter,
+    Reading,
+    flat_fields,
+    parse_batch,
+    parse_reading,
+    reading_fields,
+)
+
+ids = st.text(alphabet="abcXYZ019_.:-", min_size=1, max_size=20).filter(
+    lambda s: s not in (".", "..")
+)
+junk = st.text(max_size=30)
+field_values = st.one_of(
+    junk,
+    st.integers(-5, 2**64).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["", " 1", "+1", "1.0", "1e3", "nan", "inf", "v1", "v0", "v2.1.0", "{a}"]),
+)
+entries = st.dictionaries(
+    st.sampled_from(["series_id", "timestamp", "value", "version", "extra", "reason"]),
+    field_values,
+    max_size=6,
+)
+
+
+@given(entries)
+def test_any_entry_is_a_reading_or_a_dead_letter_never_an_error(fields):
+    verdict = parse_reading("1-0", fields)
+    assert isinstance(verdict, Reading | DeadLetter)
+    if isinstance(verdict, Reading):
+        assert verdict.timestamp >= 0 and math.isfinite(verdict.value)
+    else:
+        dead = verdict.to_fields()
+        assert dead["source_id"] == "1-0" and dead["reason"] == verdict.reason
+
+
+@given(ids, st.integers(0, 2**62), st.floats(allow_nan=False, allow_infinity=False))
+def test_what_a_producer_writes_parses_back_exactly(series_id, timestamp, value):
+    reading = parse_reading("5-1", reading_fields(series_id, timestamp, value))
+    assert reading == Reading("5-1", series_id, timestamp, value, None)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            entries, st.builds(reading_fields, ids, st.integers(0, 10**12), st.floats(-1e9, 1e9))
+        ),
+        max_size=40,
+    )
+)
+def test_the_vectorised_batch_parser_agrees_with_the_scalar_one(batch):
+    raw = [(f"{i}-0", flat_fields(fields)) for i, fields in enumerate(batch)]
+    readings, dead = parse_batch(raw)
+    expected = [
+        parse_reading(entry_id, fields)
+        for entry_id, fields in zip([r[0] for r in raw], batch, strict=True)
+        if fields
+    ]
+    got = [readings.reading(i) for i in range(len(readings))] + list(dead)
+    key = lambda v: int(v.source_id.split("-")[0])  # noqa: E731
+    assert sorted(got, key=key) == sorted(expected, key=key)
+
+
+@given(
+    ids,
+    st.integers(0, 2**62),
+    st.floats(allow_nan=False, allow_infinity=False, width=64),
+    st.floats(-1e6, 1e6),
+    st.floats(1e-6, 1e6),
+)
+def test_events_round_trip_their_numbers(series_id, timestamp, value, mean, std):
+    reading = Reading("7-3", series_id, timestamp, value)
+    fields = event_fields(
+        reading,
+        version=3,
+        mean=mean,
+        std=std,
+        lower=mean - 3 * std,
+        upper=mean + 3 * std,
+        score=(value - mean) / std,
+        detected_at=1.5,
+        extra={"episode_id": "e1", "value": "ignored"},
+    )
+    event = decode_event(fields)
+    assert event["value"] == value and event["timestamp"] == timestamp
+    assert event["mean"] == mean and event["std"] == std
+    assert event["model_version"] == "v3.0.0" and event["source_id"] == "7-3"
+    assert event["episode_id"] == "e1"  # extra fields ride along, never overriding ours
