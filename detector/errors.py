@@ -47,6 +47,37 @@ class StoreUnavailableError(AnomalyError):
         self.dependency = dependency
 
 
+# Redis replies that mean "unavailable for now" rather than "this command is wrong": out of
+# memory, a replica or a loading server, a script running too long, a cluster in transition.
+_UNAVAILABLE_REPLIES = frozenset(
+    {
+        "OOM",
+        "READONLY",
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "NOREPLICAS",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "MISCONF",
+    }
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means a dependency is unavailable (wait and retry), as opposed to a
+    bug or a bad request: unreachable servers, the store's own StoreUnavailableError, and
+    Redis' "not now" replies."""
+    if isinstance(exc, (StoreUnavailableError, *REDIS_ERRORS, *POSTGRES_ERRORS)):
+        return True
+    if isinstance(exc, redis.exceptions.ResponseError):
+        text = str(exc)
+        # Errors raised inside a script come wrapped: "Error running script …: OOM …".
+        words = {text.split(" ", 1)[0]} | {w for w in text.split() if w.isupper()}
+        return bool(words & _UNAVAILABLE_REPLIES)
+    return False
+
+
 # Foreign errors that mean "the dependency cannot be reached": the store's boundary catches
 # these and raises StoreUnavailableError, so the rest of the service catches the tree above.
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)

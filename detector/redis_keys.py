@@ -37,6 +37,11 @@ def episode_key(series_id: str) -> str:
     return f"episode:{{{series_id}}}"
 
 
+def attempts_key(readings_stream: str) -> str:
+    """Per suspect entry id, how many times a worker took it in hand alone (a hash)."""
+    return f"{readings_stream}:attempts"
+
+
 def heartbeat_key(readings_stream: str, consumer: str) -> str:
     """A worker's liveness record (``detector.transports.redis.health``)."""
     return f"{readings_stream}:heartbeat:{consumer}"

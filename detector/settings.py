@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # The model.
     default_sigma: float = Field(default=3.0, gt=0)
     default_direction: Direction = "above"
+    # The kind a fit without a `kind` option makes (static: the seed's μ + kσ rule).
+    default_kind: Literal["static", "multiscale"] = "static"
     min_training_points: int = Field(default=3, ge=2)
     max_training_points: int = Field(default=5_000_000, ge=3)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

@@ -5,29 +5,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from detector.kinds.base import Direction
 from detector.kinds.moments import DecayingMoments, Moments
 from detector.kinds.multiscale import MultiscaleParams, MultiscaleState, group_alerts
+from detector.kinds.static import DIRECTION_CODES, flag
 from evaluation.nab import probationary_length
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
-Direction = Literal["above", "below", "both"]
 
 DAY = 86_400.0
 
 
 def _exceeds(z: float, k: float, direction: Direction) -> bool:
-    """The model's strict kσ rule on a z score (NaN, from σ = 0, never exceeds)."""
-    if direction == "above":
-        return z > k
-    if direction == "below":
-        return z < -k
-    return abs(z) > k
+    """The model's kσ rule (``detector.kinds.static.flag``) on a z score: in z units the
+    bounds are ±k (NaN, from σ = 0, never exceeds)."""
+    return bool(flag(z, -k, k, DIRECTION_CODES[direction]))
 
 
 def _z(value: float, mean: float, std: float) -> float:

@@ -36,12 +36,9 @@ from api.schemas import (
     body_schema,
 )
 from detector.errors import AnomalyError, InvalidInputError, TooLargeError
+from detector.fitting import fit_version
 from detector.identifiers import SERIES_ID_RULE, format_version, validate_series_id
-from detector.kinds.multiscale import MultiscaleState
-from detector.kinds.registry import MultiscaleModel
-from detector.kinds.static import StaticModel, fit_static
-from detector.kinds.training import FloatArray, TrainingData, as_timestamps, prepare_training_data
-from detector.settings import Settings
+from detector.kinds.training import MAX_TIMESTAMP, FloatArray, as_timestamps
 from detector.store.codec import ModelVersion
 
 router = APIRouter(tags=["models"])  # reads: predict, batch, models
@@ -59,29 +56,6 @@ def _json(payload: object, status_code: int = 200) -> Response:
     )
 
 
-def _fit_model(
-    request: ArrayBody, settings: Settings
-) -> tuple[TrainingData, StaticModel, dict[str, object]]:
-    """Validate and fit; for the multiscale kind also its initial streaming state (stored in
-    ``model_versions.params``), fitted on the same training data."""
-    data = prepare_training_data(
-        request.timestamps,
-        request.values,
-        min_points=settings.min_training_points,
-        max_points=settings.max_training_points,
-    )
-    model = fit_static(
-        data,
-        sigma=request.sigma if request.sigma is not None else settings.default_sigma,
-        direction=request.direction or settings.default_direction,
-    )
-    if request.kind == "multiscale":
-        state = MultiscaleState.fit(data.timestamps, data.values)
-        multiscale = MultiscaleModel(model.mean, model.std, model.sigma, model.direction)
-        return data, multiscale, {"state": state.to_dict()}
-    return data, model, {}
-
-
 @write_router.post(
     "/fit/{series_id}",
     response_model=FitResponse,
@@ -96,11 +70,20 @@ async def fit(
     metrics = services.metrics
     start = time.perf_counter()
     try:
-        data, model, params = await run_in_threadpool(_fit_model, body, services.settings)
-        stored = await services.store.save_fit(series_id, data, model, params)
+        stored = await fit_version(
+            services.store,
+            services.settings,
+            series_id,
+            body.timestamps,
+            body.values,
+            sigma=body.sigma,
+            direction=body.direction,
+            kind=body.kind,
+        )
     except AnomalyError as exc:
         metrics.train_requests.labels(classify(exc)[1]).inc()
         raise
+    model = stored.model
     elapsed = time.perf_counter() - start
     metrics.train_requests.labels("ok").inc()
     metrics.train_duration.observe(elapsed)
@@ -167,7 +150,7 @@ def _check_timestamp(timestamp: int | float | str) -> int:
             raise InvalidInputError("timestamp must be a non-negative integer (Unix seconds)")
         return int(timestamp)
     value = int(timestamp)
-    if value < 0 or value >= 2**63:
+    if value < 0 or value > MAX_TIMESTAMP:
         raise InvalidInputError("timestamp must be a non-negative integer (Unix seconds)")
     return value
 
@@ -222,8 +205,8 @@ def _batch_payload(found: ModelVersion, values: FloatArray) -> dict[str, object]
         "std": found.model.std,
         "sigma": found.model.sigma,
         "direction": found.model.direction,
-        "lower": scores.lower,
-        "upper": scores.upper,
+        "lower": found.model.lower,
+        "upper": found.model.upper,
         "anomalies": int(scores.anomaly.sum()),
         "anomaly": scores.anomaly,
         "score": scores.score,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
+from detector.kinds.base import FitOptions, Fitted, StreamVerdict, Verdicts
 from detector.kinds.moments import Moments
-
-FloatArray = npt.NDArray[np.float64]
+from detector.kinds.static import StaticModel, fit_static
+from detector.kinds.training import FloatArray, TrainingData
 
 # A score for "infinitely surprising" (a change on a flat baseline) that still fits in JSON.
 MAX_SCORE = 1e9
@@ -20,6 +21,8 @@ MAX_SCORE = 1e9
 PSEUDO_COUNT = 0.5
 # Fast-histogram shares below this are rounding leftovers of decay, not readings.
 MIN_SHARE = 1e-12
+# The tests a reading can fail, in the order of MultiscaleState.observe's statistics.
+TESTS = ("point", "shift", "divergence")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +181,26 @@ class MultiscaleState:
     def update(self, timestamp: float, value: float) -> tuple[float, bool]:
         """(score, alert): alert is True for an anomalous reading more than the quiet period
         after the previous alert (one alert per excursion, from its onset)."""
-        score = self.score(self.observe(timestamp, value))
+        score, alert, _ = self.judge(timestamp, value)
+        return score, alert
+
+    def judge(self, timestamp: float, value: float) -> tuple[float, bool, str]:
+        """``update`` that also names the test that fired ("" when none did)."""
+        components = self.observe(timestamp, value)
+        score = self.score(components)
+        test = ""
+        if score > 1.0:
+            p = self.params
+            ratios = (
+                components[0] / p.k_point,
+                components[1] / p.k_shift,
+                components[2] / p.k_divergence,
+            )
+            test = TESTS[ratios.index(max(ratios))]
         alert = score > 1.0 and timestamp - self.last_alert > self.quiet_seconds
         if alert:
             self.last_alert = float(timestamp)
-        return score, alert
+        return score, alert, test
 
     @property
     def quiet_seconds(self) -> float:
@@ -264,3 +282,61 @@ def group_alerts(
         if t - last > quiet:
             out[i], last = True, t
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class MultiscaleModel(StaticModel):
+    """A multiscale version's stateless rule: the training data's μ, σ and the fit's k and
+    direction, which ``POST /predict``, the batch endpoint, ``/plot`` and readings pinned to
+    this version use, since a single call has no stream context. Its streaming state starts
+    from the fitted ``MultiscaleState`` kept in the version's params."""
+
+    kind: ClassVar[str] = "multiscale"
+
+
+class MultiscaleKind:
+    """Point, short-window shift and histogram-change tests over decaying baselines, with its
+    own alert grouping (one alert per excursion, ``quiet_readings`` apart)."""
+
+    name: ClassVar[str] = "multiscale"
+    stateful: ClassVar[bool] = True
+
+    def fit(self, data: TrainingData, options: FitOptions) -> Fitted:
+        rule = fit_static(data, sigma=options.sigma, direction=options.direction)
+        state = MultiscaleState.fit(data.timestamps, data.values)
+        model = MultiscaleModel(rule.mean, rule.std, rule.sigma, rule.direction)
+        return Fitted(model, {"state": state.to_dict()})
+
+    def score(self, model: StaticModel, values: Any) -> Verdicts:
+        return model.score(values)
+
+    def initial_state(self, params: dict[str, Any]) -> MultiscaleState:
+        return MultiscaleState.from_dict(params["state"])
+
+    def fold(self, state: MultiscaleState, timestamp: float, value: float) -> StreamVerdict:
+        """Judge the reading against the baseline as it stood before it, then learn it."""
+        slow = state.slow
+        score, alert, test = state.judge(timestamp, value)
+        mean, std = slow.mean, slow.std
+        k = state.params.k_point
+        return StreamVerdict(
+            anomaly=score > 1.0,
+            alert=alert,
+            expected=mean,
+            std=std,
+            lower=mean - k * std,
+            upper=mean + k * std,
+            score=signed_z(value, mean, std),
+            severity=score,
+            test=test,
+        )
+
+    def merge(self, a: MultiscaleState, b: MultiscaleState) -> MultiscaleState:
+        return a.merge(b)
+
+
+def signed_z(value: float, mean: float, std: float) -> float:
+    """The contract's signed z against a baseline, finite (±MAX_SCORE on a flat one)."""
+    if std > 0.0 and math.isfinite(std):
+        return max(-MAX_SCORE, min(MAX_SCORE, (value - mean) / std))
+    return 0.0 if value == mean else math.copysign(MAX_SCORE, value - mean)

@@ -1,32 +1,41 @@
-"""The registry of detector kinds: a stored model's ``kind`` names its class."""
+"""The registry of detector kinds: a stored model's ``kind`` names its plugin."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Final, Literal
 
-from detector.kinds.static import StaticModel
+from detector.errors import InvalidInputError
+from detector.kinds.base import DetectorKind, StatefulKind
+from detector.kinds.multiscale import MultiscaleKind, MultiscaleModel
+from detector.kinds.static import StaticKind, StaticModel
 
-
-@dataclass(frozen=True, slots=True)
-class MultiscaleModel(StaticModel):
-    """The ``multiscale`` kind (``detector.kinds.multiscale``): its streaming state lives per series
-    in Redis (``detector.state.multiscale``) and its initial state in PostgreSQL
-    (``model_versions.params``). The fields here are the training data's μ, σ and the fit's k
-    and direction: the stateless rule that ``POST /predict``, the batch endpoint, ``/plot`` and
-    readings pinned to this version use, since a single call has no stream context."""
-
-    kind: ClassVar[str] = "multiscale"
-
-
-MODEL_KINDS: dict[str, type[StaticModel]] = {"static": StaticModel, "multiscale": MultiscaleModel}
+KINDS: Final[dict[str, DetectorKind]] = {"static": StaticKind(), "multiscale": MultiscaleKind()}
+MODEL_CLASSES: Final[dict[str, type[StaticModel]]] = {
+    "static": StaticModel,
+    "multiscale": MultiscaleModel,
+}
 ModelKind = Literal["static", "multiscale"]
+
+
+def get_kind(name: str) -> DetectorKind:
+    """The plugin of a kind, or InvalidInputError (a 422) naming the known ones."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise InvalidInputError(
+            f"unknown detector kind {name!r}: one of {', '.join(KINDS)}"
+        ) from None
+
+
+def stateful_kind(name: str) -> StatefulKind | None:
+    """The plugin of a kind that keeps per-series stream state, else None."""
+    kind = KINDS.get(name)
+    return kind if kind is not None and kind.stateful else None  # type: ignore[return-value]
 
 
 def model_from_dict(data: dict[str, Any]) -> StaticModel:
     """Rebuild a model from its stored form (JSON in Redis, a row in PostgreSQL)."""
-    kind = data.get("kind", "static")
-    cls = MODEL_KINDS[kind]
+    cls = MODEL_CLASSES[data.get("kind", "static")]
     return cls(
         mean=float(data["mean"]),
         std=float(data["std"]),

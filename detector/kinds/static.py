@@ -1,37 +1,65 @@
 """The ``static`` kind: the seed's rule, μ and σ of the training values, flag beyond μ ± kσ.
 
-Pure numpy, no I/O. The rule is written once (``flag``) for scalars and arrays; REST predict,
-batch predict, ``/plot``, both stream transports and the offline evaluation call it.
+Pure numpy, no I/O. The rule is written once (``flag``), for one value or for a whole batch
+with one row of bounds per reading; every front end scores through it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Final
 
 import numpy as np
-import numpy.typing as npt
 
 from detector.errors import InvalidTrainingDataError
+from detector.kinds.base import DIRECTIONS, Direction, FitOptions, Fitted, Verdicts
 from detector.kinds.training import FloatArray, TrainingData
 
-Direction = Literal["above", "below", "both"]
-DIRECTIONS: tuple[str, ...] = get_args(Direction)
+# Direction codes, for batches whose readings belong to models of different directions.
+ABOVE: Final = 0
+BELOW: Final = 1
+BOTH: Final = 2
+DIRECTION_CODES: Final = {"above": ABOVE, "below": BELOW, "both": BOTH}
+# Largest k a fit takes: beyond it a series could never raise an anomaly.
+MAX_SIGMA: Final = 100.0
 
 
-@dataclass(frozen=True, slots=True)
-class Scores:
-    """Per-point outcome of scoring values against one model."""
+def flag(values: Any, lower: Any, upper: Any, direction: Any) -> Any:
+    """The rule itself: strict inequalities against μ − kσ and μ + kσ.
 
-    anomaly: npt.NDArray[np.bool_]
-    score: FloatArray  # signed z: (value − μ) / σ
-    lower: float  # μ − kσ, whatever the direction
-    upper: float  # μ + kσ, whatever the direction
+    Scalars or arrays that broadcast (a batch of readings with one row of bounds and one
+    direction code each); ``direction`` is a code (``DIRECTION_CODES``).
+    """
+    above = values > upper
+    below = values < lower
+    if np.ndim(direction) == 0:
+        if direction == ABOVE:
+            return above
+        return below if direction == BELOW else above | below
+    return np.where(direction == ABOVE, above, np.where(direction == BELOW, below, above | below))
+
+
+def judge(
+    values: FloatArray, mean: Any, std: Any, lower: Any, upper: Any, direction: Any
+) -> Verdicts:
+    """``flag`` with its explanation, for a batch (parameters scalar or one per reading)."""
+    values = np.asarray(values, dtype=np.float64)
+    anomaly = np.asarray(flag(values, lower, upper, direction), dtype=bool)
+    shape = values.shape
+    return Verdicts(
+        anomaly=anomaly,
+        expected=np.broadcast_to(np.asarray(mean, dtype=np.float64), shape),
+        lower=np.broadcast_to(np.asarray(lower, dtype=np.float64), shape),
+        upper=np.broadcast_to(np.asarray(upper, dtype=np.float64), shape),
+        score=(values - mean) / std,
+        test=("threshold",),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class StaticModel:
-    """The seed's model: anomalous iff the value crosses μ + kσ (or μ − kσ, or either)."""
+    """A version's stateless rule: anomalous iff the value crosses μ + kσ (or μ − kσ, or
+    either). Every kind keeps one (for a stateful kind, its training data's μ and σ)."""
 
     kind: ClassVar[str] = "static"
     mean: float
@@ -47,33 +75,20 @@ class StaticModel:
     def upper(self) -> float:
         return self.mean + self.sigma * self.std
 
-    def is_anomaly(self, value: float) -> bool:
-        """Score one value; the same rule as ``score`` without array overhead."""
-        return bool(flag(value, self.mean, self.std, self.sigma, self.direction))
+    @property
+    def direction_code(self) -> int:
+        return DIRECTION_CODES[self.direction]
 
-    def score(self, values: FloatArray) -> Scores:
+    def is_anomaly(self, value: float) -> bool:
+        """Score one value (``flag`` on plain floats: no array overhead)."""
+        return bool(flag(value, self.lower, self.upper, self.direction_code))
+
+    def score(self, values: FloatArray) -> Verdicts:
         """Score many values at once (vectorised)."""
-        values = np.asarray(values, dtype=np.float64)
-        return Scores(
-            anomaly=np.asarray(flag(values, self.mean, self.std, self.sigma, self.direction)),
-            score=(values - self.mean) / self.std,
-            lower=self.lower,
-            upper=self.upper,
-        )
+        return judge(values, self.mean, self.std, self.lower, self.upper, self.direction_code)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
-
-
-def flag(values: Any, mean: float, std: float, sigma: float, direction: str) -> Any:
-    """The rule itself, written once for scalars and arrays: strict inequalities."""
-    upper, lower = mean + sigma * std, mean - sigma * std
-    if direction == "above":
-        return values > upper
-    if direction == "below":
-        return values < lower
-    # |value − μ| > kσ, written against the same rounded bounds that events report
-    return (values > upper) | (values < lower)
 
 
 def fit_static(
@@ -84,8 +99,10 @@ def fit_static(
     numpy's mean uses pairwise summation and ``std`` subtracts the mean before squaring, so
     values like 1e9 + small noise keep their σ.
     """
-    if not (sigma > 0 and np.isfinite(sigma)):
-        raise InvalidTrainingDataError("sigma must be a finite number greater than 0")
+    if not (0 < sigma <= MAX_SIGMA and np.isfinite(sigma)):
+        raise InvalidTrainingDataError(
+            f"sigma must be a number greater than 0 and at most {MAX_SIGMA:g}"
+        )
     if direction not in DIRECTIONS:
         raise InvalidTrainingDataError(f"direction must be one of {', '.join(DIRECTIONS)}")
     with np.errstate(over="ignore", invalid="ignore"):
@@ -108,3 +125,14 @@ def fit_static(
     return StaticModel(mean=mean, std=std, sigma=float(sigma), direction=direction)
 
 
+class StaticKind:
+    """The seed's kind: fitted once, never updated; stream and REST give the same answer."""
+
+    name: ClassVar[str] = "static"
+    stateful: ClassVar[bool] = False
+
+    def fit(self, data: TrainingData, options: FitOptions) -> Fitted:
+        return Fitted(fit_static(data, sigma=options.sigma, direction=options.direction), {})
+
+    def score(self, model: StaticModel, values: FloatArray) -> Verdicts:
+        return model.score(values)

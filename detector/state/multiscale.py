@@ -30,9 +30,8 @@ state. Readings that pin a version are scored by that version's stateless rule i
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,13 +39,15 @@ import orjson
 from redis.asyncio import Redis
 
 from detector.errors import ModelNotFoundError
-from detector.kinds.multiscale import MAX_SCORE, MultiscaleState
+from detector.kinds.multiscale import MultiscaleKind, MultiscaleState
 from detector.redis_keys import state_key
 from detector.store.models import ModelStore
 from detector.wire.events import event_fields
 from detector.wire.readings import Reading
 
 log = logging.getLogger(__name__)
+
+MULTISCALE = MultiscaleKind()
 
 # Writes every state whose seq is unchanged. KEYS: the states; ARGV: per key the seq read
 # ("0" when absent) and the new JSON. Returns the 1-based indexes of the keys left unwritten.
@@ -119,7 +120,14 @@ class SeriesState:
 
 
 def entry_order(source_id: str) -> tuple[int, int]:
-    """A `readings` entry id as (ms, seq); ids of another form sort first."""
+    """A source id's place in its series' delivery order: a `readings` entry id as (ms, seq),
+    a Kafka record (``topic/partition/offset``; a series keeps to one partition) as
+    (offset, 0); ids of another form sort first."""
+    if "/" in source_id:
+        try:
+            return int(source_id.rsplit("/", 1)[1]), 0
+        except ValueError:
+            return -1, -1
     ms, _, seq = source_id.partition("-")
     try:
         return int(ms), int(seq or 0)
@@ -127,18 +135,28 @@ def entry_order(source_id: str) -> tuple[int, int]:
         return -1, -1
 
 
+# Whether a source id has been committed for good (it can never be delivered again).
+Acknowledged = Callable[[str], bool]
+
+
+def below(watermark: tuple[int, int]) -> Acknowledged:
+    """Acknowledged for a Redis group: ids below its oldest pending entry."""
+    return lambda source_id: entry_order(source_id) < watermark
+
+
 def fold_series(
     current: SeriesState,
     readings: Sequence[StreamReading],
     *,
-    watermark: tuple[int, int] | None,
+    acknowledged: Acknowledged | None,
     detected_at: float,
 ) -> tuple[SeriesState, dict[str, dict[str, str]], int]:
-    """Fold one series' readings (in timestamp order) into a copy of its state.
+    """Fold one series' readings (in timestamp order) into a copy of its state, through the
+    kind's ``fold`` (``detector.kinds.multiscale.MultiscaleKind``).
 
     Returns the new state, the anomaly events (source id → fields) and how many alerts were
-    raised for the first time. ``watermark`` is the group's oldest pending entry id (None:
-    unknown): ids below it were acknowledged, so they are skipped and forgotten.
+    raised for the first time. ``acknowledged`` (None: unknown) tells which source ids were
+    committed for good: they are skipped and forgotten.
     """
     new = SeriesState(
         current.version,
@@ -154,48 +172,49 @@ def fold_series(
     opened = 0
     state = new.state
     k_point = state.params.k_point
+    kind = MULTISCALE
     for r in sorted(readings, key=lambda r: (r.timestamp, entry_order(r.source_id))):
         if r.source_id in folded:  # redelivered: emit its event again, do not fold again
             again = outcomes.get(r.source_id)
             if again is not None:
                 events[r.source_id] = _event(r, new.version, again, k_point, detected_at)
             continue
-        if watermark is not None and entry_order(r.source_id) < watermark:
+        if acknowledged is not None and acknowledged(r.source_id):
             continue  # already acknowledged: another consumer committed (and folded) it
-        slow = state.slow  # the baseline the reading is judged against (before folding it)
-        score, alert = state.update(r.timestamp, r.value)
+        verdict = kind.fold(state, r.timestamp, r.value)
         new.count += 1
         new.ids.append(r.source_id)
         folded.add(r.source_id)
-        if score > 1.0:
-            if alert:
+        if verdict.anomaly:
+            if verdict.alert:
                 new.episode_id = r.source_id
                 opened += 1
             episode = new.episode_id or r.source_id
-            mean, std = slow.mean, slow.std
-            outcome = [r.source_id, mean, std, _z(r.value, mean, std), score, int(alert), episode]
+            outcome = [
+                r.source_id,
+                verdict.expected,
+                verdict.std,
+                verdict.score,
+                verdict.severity,
+                int(verdict.alert),
+                episode,
+                verdict.test,
+            ]
             new.recent.append(outcome)
             outcomes[r.source_id] = outcome
             events[r.source_id] = _event(r, new.version, outcome, k_point, detected_at)
-    if watermark is not None:
-        new.ids = [i for i in new.ids if entry_order(i) >= watermark]
-        new.recent = [o for o in new.recent if entry_order(o[0]) >= watermark]
+    if acknowledged is not None:
+        new.ids = [i for i in new.ids if not acknowledged(i)]
+        new.recent = [o for o in new.recent if not acknowledged(o[0])]
     new.ids = new.ids[-MAX_TRACKED:]
     new.recent = new.recent[-MAX_TRACKED:]
     return new, events, opened
 
 
-def _z(value: float, mean: float, std: float) -> float:
-    """The contract's signed z against the slow baseline, finite (±MAX_SCORE on a flat one)."""
-    if std > 0.0 and math.isfinite(std):
-        return max(-MAX_SCORE, min(MAX_SCORE, (value - mean) / std))
-    return 0.0 if value == mean else math.copysign(MAX_SCORE, value - mean)
-
-
 def _event(
     r: StreamReading, version: int, outcome: list[Any], k_point: float, detected_at: float
 ) -> dict[str, str]:
-    _, mean, std, z, score, onset, episode = outcome
+    _, mean, std, z, score, onset, episode, *test = outcome
     return event_fields(
         Reading(r.source_id, r.series_id, r.timestamp, r.value),
         version=version,
@@ -209,6 +228,7 @@ def _event(
             "episode_id": str(episode),
             "onset": "1" if onset else "0",
             "kind": "multiscale",
+            "test": test[0] if test else "",
             "detector_score": repr(float(score)),
         },
     )
@@ -236,9 +256,16 @@ class MultiscaleStreams:
         self.conflicts = 0  # series folded again because another worker wrote first
 
     async def fold(
-        self, readings: Sequence[StreamReading], *, detected_at: float
+        self,
+        readings: Sequence[StreamReading],
+        *,
+        detected_at: float,
+        acknowledged: Acknowledged | None = None,
     ) -> tuple[dict[str, dict[str, str]], int]:
-        """Events (source id → fields) of the anomalous readings, and alerts raised."""
+        """Events (source id → fields) of the anomalous readings, and alerts raised.
+
+        ``acknowledged`` is the transport's word on which source ids are committed for good;
+        without one, a Redis consumer group's oldest pending entry decides (when named)."""
         by_series: dict[str, list[StreamReading]] = defaultdict(list)
         for r in readings:
             by_series[r.series_id].append(r)
@@ -252,11 +279,11 @@ class MultiscaleStreams:
                 if self.readings_stream and self.group:
                     pipe.xpending(self.readings_stream, self.group)
                 replies = await pipe.execute()
-            watermark = None
+            done = acknowledged
             if self.readings_stream and self.group:
                 summary = replies.pop()
                 if summary and summary.get("pending") and summary.get("min"):
-                    watermark = entry_order(str(summary["min"]))
+                    done = below(entry_order(str(summary["min"])))
             results = []
             args: list[str] = []
             written: list[str] = []
@@ -266,7 +293,7 @@ class MultiscaleStreams:
                 if current is None:
                     continue
                 new, found, n = fold_series(
-                    current, group, watermark=watermark, detected_at=detected_at
+                    current, group, acknowledged=done, detected_at=detected_at
                 )
                 results.append((found, n))
                 written.append(series_id)
@@ -298,7 +325,7 @@ class MultiscaleStreams:
                 return stored
         try:
             params = await self.store.params(series_id, version)
-            initial = MultiscaleState.from_dict(params["state"])
+            initial = MULTISCALE.initial_state(params)
         except (ModelNotFoundError, KeyError):
             log.warning("no initial multiscale state for %s v%d: skipped", series_id, version)
             return None

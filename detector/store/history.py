@@ -10,6 +10,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from detector.identifiers import format_version, parse_version
+from detector.kinds.training import MAX_TIMESTAMP
 
 # One statement for the whole batch (arrays unnested server-side): one round trip, atomic
 # without a transaction block, however many anomalies the batch holds.
@@ -147,4 +148,4 @@ async def query_episodes(
 
 def _time_range(since: int | None, until: int | None) -> tuple[int, int]:
     """Inclusive timestamp bounds of a history query; an open end is unbounded."""
-    return (0 if since is None else since, 2**62 if until is None else until)
+    return (0 if since is None else since, MAX_TIMESTAMP if until is None else until)

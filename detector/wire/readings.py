@@ -24,6 +24,7 @@ DeadReason = Literal[
     "bad_version",
     "unknown_version",
     "too_many_deliveries",
+    "processing_failed",
 ]
 DEAD_REASONS: Final[tuple[str, ...]] = (
     "missing_field",
@@ -33,6 +34,7 @@ DEAD_REASONS: Final[tuple[str, ...]] = (
     "bad_version",
     "unknown_version",
     "too_many_deliveries",
+    "processing_failed",
 )
 
 READING_FIELDS: Final = ("series_id", "timestamp", "value")

@@ -196,8 +196,8 @@ def test_redelivery_does_not_fold_twice(
             )
             await worker.ops.ensure_group()
             entries = await worker.ops.read("w", ">", 1000)
-            prepared = await worker._prepare(entries, redelivered=False)
-            return prepared.events
+            outcome = await worker.pipeline.run(entries)
+            return list(outcome.events.values())
         finally:
             await pool.close()
             await client_.aclose()

@@ -70,8 +70,11 @@ def test_score_is_signed_z(values, probes):
     scores = model.score(np.array(probes))
     expected = [(p - model.mean) / model.std for p in probes]
     assert scores.score.tolist() == pytest.approx(expected)
-    assert scores.lower == model.mean - 3 * model.std
-    assert scores.upper == model.mean + 3 * model.std
+    # Every reading is explained by the bounds and expected value in force for it.
+    assert (scores.lower == model.mean - 3 * model.std).all()
+    assert (scores.upper == model.mean + 3 * model.std).all()
+    assert (scores.expected == model.mean).all()
+    assert scores.test == ("threshold",)
 
 
 @given(st.permutations(list(range(20))))

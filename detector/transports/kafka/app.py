@@ -6,8 +6,7 @@ import asyncio
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,16 +15,15 @@ import psycopg
 from faust.types import EventT
 from prometheus_client import start_http_server
 
-from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, StoreUnavailableError
+from detector.errors import POSTGRES_ERRORS, is_unavailable
 from detector.metrics import WorkerMetrics
-from detector.scoring import score_batch
+from detector.pipeline import Pipeline
 from detector.settings import Settings
+from detector.state.multiscale import Acknowledged, MultiscaleStreams
 from detector.store.connections import apply_schema, postgres_pool, redis_client
-from detector.store.history import record_anomalies
-from detector.store.latest import LatestVersions
 from detector.store.models import ModelStore
 from detector.wire.kafka import dead_value, event_value, fields_from_json, source_id
-from detector.wire.readings import DeadLetter, RawEntry, flat_fields, parse_batch
+from detector.wire.readings import DeadLetter, RawEntry, flat_fields
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +65,7 @@ def create_app(settings: Settings, metrics: WorkerMetrics) -> faust.App:
 
     @app.agent(readings, name="detect")
     async def detect(stream: faust.StreamT[bytes]) -> None:
-        scorer = KafkaScorer(s, metrics, anomalies, dead, positions)
+        scorer = KafkaScorer(s, metrics, anomalies, dead, positions, committed=_committed(app))
         await scorer.open()
         try:
             async for batch in cast(faust.Stream[bytes], stream).take_events(
@@ -93,6 +91,15 @@ def create_app(settings: Settings, metrics: WorkerMetrics) -> faust.App:
     return app
 
 
+def _committed(app: faust.App) -> Callable[[], Mapping[Any, int | None]]:
+    """The consumer's committed offsets per partition (faust keeps them as it commits)."""
+
+    def read() -> Mapping[Any, int | None]:
+        return dict(getattr(app.consumer, "_committed_offset", None) or {})
+
+    return read
+
+
 def _lag(app: faust.App, topic: str, positions: dict[tuple[str, int], int]) -> int:
     """Records of our partitions not yet processed: high-water mark minus our position."""
     lag = 0
@@ -109,9 +116,12 @@ def _lag(app: faust.App, topic: str, positions: dict[tuple[str, int], int]) -> i
 
 
 class KafkaScorer:
-    """Scores one batch of records with the shared scorer, then produces and awaits its
-    events and dead letters; only then does the agent ask for the next batch, which is when
-    faust acknowledges this one (offsets are committed from acknowledged records only)."""
+    """Runs the shared pipeline (``detector.pipeline``) over one batch of records, then
+    produces and awaits its events and dead letters; only then does the agent ask for the
+    next batch, which is when faust acknowledges this one (offsets are committed from
+    acknowledged records only). Stateful kinds and episodes keep their state in Redis, as on
+    the Redis transport: it is keyed by series and source id, so it is correct whichever
+    worker a rebalance hands a partition to, and a redelivered record is recognised."""
 
     def __init__(
         self,
@@ -120,17 +130,25 @@ class KafkaScorer:
         anomalies: faust.TopicT,
         dead: faust.TopicT,
         positions: dict[tuple[str, int], int],
+        committed: Callable[[], Mapping[Any, int | None]] | None = None,
     ) -> None:
         self.settings = settings
         # Next offset to process per (topic, partition), read by the lag gauge's timer.
         self.positions = positions
+        self.committed = committed
         self.metrics = metrics
         self.anomalies = anomalies
         self.dead = dead
         self.redis = redis_client(settings)
         self.pool = postgres_pool(settings)
-        self.store = ModelStore(self.redis, self.pool, cache_size=settings.model_cache_size)
-        self.latest = LatestVersions(self.store, settings.model_refresh_seconds)
+        store = ModelStore(self.redis, self.pool, cache_size=settings.model_cache_size)
+        self.pipeline = Pipeline(
+            settings,
+            store,
+            source=f"kafka:{anomalies.get_topic_name()}",
+            metrics=metrics,
+            streams=MultiscaleStreams(self.redis, store),
+        )
         self.processed = 0
 
     async def open(self) -> None:
@@ -151,20 +169,18 @@ class KafkaScorer:
             try:
                 await self.process(batch)
                 return
-            except (*REDIS_ERRORS, *POSTGRES_ERRORS, psycopg.Error, StoreUnavailableError) as exc:
+            except Exception as exc:
+                if not is_unavailable(exc) and not isinstance(exc, psycopg.Error):
+                    log.critical("cannot process a batch; exiting uncommitted", exc_info=True)
+                    logging.shutdown()
+                    os._exit(_EXIT_ON_BUG)
                 log.warning("store unavailable (%s); retrying in %.1f s", exc, backoff)
-            except Exception:
-                log.critical("cannot process a batch; exiting uncommitted", exc_info=True)
-                logging.shutdown()
-                os._exit(_EXIT_ON_BUG)
             await asyncio.sleep(backoff)
             backoff = min(_MAX_BACKOFF, backoff * 2)
 
     async def process(self, batch: Sequence[EventT[bytes]]) -> None:
-        started = time.perf_counter()
         dead: list[DeadLetter] = []
         entries: list[RawEntry] = []
-        raw: dict[str, dict[str, str]] = {}
         for event in batch:
             message = event.message
             sid = source_id(message.topic, message.partition, message.offset)
@@ -174,22 +190,13 @@ class KafkaScorer:
             elif not fields:  # `{}`: parse_batch would take it for a deleted Redis entry
                 dead.append(DeadLetter(sid, "missing_field", "value has no fields", {}))
             else:
-                raw[sid] = fields
                 entries.append((sid, flat_fields(fields)))
-        # The Redis worker's own validation and scoring, column-wise over the batch.
-        readings, invalid = parse_batch(entries)
-        dead += invalid
-        scored = await score_batch(readings, self.store, self.latest)
-        dead += [DeadLetter(i, "unknown_version", why, raw[i]) for i, why in scored.unknown]
-        events = list(scored.events.values())
-        if events and self.settings.stream_record_postgres:
-            # Idempotent on (source, source_id): a redelivered record is not stored twice.
-            await record_anomalies(self.pool, f"kafka:{self.anomalies.get_topic_name()}", events)
+        outcome = await self.pipeline.run(entries, dead=dead, acknowledged=self._acknowledged())
         sent = [
             await self.anomalies.send(
                 key=found["series_id"].encode(), value=event_value(found), force=True
             )
-            for found in events
+            for found in outcome.events.values()
         ]
         sent += [
             await self.dead.send(
@@ -197,15 +204,32 @@ class KafkaScorer:
                 value=dead_value(letter.to_fields()),
                 force=True,
             )
-            for letter in dead
+            for letter in outcome.dead
         ]
         await asyncio.gather(*sent)  # every record acknowledged by the broker
         for event in batch:
             message = event.message
             self.positions[(message.topic, message.partition)] = message.offset + 1
         self.processed += len(batch)
-        scored_count = len(readings) - scored.no_model - len(scored.unknown)
-        m, label = self.metrics, self.metrics.transport
-        m.count_batch(scored_count, scored.no_model, [d.reason for d in dead], len(events))
-        m.batch_duration.labels(label).observe(time.perf_counter() - started)
-        m.last_batch.labels(label).set(time.time())
+        self.pipeline.count(outcome, len(outcome.events))
+
+    def _acknowledged(self) -> Acknowledged | None:
+        """Records below their partition's committed offset are never delivered again."""
+        if self.committed is None:
+            return None
+        committed = {
+            (getattr(tp, "topic", None), getattr(tp, "partition", None)): offset
+            for tp, offset in self.committed().items()
+            if offset is not None
+        }
+
+        def done(source: str) -> bool:
+            topic, _, rest = source.rpartition("/")
+            topic, _, partition = topic.rpartition("/")
+            try:
+                offset = committed.get((topic, int(partition)))
+                return offset is not None and int(rest) < offset
+            except ValueError:
+                return False
+
+        return done

@@ -11,6 +11,7 @@ import orjson
 import redis.exceptions
 from redis.asyncio import Redis
 
+from detector.redis_keys import attempts_key
 from detector.wire.readings import RawEntry
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ return -1
 """
 
 _LAG_COUNT_CAP = 50_000
+# A suspect's attempt count outlives any redelivery cycle, then goes (bounded memory).
+_ATTEMPTS_TTL_SECONDS = 86_400
 # Lua's unpack() has a stack limit; a dead letter keeps at most this many original fields.
 MAX_DEAD_FIELDS = 200
 
@@ -134,6 +137,7 @@ class StreamOps:
         self.redis = client
         self.readings, self.anomalies, self.dead, self.group = readings, anomalies, dead, group
         self.anomalies_maxlen, self.dead_maxlen = anomalies_maxlen, dead_maxlen
+        self.attempts = attempts_key(readings)
         self._commit = client.register_script(_COMMIT)
         # The same connections, but XREADGROUP replies are left as Redis sent them (flat field
         # lists): redis-py's own parsing builds a dict per entry, the worker's largest cost.
@@ -210,6 +214,17 @@ class StreamOps:
             self.readings, self.group, ordered[0], ordered[-1], len(ordered) * 2 + 10, consumer
         )
         return {str(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+    async def count_attempt(self, entry_id: str) -> int:
+        """Count one more attempt at processing ``entry_id`` alone; returns the count."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.attempts, entry_id, 1)
+            pipe.expire(self.attempts, _ATTEMPTS_TTL_SECONDS)
+            count, _ = await pipe.execute()
+        return int(count)
+
+    async def forget_attempt(self, entry_id: str) -> None:
+        await self.redis.hdel(self.attempts, entry_id)
 
     async def pending_count(self) -> int:
         summary: dict[str, Any] = await self.redis.xpending(self.readings, self.group)

@@ -7,46 +7,34 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import orjson
-import psycopg
 import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, StoreUnavailableError
+from detector.errors import REDIS_ERRORS, StoreUnavailableError, is_unavailable
 from detector.metrics import WorkerMetrics
+from detector.pipeline import Outcome, Pipeline
 from detector.redis_keys import heartbeat_key
-from detector.scoring import score_batch
 from detector.settings import Settings
-from detector.state.episodes import EpisodeTracker
 from detector.state.multiscale import MultiscaleStreams
-from detector.store.history import record_anomalies
-from detector.store.latest import LatestVersions
 from detector.store.models import ModelStore
 from detector.transports.redis.consumer_group import Output, StreamOps, is_nogroup
-from detector.wire.readings import DeadLetter, RawEntry, as_fields, flat_fields, parse_batch
+from detector.wire.readings import DeadLetter, RawEntry, as_fields, flat_fields
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How many times a suspect entry may be in hand alone without finishing (see _process_suspect).
+SUSPECT_ATTEMPTS = 2
 
 _MAX_BACKOFF = 5.0
 # In burst mode, how long to wait for other consumers' pending entries before looking again.
 _BURST_POLL = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    """A scored batch, ready to record and commit."""
-
-    ids: list[str]
-    outputs: list[Output]
-    events: list[dict[str, str]]
-    scored: int
-    no_model: int
-    dead: list[DeadLetter]
-    started: float
 
 
 def default_consumer_name() -> str:
@@ -80,23 +68,22 @@ class Worker:
         self.metrics = metrics
         self.consumer = consumer or settings.stream_consumer or default_consumer_name()
         self.store = store or ModelStore(redis_client, pool, cache_size=settings.model_cache_size)
-        self.latest = LatestVersions(self.store, settings.model_refresh_seconds)
-        # Per-series state of the multiscale kind (compare-and-set in Redis, see the module).
-        self.streams = MultiscaleStreams(
-            redis_client,
+        self.pipeline = Pipeline(
+            settings,
             self.store,
-            readings_stream=settings.stream_readings,
-            group=settings.stream_group,
-        )
-        self.episodes = (
-            EpisodeTracker(
+            source=settings.stream_readings,
+            metrics=metrics,
+            # Per-series state of stateful kinds (compare-and-set in Redis, see the module);
+            # the group's oldest pending entry bounds its redelivery bookkeeping.
+            streams=MultiscaleStreams(
                 redis_client,
-                quiet_seconds=settings.episode_quiet_seconds,
-                history=settings.episode_history,
-            )
-            if settings.episodes
-            else None
+                self.store,
+                readings_stream=settings.stream_readings,
+                group=settings.stream_group,
+            ),
+            stopping=lambda: self._stopping,
         )
+        self.streams = self.pipeline.streams
         self.ops = StreamOps(
             redis_client,
             readings=settings.stream_readings,
@@ -154,7 +141,9 @@ class Worker:
                 await self._ensure_group()
                 self._recovering, self._pending_cursor = True, "0"
                 continue
-            except (*REDIS_ERRORS, StoreUnavailableError) as exc:
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
                 await self._drop_inflight()
                 log.warning("store unavailable (%s); retrying in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
@@ -287,84 +276,87 @@ class Worker:
         return entries
 
     async def _process(self, entries: Sequence[RawEntry], *, redelivered: bool) -> None:
-        """Prepare, record and commit one batch."""
-        await self._complete(await self._prepare(entries, redelivered=redelivered))
+        """Run the pipeline over one batch and commit it.
 
-    async def _prepare(self, entries: Sequence[RawEntry], *, redelivered: bool) -> _Prepared:
-        """Validate the batch column-wise (poison → dead letter) and score it in one go."""
-        started = time.perf_counter()
-        dead: list[DeadLetter] = []
-        entries_left: Sequence[RawEntry] = entries
+        Entries delivered more than ``stream_max_deliveries`` times are suspects: the rest of
+        the batch goes on as usual and each suspect is then processed alone
+        (``_process_suspect``). Only a reading that itself fails is ever dead-lettered for its
+        deliveries: a dependency outage is waited out with the batch in hand (no redelivery),
+        and a worker killed while a suspect was not in hand alone costs it nothing.
+        """
+        suspects: set[str] = set()
         if redelivered:
             counts = await self.ops.delivery_counts(self.consumer, [e[0] for e in entries])
             limit = self.settings.stream_max_deliveries
-            too_many = {entry_id for entry_id, n in counts.items() if n > limit}
-            if too_many:
-                why = f"delivered more than {limit} times"
-                dead += [
-                    DeadLetter(i, "too_many_deliveries", why, as_fields(f))
-                    for i, f in entries
-                    if i in too_many and f
-                ]
-                entries_left = [e for e in entries if e[0] not in too_many]
-        batch, invalid = parse_batch(entries_left)
-        dead += invalid
-        scored = await score_batch(batch, self.store, self.latest, self.streams)
-        if scored.opened:  # the multiscale kind's own alerts (their events carry episodes)
-            self.metrics.episodes_opened.labels(self.settings.stream_readings).inc(scored.opened)
-        if self.episodes is not None and scored.events:
-            # Counted here, once: a redelivered opener is recognised by the script.
-            opened = await self.episodes.assign(scored.events)
-            self.metrics.episodes_opened.labels(self.settings.stream_readings).inc(opened)
-        if scored.unknown:
-            raw = dict(entries)
-            dead += [
-                DeadLetter(i, "unknown_version", why, as_fields(raw[i]))
-                for i, why in scored.unknown
-            ]
-        outputs = {i: Output(i, "a", event) for i, event in scored.events.items()}
-        for letter in dead:
-            outputs[letter.source_id] = Output(letter.source_id, "d", letter.to_fields())
-        ids = [entry_id for entry_id, _ in entries]
-        return _Prepared(
-            ids=ids,
-            outputs=[outputs[i] for i in ids if i in outputs] if outputs else [],
-            events=list(scored.events.values()),
-            scored=len(batch) - scored.no_model - len(scored.unknown),
-            no_model=scored.no_model,
-            dead=dead,
-            started=started,
-        )
+            suspects = {entry_id for entry_id, n in counts.items() if n > limit}
+        batch = [e for e in entries if e[0] not in suspects] if suspects else entries
+        if batch:
+            try:
+                outcome = await self._in_place(lambda: self.pipeline.run(batch))
+            except Exception as exc:
+                if not _is_reading_failure(exc):
+                    raise
+                log.exception("a batch failed; processing its %d entries one by one", len(batch))
+                suspects |= {entry_id for entry_id, _ in batch}
+            else:
+                await self._commit(outcome)
+        for entry in entries:
+            if entry[0] in suspects:
+                await self._process_suspect(entry)
 
-    async def _complete(self, prepared: _Prepared) -> None:
-        """Record the batch's anomalies in PostgreSQL, then write its events and dead letters
-        and acknowledge it in one atomic script."""
-        if prepared.events and self.settings.stream_record_postgres:
-            await self._record(prepared.events)
-        committed, emitted = await self.ops.commit(prepared.ids, prepared.outputs)
-        self._count(prepared.scored, prepared.no_model, prepared.dead, emitted)
-        self.processed += committed
-        m, label = self.metrics, self._label
-        m.batch_duration.labels(label).observe(time.perf_counter() - prepared.started)
-        m.last_batch.labels(label).set(time.time())
+    async def _process_suspect(self, entry: RawEntry) -> None:
+        """Process one entry alone. Its attempt is counted in Redis before it is tried, so
+        an entry that kills the worker outright (it never finishes) is dead-lettered once it
+        has been in hand alone ``SUSPECT_ATTEMPTS`` times; one that raises is dead-lettered
+        at once with the error."""
+        entry_id, flat = entry
+        attempts = await self._in_place(lambda: self.ops.count_attempt(entry_id))
+        letter: DeadLetter | None = None
+        if attempts > SUSPECT_ATTEMPTS:
+            limit = self.settings.stream_max_deliveries
+            why = (
+                f"delivered more than {limit} times; processing it alone did not finish "
+                f"{SUSPECT_ATTEMPTS} times"
+            )
+            letter = DeadLetter(entry_id, "too_many_deliveries", why, as_fields(flat))
+        else:
+            try:
+                outcome = await self._in_place(lambda: self.pipeline.run([entry]))
+            except Exception as exc:
+                if not _is_reading_failure(exc):
+                    raise
+                log.exception("entry %s failed on its own: dead-lettered", entry_id)
+                why = f"{type(exc).__name__}: {exc}"[:500]
+                letter = DeadLetter(entry_id, "processing_failed", why, as_fields(flat))
+        if letter is not None:
+            outcome = Outcome([entry_id], {}, [letter], 0, 0, time.perf_counter())
+        await self._commit(outcome)
+        await self._in_place(lambda: self.ops.forget_attempt(entry_id))
 
-    async def _record(self, events: list[dict[str, str]]) -> None:
-        """Write anomalies to PostgreSQL, retrying in place while it is down: the batch stays
-        unacknowledged meanwhile, and a redelivery would spend the entries' delivery budget."""
-        backoff = 0.2
+    async def _in_place(self, step: Callable[[], Awaitable[T]]) -> T:
+        """Run ``step``, retrying while a dependency is unavailable (the batch stays in hand,
+        pending and undelivered again); on stop, give up and leave the batch pending."""
+        backoff = 0.1
         while True:
             try:
-                await record_anomalies(self.pool, self.settings.stream_readings, events)
-                return
-            except (*POSTGRES_ERRORS, psycopg.Error) as exc:
-                if self._stopping:
-                    raise StoreUnavailableError("postgres", str(exc)) from exc
-                log.warning("PostgreSQL unavailable (%s); retrying in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(_MAX_BACKOFF, backoff * 2)
+                return await step()
+            except Exception as exc:
+                if not is_unavailable(exc) or self._stopping:
+                    raise
+                log.warning("dependency unavailable (%s); retrying in %.1f s", exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(_MAX_BACKOFF, backoff * 2)
 
-    def _count(self, scored: int, no_model: int, dead: list[DeadLetter], emitted: int) -> None:
-        self.metrics.count_batch(scored, no_model, [letter.reason for letter in dead], emitted)
+    async def _commit(self, outcome: Outcome) -> None:
+        """Write the batch's events and dead letters and acknowledge it in one atomic script
+        (an ambiguous reply retried is harmless: entries no longer pending are skipped)."""
+        outputs = {i: Output(i, "a", event) for i, event in outcome.events.items()}
+        for letter in outcome.dead:
+            outputs[letter.source_id] = Output(letter.source_id, "d", letter.to_fields())
+        ordered = [outputs[i] for i in outcome.ids if i in outputs] if outputs else []
+        committed, emitted = await self._in_place(lambda: self.ops.commit(outcome.ids, ordered))
+        self.pipeline.count(outcome, emitted)
+        self.processed += committed
 
     async def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -384,3 +376,11 @@ class Worker:
         await self.ops.trim_readings()
         self.metrics.consumer_lag.labels(self._label).set(await self.ops.lag())
         self.metrics.pending_entries.labels(self._label).set(await self.ops.pending_count())
+
+
+def _is_reading_failure(exc: BaseException) -> bool:
+    """An error that processing a reading raised by itself, not an unavailable dependency or
+    a stream that changed under the worker (those are handled by the consume loop)."""
+    return isinstance(exc, Exception) and not (
+        is_unavailable(exc) or isinstance(exc, redis.exceptions.ResponseError)
+    )
