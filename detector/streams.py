@@ -34,7 +34,7 @@ DEAD_REASONS: Final[tuple[str, ...]] = (
 )
 
 READING_FIELDS: Final = ("series_id", "timestamp", "value")
-# Every field of an anomaly event, in the order they are written (DESIGN "Stream contract").
+# Every field of an anomaly event, in the order they are written (docs/stream-contract.md).
 EVENT_FIELDS: Final = (
     "series_id",
     "timestamp",

@@ -1,4 +1,4 @@
-"""The REST contract of DESIGN.md, against the real service (uvicorn, Redis, PostgreSQL)."""
+"""The REST contract of docs/api.md, against the real service (uvicorn, Redis, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -267,7 +267,7 @@ def test_models_of_a_series_oldest_first(client, series_id):
         "points_used",
         "created_at",
         "mlflow_run_id",
-        "kind",  # beside DESIGN's keys: which detector kind the version is
+        "kind",  # beside the contract's keys: which detector kind the version is
     }
     assert client.get("/models/nope-never").status_code == 404
 
