@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install run test lint typecheck clean bench
+.PHONY: help install run test docs lint typecheck clean bench
 
 help: ## Show the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -25,8 +25,14 @@ install: $(STAMP) ## Create .venv and install the project with its dev and embed
 run: $(STAMP) ## Start Redis, PostgreSQL, the API (port 8000) and a detector worker
 	$(BIN)/python -m embedded.run
 
-test: $(STAMP) ## Run the whole test suite against real Redis and PostgreSQL
+DOCS_SITE := build/site
+
+test: $(STAMP) ## Build the docs (strict: a broken link fails), then run the whole test suite
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(DOCS_SITE)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+docs: $(STAMP) ## Build the documentation site into build/site (mkdocs --strict)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(DOCS_SITE)
 
 bench: $(STAMP) ## Run the benchmarks (ratios against same-run baselines)
 	$(BIN)/python -m bench

@@ -1,7 +1,7 @@
 """Prometheus metrics of the stream workers (both transports), on a registry passed in.
 
 No label takes a value per series: cardinality stays bounded however many series exist.
-The API runs one process per container (see README), so no multiprocess mode is needed.
+The API runs one process per container (docs/operations.md), so no multiprocess mode is needed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Service settings, read from environment variables (names as in the seed README)."""
+"""Service settings, read from environment variables (names listed in docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ Direction = Literal["above", "below", "both"]
 class Settings(BaseSettings):
     """Every knob of the service.
 
-    The fields are flat rather than nested groups because the seed README fixes the environment
-    names (``REDIS_HOST``, ``POSTGRES_PORT`` …) and operators already set those; the groups show
-    in the names' prefixes instead.
+    The fields are flat rather than nested groups because the environment names
+    (``REDIS_HOST``, ``POSTGRES_PORT`` …) are a documented interface that operators already
+    set; the groups show in the names' prefixes instead.
     """
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_batch_points: int = Field(default=1_000_000, ge=1)
     model_cache_size: int = Field(default=200_000, ge=0)
-    # Cache latest pointers in the API process, invalidated by Redis tracking (see README).
+    # Cache latest pointers in the API process, invalidated by Redis key tracking
+    # (docs/architecture.md).
     latest_pointer_tracking: bool = True
 
     # The API process.
@@ -65,7 +66,7 @@ class Settings(BaseSettings):
     api_keys: str = ""
     api_read_keys: str = ""
 
-    # The streams (docs: stream contract). In Redis Cluster give the three streams one hash
+    # The streams (docs/stream-contract.md). In Redis Cluster give the three streams one hash
     # tag, e.g. ``readings:{a}``, ``anomalies:{a}``, ``readings:dead:{a}``: the worker writes
     # events and acknowledges readings in one script, which needs its keys in one slot.
     stream_readings: str = "readings"
@@ -87,7 +88,7 @@ class Settings(BaseSettings):
     stream_readings_maxlen: int = Field(default=10_000_000, ge=1)
     stream_trim_interval_ms: int = Field(default=2000, ge=1)
     stream_record_postgres: bool = True
-    # Episodes (README "Episodes"): anomalies of a series closer than this in event time form
+    # Episodes (docs/stream-contract.md): anomalies of a series closer than this in event time form
     # one episode; events gain `episode_id` and `onset`. State: one small Redis hash a series.
     episodes: bool = True
     episode_quiet_seconds: int = Field(default=3600, ge=0)

@@ -244,7 +244,7 @@ def detector_kind(
         "refit-daily": (RefitBaseline, every),
         "refit-daily-episodes": (RefitBaseline, once_a_day),
         # Measured on NAB: learning every reading (no outlier gate) and re-alerting at most
-        # once per quiet period beat the gated, extending variants (see the README section).
+        # once per quiet period beat the gated, extending variants (docs/detection-quality.md).
         "adaptive": (lambda: AdaptiveBaseline(half_life=half_life), once_a_day),
     }
     if name == "multiscale":
@@ -295,13 +295,14 @@ class KindDefaults:
 
 
 # The seed's k = 3 "above" for the seed-like kinds; the adaptive kind's values are the
-# corpus-wide choice described in the README's "Detection quality" section.
+# corpus-wide choice described in docs/detection-quality.md.
 KIND_DEFAULTS: dict[str, KindDefaults] = {
     "static": KindDefaults(),
     "static-episodes": KindDefaults(),
     "refit-daily": KindDefaults(),
     "refit-daily-episodes": KindDefaults(),
     "adaptive": KindDefaults(k=4.0, direction="both", quiet_days=0.5, half_life_days=7.0),
-    # Its own parameters live in MultiscaleParams (time scales in readings, see the README).
+    # Its own parameters live in MultiscaleParams (time scales in readings; see
+    # docs/detection-quality.md).
     "multiscale": KindDefaults(k=1.0, direction="both"),
 }

@@ -21,6 +21,9 @@ from ingest.kafka import KafkaPublisher, KafkaSubscriber
 from ingest.publisher import InvalidReadingError, Publisher, checked_fields
 from ingest.subscriber import Subscriber
 
+# Readings a series is fitted on by `generate --fit`.
+FIT_POINTS = 500
+
 
 class Progress:
     """A one-line progress report on stderr, refreshed at most once a second."""
@@ -157,11 +160,13 @@ def generate(args: argparse.Namespace, client: redis.Redis, settings: Settings) 
     """Synthetic readings: values ~ N(100, 10); an anomaly is 5-10 σ above the mean."""
     rng = random.Random(args.seed)
     series = [f"{args.prefix}-{i}" for i in range(args.series)]
+    # Each series gets one reading a second from `start`; its model is fitted on the
+    # FIT_POINTS seconds just before, so plots and history show one continuous series.
+    start = int(time.time())
     if args.fit:
         for series_id in series:
-            _fit(args.fit, series_id, rng)
+            _fit(args.fit, series_id, rng, end=start)
         print(f"fitted {len(series)} series through {args.fit}", file=sys.stderr)
-    start = int(time.time())
     progress = Progress("generated")
     started = time.monotonic()
     with _publisher(args, client, settings) as publisher:
@@ -181,9 +186,11 @@ def generate(args: argparse.Namespace, client: redis.Redis, settings: Settings) 
     return 0
 
 
-def _fit(base_url: str, series_id: str, rng: random.Random) -> None:
-    values = [100.0 + rng.gauss(0, 1) * 10.0 for _ in range(500)]
-    body = json.dumps({"timestamps": list(range(500)), "values": values}).encode()
+def _fit(base_url: str, series_id: str, rng: random.Random, *, end: int) -> None:
+    """Fit ``series_id`` on FIT_POINTS generated readings, one a second, ending before ``end``."""
+    values = [100.0 + rng.gauss(0, 1) * 10.0 for _ in range(FIT_POINTS)]
+    timestamps = list(range(end - FIT_POINTS, end))
+    body = json.dumps({"timestamps": timestamps, "values": values}).encode()
     if not base_url.startswith(("http://", "https://")):
         raise SystemExit("--fit takes the API's http:// or https:// URL")
     request = urllib.request.Request(  # noqa: S310 (scheme checked above)

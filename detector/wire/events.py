@@ -10,7 +10,7 @@ from detector.identifiers import format_version
 if TYPE_CHECKING:
     from detector.wire.readings import Reading
 
-# Every field of an anomaly event, in the order they are written (docs: stream contract).
+# Every field of an anomaly event, in the order they are written (docs/stream-contract.md).
 EVENT_FIELDS: Final = (
     "series_id",
     "timestamp",

@@ -1,4 +1,4 @@
-"""The REST contract (docs/api.md), against the real service (uvicorn, Redis, PostgreSQL)."""
+"""The REST contract of docs/api.md, against the real service (uvicorn, Redis, PostgreSQL)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Accounting: every reading is published with a known fate (anomalous, normal, a s
 without a model, or poison), so each is accounted for by its entry id: anomalous → exactly one
 event with that `source_id`; poison → exactly one dead letter; the rest → acknowledged (the
 group has delivered every entry and nothing is pending). The numbers measured are printed
-(`pytest -s`) and quoted in the README's "Guarantees".
+(`pytest -s`) and quoted in docs/operations.md ("Tested failure behaviour").
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -117,6 +118,32 @@ def test_generate_publishes_the_requested_readings(settings, redis_client):
     entries = [f for _, f in events(redis_client, s.stream_readings)]
     assert len(entries) == 300
     assert {f["series_id"] for f in entries} == {"gen-test-0", "gen-test-1", "gen-test-2"}
+
+
+def test_generate_fit_trains_on_the_window_just_before_the_stream(
+    settings, api_url, redis_client, pg
+):
+    s = stream_settings(settings)
+    prefix = f"gen-fit-{uuid.uuid4().hex[:8]}"
+    done = ingest(
+        settings, "--stream", s.stream_readings, "generate", "--count", "40", "--series", "2",
+        "--prefix", prefix, "--seed", "1", "--fit", api_url,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    streamed = [int(f["timestamp"]) for _, f in events(redis_client, s.stream_readings)]
+    for series_id in (f"{prefix}-0", f"{prefix}-1"):
+        fitted = [
+            ts
+            for (ts,) in pg.execute(
+                "SELECT p.ts FROM training_points p JOIN model_versions m ON m.id = p.model_id"
+                " WHERE m.series_id = %s ORDER BY p.ts",
+                (series_id,),
+            )
+        ]
+        # the same 1 s cadence as the stream, ending one step before its first reading
+        assert len(fitted) == 500
+        assert fitted == list(range(fitted[0], fitted[0] + 500))
+        assert fitted[-1] == min(streamed) - 1
 
 
 def test_publisher_refuses_bad_readings_before_sending(settings, redis_client, series_id):

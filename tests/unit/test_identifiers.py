@@ -1,4 +1,4 @@
-"""Series ids and versions: the rules of the REST and stream contracts."""
+"""Series ids and versions: the rules of docs/api.md."""
 
 from __future__ import annotations
 

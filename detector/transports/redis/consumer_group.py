@@ -73,7 +73,7 @@ return redis.call('XLEN', KEYS[1]) - delivered
 """
 
 # Only a consumer with nothing pending may be deleted: its pending entries would become
-# unclaimable (a known Redis pitfall).
+# unclaimable (Redis never hands them to another consumer).
 _DELETE_IDLE_CONSUMER = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
     return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
