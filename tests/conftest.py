@@ -81,3 +81,15 @@ def redis_client(settings: Settings) -> Iterator[redis.Redis]:
 def pg(settings: Settings) -> Iterator[psycopg.Connection]:
     with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """A Kafka-protocol broker (tansu, in-memory storage) for the session: ``host:port``."""
+    from tests.support.kafka import start_tansu
+
+    port = free_port()
+    proc = start_tansu(port)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)

@@ -55,12 +55,15 @@ def fields_from_json(raw: bytes | None) -> dict[str, str] | None:
 def reading_value(fields: Mapping[str, str]) -> bytes:
     """A `readings` record value from entry fields (timestamp and value as JSON numbers)."""
     item: dict[str, Any] = dict(fields)
-    if fields["timestamp"].isdigit():
-        item["timestamp"] = int(fields["timestamp"])
-    try:
-        item["value"] = float(fields["value"])
-    except ValueError:
-        pass  # unchecked text stays text: the worker dead-letters it
+    timestamp, value = fields.get("timestamp"), fields.get("value")
+    if timestamp is not None and timestamp.isdigit():
+        item["timestamp"] = int(timestamp)
+    if value is not None:
+        try:
+            item["value"] = float(value)
+        except ValueError:
+            pass  # unchecked text stays text (and a missing field stays missing): the
+            # worker dead-letters it
     return orjson.dumps(item)
 
 

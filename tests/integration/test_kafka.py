@@ -6,13 +6,11 @@ import json
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 
 from detector.wire.events import EVENT_FIELDS
 from detector.wire.kafka import source_id
-from embedded.servers import free_port
 from ingest.kafka import KafkaPublisher
 from tests.integration.test_worker import fit_series, make_readings
 from tests.support.kafka import (
@@ -22,22 +20,11 @@ from tests.support.kafka import (
     group_caught_up,
     read_topic,
     send_raw,
-    start_tansu,
     wait_for,
 )
 from tests.support.services import ROOT, service_env
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
-    """A tansu broker (in-memory storage) for the session: ``host:port``."""
-    port = free_port()
-    proc = start_tansu(port)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture

@@ -1,0 +1,187 @@
+"""The two stream transports behind one test interface, so contract tests run on both.
+
+Each adapter publishes readings, runs the worker as users run it (its own process), waits
+until every reading is committed, and reads the events and dead letters back as text fields.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis
+
+from detector.settings import Settings
+from detector.wire.readings import reading_fields
+from ingest.kafka import KafkaPublisher
+from tests.support.kafka import KafkaNames, KafkaWorker, create_topics, group_caught_up, read_topic
+from tests.support.services import ROOT, service_env
+from tests.support.streams import publish, stream_settings
+
+Row = tuple[str, int, float]
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 90) -> Any:
+    """Poll until ``check()`` is truthy (a deadline against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+class Transport(Protocol):
+    name: str
+
+    def publish(self, rows: list[Row]) -> None: ...
+
+    def publish_fields(self, fields: dict[str, str]) -> None: ...
+
+    def start_worker(self) -> None: ...
+
+    def kill_worker(self) -> None: ...
+
+    def stop_worker(self) -> None: ...
+
+    def drained(self) -> bool: ...
+
+    def events(self) -> list[dict[str, str]]: ...
+
+    def dead(self) -> list[dict[str, str]]: ...
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+
+
+class RedisTransport:
+    """`readings` → `python -m detector` → `anomalies`, `readings:dead`."""
+
+    name = "redis"
+
+    def __init__(self, settings: Settings, **env: str) -> None:
+        self.settings = stream_settings(settings, stream_batch_count=500)
+        self.client = redis.Redis.from_url(settings.redis_connection_url(), decode_responses=True)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
+
+    def publish(self, rows: list[Row]) -> None:
+        publish(self.client, self.settings.stream_readings, rows)
+
+    def publish_fields(self, fields: dict[str, str]) -> None:
+        self.client.xadd(self.settings.stream_readings, fields)  # type: ignore[arg-type]
+
+    def start_worker(self) -> None:
+        s = self.settings
+        env = service_env(
+            s,
+            STREAM_READINGS=s.stream_readings,
+            STREAM_ANOMALIES=s.stream_anomalies,
+            STREAM_DEAD=s.stream_dead,
+            STREAM_BATCH_COUNT=str(s.stream_batch_count),
+            STREAM_BLOCK_MS="200",
+            STREAM_CLAIM_IDLE_MS="1000",
+            METRICS_PORT="0",
+            **self.env,
+        )
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "detector", "--log-level", "warning"],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=log,
+            )
+
+    def kill_worker(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop_worker(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.client.close()
+
+    def drained(self) -> bool:
+        s = self.settings
+        try:
+            groups = self.client.xinfo_groups(s.stream_readings)
+        except redis.ResponseError:
+            return False
+        group = next((g for g in groups if g["name"] == s.stream_group), None)
+        if group is None or group["pending"]:
+            return False
+        last = self.client.xrevrange(s.stream_readings, count=1)
+        return not last or group["last-delivered-id"] == last[0][0]
+
+    def events(self) -> list[dict[str, str]]:
+        return [f for _, f in self.client.xrange(self.settings.stream_anomalies)]
+
+    def dead(self) -> list[dict[str, str]]:
+        return [f for _, f in self.client.xrange(self.settings.stream_dead)]
+
+
+class KafkaTransport:
+    """Topic `readings` → the faust agent → topics `anomalies`, `readings.dead`."""
+
+    name = "kafka"
+
+    def __init__(self, settings: Settings, bootstrap: str, **env: str) -> None:
+        self.settings, self.bootstrap, self.env = settings, bootstrap, env
+        self.names = KafkaNames.fresh()
+        create_topics(bootstrap, self.names)
+        self.worker: KafkaWorker | None = None
+
+    def publish(self, rows: list[Row]) -> None:
+        with KafkaPublisher(f"kafka://{self.bootstrap}", topic=self.names.readings) as publisher:
+            for series_id, timestamp, value in rows:
+                publisher.publish(series_id, timestamp, value)
+
+    def publish_fields(self, fields: dict[str, str]) -> None:
+        with KafkaPublisher(f"kafka://{self.bootstrap}", topic=self.names.readings) as publisher:
+            publisher.publish_fields(fields)
+
+    def start_worker(self) -> None:
+        self.worker = KafkaWorker(self.settings, self.bootstrap, self.names, **self.env)
+
+    def kill_worker(self) -> None:
+        assert self.worker is not None
+        self.worker.kill()
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+    def drained(self) -> bool:
+        return group_caught_up(self.bootstrap, self.names.app_id, self.names.readings)
+
+    def events(self) -> list[dict[str, str]]:
+        return [
+            {k: _text(v) for k, v in value.items()}
+            for _, _, _, value in read_topic(self.bootstrap, self.names.anomalies)
+        ]
+
+    def dead(self) -> list[dict[str, str]]:
+        return [
+            {k: _text(v) for k, v in value.items()}
+            for _, _, _, value in read_topic(self.bootstrap, self.names.dead)
+        ]
+
+
+def readings_fields(series_id: str, timestamp: int, value: float) -> dict[str, str]:
+    return reading_fields(series_id, timestamp, value)
