@@ -18,7 +18,6 @@ from typing import Any, Protocol
 import redis
 
 from detector.settings import Settings
-from detector.wire.readings import reading_fields
 from ingest.kafka import KafkaPublisher
 from tests.support.kafka import KafkaNames, KafkaWorker, create_topics, group_caught_up, read_topic
 from tests.support.services import ROOT, service_env
@@ -59,7 +58,10 @@ class Transport(Protocol):
 
 
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+    """A Kafka value's field as the Redis transport writes it (floats round-trip exactly)."""
+    if isinstance(value, str):
+        return value
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 class RedisTransport:
@@ -182,6 +184,3 @@ class KafkaTransport:
             for _, _, _, value in read_topic(self.bootstrap, self.names.dead)
         ]
 
-
-def readings_fields(series_id: str, timestamp: int, value: float) -> dict[str, str]:
-    return reading_fields(series_id, timestamp, value)
