@@ -41,6 +41,7 @@ from redis.asyncio import Redis
 from detector.errors import ModelNotFoundError
 from detector.kinds.multiscale import MultiscaleKind, MultiscaleState
 from detector.redis_keys import state_key
+from detector.scripts import lua
 from detector.store.models import ModelStore
 from detector.wire.events import event_fields
 from detector.wire.readings import Reading
@@ -49,20 +50,6 @@ log = logging.getLogger(__name__)
 
 MULTISCALE = MultiscaleKind()
 
-# Writes every state whose seq is unchanged. KEYS: the states; ARGV: per key the seq read
-# ("0" when absent) and the new JSON. Returns the 1-based indexes of the keys left unwritten.
-_COMPARE_AND_SET = """
-local conflicts = {}
-for i, key in ipairs(KEYS) do
-    local seq = redis.call('HGET', key, 'seq') or '0'
-    if seq == ARGV[2 * i - 1] then
-        redis.call('HSET', key, 'seq', tostring(tonumber(seq) + 1), 'data', ARGV[2 * i])
-    else
-        conflicts[#conflicts + 1] = i
-    end
-end
-return conflicts
-"""
 
 # A conflict means another worker wrote the series meanwhile; each retry makes progress for
 # somebody, so running out means something is badly wrong.
@@ -252,7 +239,7 @@ class MultiscaleStreams:
         self.redis = client
         self.store = store
         self.readings_stream, self.group = readings_stream, group
-        self._cas = client.register_script(_COMPARE_AND_SET)
+        self._cas = client.register_script(lua("compare_and_set_states"))
         self.conflicts = 0  # series folded again because another worker wrote first
 
     async def fold(
