@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
+import socket
+import sys
+from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from detector.errors import POSTGRES_ERRORS
+from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
 from detector.store.connections import apply_schema, postgres_pool, redis_client
+from detector.transports.redis.health import read_health
 from detector.transports.redis.worker import Worker
 
 log = logging.getLogger("detector")
@@ -44,17 +49,45 @@ async def serve(settings: Settings, *, burst: bool, consumer: str | None) -> Non
         await redis.aclose()
 
 
+async def check(settings: Settings, consumer: str | None) -> int:
+    """Print the live workers as JSON lines; 0 if ``consumer`` (else any worker of this host)
+    has a live heartbeat, 1 if not, 2 if Redis cannot be asked."""
+    redis = redis_client(settings)
+    try:
+        live = await read_health(redis, settings.stream_readings)
+    except REDIS_ERRORS as exc:
+        print(json.dumps({"error": f"Redis unavailable: {exc}"}))
+        return 2
+    finally:
+        await redis.aclose()
+    for h in live:
+        print(json.dumps({**asdict(h), "age_seconds": round(h.age, 3)}))
+    host = socket.gethostname() + "-"
+    ours = [
+        h for h in live if (h.consumer == consumer if consumer else h.consumer.startswith(host))
+    ]
+    return 0 if ours else 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--burst", action="store_true", help="exit once the stream is drained (nothing pending)"
     )
     parser.add_argument("--consumer", help="consumer name in the group (default: host-pid)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="print the live workers and exit 0 if this one (--consumer, else any worker of "
+        "this host) has a fresh heartbeat, else 1",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
     args = parser.parse_args()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.check:
+        sys.exit(asyncio.run(check(Settings(), args.consumer)))
     asyncio.run(serve(Settings(), burst=args.burst, consumer=args.consumer))
 
 

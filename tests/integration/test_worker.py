@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import uuid
 
 import pytest
 
+from detector.redis_keys import heartbeat_key
 from detector.settings import Settings
 from detector.wire.events import EVENT_FIELDS
 from tests.support.services import ROOT, service_env
@@ -272,13 +274,25 @@ def test_sigterm_finishes_the_batch_then_exits(settings, client, redis_client):
         env=_subprocess_env(s),
         cwd=ROOT,
     )
-    heartbeat = f"{s.stream_readings}:heartbeat:polite"
+    heartbeat = heartbeat_key(s.stream_readings, "polite")
+
+    def check(consumer: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "detector", "--check", "--consumer", consumer]
+        env = _subprocess_env(s)
+        return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
     try:
         deadline = time.monotonic() + 60
         while not redis_client.exists(heartbeat):
             assert time.monotonic() < deadline and worker.poll() is None
             time.sleep(0.01)
         assert 0 < redis_client.ttl(heartbeat) <= s.worker_heartbeat_ttl_seconds
+        # The health record's reader: the live worker is found, a name nobody runs is not.
+        alive = check("polite")
+        assert alive.returncode == 0, alive.stdout + alive.stderr
+        record = json.loads(alive.stdout.splitlines()[0])
+        assert record["consumer"] == "polite" and record["pid"] == worker.pid
+        assert check("nobody").returncode == 1
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0
     finally:
@@ -286,6 +300,7 @@ def test_sigterm_finishes_the_batch_then_exits(settings, client, redis_client):
             worker.kill()
     assert redis_client.xpending(s.stream_readings, s.stream_group)["pending"] == 0
     assert not redis_client.exists(heartbeat)
+    assert check("polite").returncode == 1  # a stopped worker clears its record
 
 
 def test_the_group_is_recreated_when_it_vanishes(settings, client, redis_client):

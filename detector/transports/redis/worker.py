@@ -10,7 +10,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-import orjson
 import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
@@ -23,6 +22,7 @@ from detector.settings import Settings
 from detector.state.multiscale import MultiscaleStreams
 from detector.store.models import ModelStore
 from detector.transports.redis.consumer_group import Output, StreamOps, is_nogroup
+from detector.transports.redis.health import clear_health, record_health
 from detector.wire.readings import DeadLetter, RawEntry, as_fields, flat_fields
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Worker:
     async def _finish(self) -> None:
         try:
             await self._maintain(force=True)
-            await self.redis.delete(self.heartbeat_key)
+            await clear_health(self.redis, self.settings.stream_readings, self.consumer)
             await self.ops.delete_consumer_if_idle(self.consumer)
         except (*REDIS_ERRORS, redis.exceptions.ResponseError) as exc:
             log.warning("could not tidy up on exit: %s", exc)
@@ -364,8 +364,13 @@ class Worker:
             return
         ttl = self.settings.worker_heartbeat_ttl_seconds
         self._next_heartbeat = now + max(0.5, ttl / 3)
-        state = {"pid": os.getpid(), "at": time.time(), "processed": self.processed}
-        await self.redis.set(self.heartbeat_key, orjson.dumps(state).decode(), ex=ttl)
+        await record_health(
+            self.redis,
+            self.settings.stream_readings,
+            self.consumer,
+            ttl=ttl,
+            processed=self.processed,
+        )
 
     async def _maintain(self, *, force: bool = False) -> None:
         """Trim `readings` below what the groups still need, refresh the lag gauges."""
