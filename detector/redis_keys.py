@@ -45,3 +45,9 @@ def attempts_key(readings_stream: str) -> str:
 def heartbeat_key(readings_stream: str, consumer: str) -> str:
     """A worker's liveness record (``detector.transports.redis.health``)."""
     return f"{readings_stream}:heartbeat:{consumer}"
+
+
+def producer_key(readings_stream: str, producer_id: str) -> str:
+    """A publisher's last applied batch (``ingest.publisher``). It shares the stream's hash
+    tag: one script touches both, so in Redis Cluster the stream needs one (``readings:{a}``)."""
+    return f"{readings_stream}:producer:{producer_id}"

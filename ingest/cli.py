@@ -18,7 +18,12 @@ import redis
 
 from detector.settings import Settings
 from ingest.kafka import KafkaPublisher, KafkaSubscriber
-from ingest.publisher import InvalidReadingError, Publisher, checked_fields
+from ingest.publisher import (
+    InvalidReadingError,
+    Publisher,
+    UnconfirmedBatchError,
+    checked_fields,
+)
 from ingest.subscriber import Subscriber
 
 # Readings a series is fitted on by `generate --fit`.
@@ -280,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_publish_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=1000, help="XADDs per round trip")
+    parser.add_argument("--batch-size", type=int, default=1000, help="readings per round trip")
     parser.add_argument("--maxlen", type=int, default=None, help="MAXLEN ~ on the stream")
 
 
@@ -295,6 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"publish": publish, "generate": generate, "subscribe": subscribe}
     try:
         code = commands[args.command](args, client, settings)
+    except UnconfirmedBatchError as exc:
+        sys.exit(
+            f"lost Redis after {exc.confirmed} readings were confirmed; the next "
+            f"{exc.readings} may or may not have been added: {exc.__cause__}"
+        )
     except redis.exceptions.ConnectionError as exc:
         sys.exit(f"cannot reach Redis: {exc}")
     finally:

@@ -1,19 +1,59 @@
-"""Publish readings to the `readings` stream: validated, pipelined XADD batches, MAXLEN ~ trim."""
+"""Publish readings to the `readings` stream: validated batches, each added at most once."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from types import TracebackType
 from typing import Any
 
 import redis
 
+from detector.redis_keys import producer_key
 from detector.wire.events import number
 from detector.wire.readings import DeadLetter, parse_reading
 
 
 class InvalidReadingError(ValueError):
     """A reading the worker would dead-letter; raised before anything is sent."""
+
+
+class UnconfirmedBatchError(redis.exceptions.ConnectionError):
+    """Redis could not be reached to confirm a batch: it may or may not have been added.
+
+    The batch stays in hand: ``flush()`` sends it again (under the same number, so it is
+    added at most once) before anything published since.
+    """
+
+    def __init__(
+        self, producer_id: str, batch: int, readings: int, confirmed: int, cause: Exception
+    ) -> None:
+        super().__init__(
+            f"batch {batch} of producer {producer_id} ({readings} readings) is unconfirmed: "
+            f"it may or may not have been added ({cause}); {confirmed} readings before it are "
+            "confirmed; flush again to resend it safely"
+        )
+        self.producer_id, self.batch, self.readings = producer_id, batch, readings
+        self.confirmed = confirmed
+
+
+_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_FIRST_BACKOFF, _MAX_BACKOFF = 0.1, 2.0
+
+
+@cache
+def _publish_batch_source() -> str:
+    return resources.files("detector").joinpath("scripts/publish_batch.lua").read_text("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    number: int
+    readings: list[dict[str, str]]
 
 
 def checked_fields(
@@ -37,11 +77,23 @@ def checked_fields(
 
 
 class Publisher:
-    """Buffers readings and sends them in pipelined batches of ``batch_size`` XADDs.
+    """Buffers readings and adds them to the stream in batches of ``batch_size``.
+
+    Guarantee: every reading that ``publish`` accepted and a later ``flush`` (or the end of
+    the ``with`` block) confirmed is in the stream exactly once, in publishing order, even
+    when a connection is lost mid-batch and the batch is sent again. A publisher has a
+    producer id (a fresh uuid4 unless given; never share one between two publishers) and
+    numbers its batches 1, 2, 3 …; one Lua script adds a batch and records its number and
+    entry ids, atomically, and a batch whose number was already applied is not added again:
+    the script returns the ids it was given then. A lost connection is retried ``retries``
+    times with a doubling pause; after that ``UnconfirmedBatchError`` names the batch, which
+    stays in hand for the next ``flush``. The record lives ``dedup_ttl`` seconds (a resend
+    later than that adds the batch again) and is deleted when the ``with`` block ends
+    cleanly. Readings published with plain ``XADD`` by other clients carry no such
+    guarantee.
 
     Each XADD trims the stream with ``MAXLEN ~ maxlen``: a producer-side bound on memory. It
     must stay far above any backlog the workers may face, or unscored readings are dropped.
-    Use as a context manager (or call ``flush``) so the last partial batch is sent.
     """
 
     def __init__(
@@ -51,13 +103,27 @@ class Publisher:
         stream: str = "readings",
         maxlen: int = 10_000_000,
         batch_size: int = 1000,
+        producer_id: str | None = None,
+        retries: int = 5,
+        dedup_ttl: int = 86_400,
     ) -> None:
         self.client = client
         self.stream = stream
         self.maxlen = maxlen
         self.batch_size = batch_size
+        self.producer_id = producer_id or uuid.uuid4().hex
+        self.retries = retries
+        self.dedup_ttl = dedup_ttl
         self.sent = 0
+        self.resent = 0  # batches found already applied on a retry
         self._buffer: list[dict[str, str]] = []
+        self._in_flight: _Batch | None = None
+        self._last_batch = 0
+        self._script = client.register_script(_publish_batch_source())
+
+    @property
+    def key(self) -> str:
+        return producer_key(self.stream, self.producer_id)
 
     def publish(
         self, series_id: str, timestamp: int | str, value: float | str, version: str | None = None
@@ -82,16 +148,51 @@ class Publisher:
         return count
 
     def flush(self) -> list[str]:
-        """Send what is buffered in one round trip; returns the new entry ids."""
-        if not self._buffer:
-            return []
-        with self.client.pipeline(transaction=False) as pipe:
-            for fields in self._buffer:
-                pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-            ids = [str(i) for i in pipe.execute()]
-        self.sent += len(self._buffer)
-        self._buffer.clear()
+        """Send an unconfirmed batch left by an earlier failure, then what is buffered, one
+        round trip a batch; returns the entry ids of the readings confirmed now."""
+        ids: list[str] = []
+        if self._in_flight is not None:
+            ids += self._send(self._in_flight)
+        if self._buffer:
+            self._last_batch += 1
+            # Frozen from here on: a resend must carry exactly these readings.
+            self._in_flight = _Batch(self._last_batch, self._buffer)
+            self._buffer = []
+            ids += self._send(self._in_flight)
         return ids
+
+    def close(self) -> None:
+        """Send what is buffered, then drop the producer's record (no resend can follow)."""
+        self.flush()
+        if self._last_batch:
+            try:
+                self.client.delete(self.key)
+            except _CONNECTION_ERRORS:
+                pass  # its TTL removes it
+
+    def _send(self, batch: _Batch) -> list[str]:
+        args: list[str | int] = [batch.number, self.dedup_ttl, self.maxlen, len(batch.readings)]
+        for fields in batch.readings:
+            args.append(len(fields))
+            for name, value in fields.items():
+                args += (name, value)
+        pause = _FIRST_BACKOFF
+        for attempt in range(self.retries + 1):
+            try:
+                reply: list[Any] = self._script(keys=[self.stream, self.key], args=args)
+                break
+            except _CONNECTION_ERRORS as exc:
+                if attempt == self.retries:
+                    raise UnconfirmedBatchError(
+                        self.producer_id, batch.number, len(batch.readings), self.sent, exc
+                    ) from exc
+                time.sleep(pause)
+                pause = min(_MAX_BACKOFF, pause * 2)
+        self._in_flight = None
+        self.sent += len(batch.readings)
+        if not int(reply[0]):
+            self.resent += 1
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in reply[1:]]
 
     def __enter__(self) -> Publisher:
         return self
@@ -103,4 +204,4 @@ class Publisher:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is None:
-            self.flush()
+            self.close()

@@ -6,13 +6,18 @@ import json
 import subprocess
 import sys
 import uuid
+from importlib import resources
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from ingest.publisher import InvalidReadingError, Publisher
+from ingest.publisher import InvalidReadingError, Publisher, UnconfirmedBatchError
 from ingest.subscriber import Subscriber
 from tests.support.services import ROOT, service_env
 from tests.support.streams import events, fit, run_worker, stream_settings
+from tests.support.tcp_proxy import ReplyDroppingProxy
 
 
 def ingest(settings, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -174,3 +179,86 @@ def test_durable_subscriber_resumes_where_it_stopped(settings, redis_client):
     assert read(2) == [0, 1]
     assert read(None) == [2, 3, 4]
     assert read(None) == []
+
+
+def _readings(series_id: str, count: int) -> list[tuple[str, int, float]]:
+    return [(series_id, n, n * 0.25) for n in range(count)]
+
+
+def _as_rows(entries: list[dict[str, str]]) -> list[tuple[str, int, float]]:
+    return [(f["series_id"], int(f["timestamp"]), float(f["value"])) for f in entries]
+
+
+def test_a_batch_whose_reply_was_lost_is_not_added_twice_on_retry(
+    redis_server, redis_client, series_id
+):
+    s_stream = f"readings-{uuid.uuid4().hex[:10]}"
+    readings = _readings(series_id, 1000)
+    with ReplyDroppingProxy(redis_server.port, drop={2, 4}) as proxy:
+        # redis.Redis(host, port) retries a command 3 times after a connection error.
+        client = redis.Redis(port=proxy.port, decode_responses=True)
+        try:
+            with Publisher(client, stream=s_stream, batch_size=200) as pub:
+                for row in readings:
+                    pub.publish(*row)
+        finally:
+            client.close()
+        assert proxy.dropped == 2
+    assert pub.sent == 1000
+    assert _as_rows([f for _, f in events(redis_client, s_stream)]) == readings
+
+
+def test_ingest_cli_survives_lost_replies_without_duplicates(settings, redis_server, redis_client):
+    s = stream_settings(settings)
+    with ReplyDroppingProxy(redis_server.port, drop={1, 3}) as proxy:
+        done = ingest(
+            settings, "--redis-url", f"redis://127.0.0.1:{proxy.port}/0",
+            "--stream", s.stream_readings, "generate", "--count", "1000", "--series", "4",
+            "--batch-size", "200", "--seed", "3",
+        )  # fmt: skip
+        assert proxy.dropped == 2
+    assert done.returncode == 0, done.stderr
+    entries = [f for _, f in events(redis_client, s.stream_readings)]
+    assert len(entries) == 1000
+    assert len({(f["series_id"], f["timestamp"]) for f in entries}) == 1000
+
+
+def test_an_unconfirmed_batch_is_named_and_resent_once_before_newer_readings(
+    redis_server, redis_client, series_id
+):
+    stream = f"readings-{uuid.uuid4().hex[:10]}"
+    readings = _readings(series_id, 500)
+    # Cached beforehand, so the second large request is batch 2 (not a NOSCRIPT round).
+    redis_client.script_load(
+        resources.files("detector").joinpath("scripts/publish_batch.lua").read_text()
+    )
+    with ReplyDroppingProxy(redis_server.port, drop={2}) as proxy:
+        client = redis.Redis(port=proxy.port, decode_responses=True, retry=Retry(NoBackoff(), 0))
+        try:
+            pub = Publisher(client, stream=stream, batch_size=200, retries=0)
+            with pytest.raises(UnconfirmedBatchError, match=r"batch 2 .*\(200 readings\)") as err:
+                for row in readings[:400]:
+                    pub.publish(*row)
+            assert err.value.confirmed == 200 == pub.sent
+            assert redis_client.xlen(stream) == 400  # it was added; only the reply was lost
+            for row in readings[400:]:
+                pub.publish(*row)
+            pub.close()
+        finally:
+            client.close()
+    assert pub.sent == 500 and pub.resent == 1
+    assert _as_rows([f for _, f in events(redis_client, stream)]) == readings
+    assert not redis_client.exists(pub.key)  # a clean close drops the producer's record
+
+
+def test_two_publishers_sharing_a_producer_id_are_refused(redis_client, series_id):
+    stream = f"readings-{uuid.uuid4().hex[:10]}"
+    first = Publisher(redis_client, stream=stream, producer_id="shared", batch_size=2)
+    second = Publisher(redis_client, stream=stream, producer_id="shared", batch_size=3)
+    for n in range(4):
+        first.publish(series_id, n, 1.0)  # batches 1 and 2
+    with pytest.raises(redis.exceptions.ResponseError, match="shared by two publishers"):
+        for n in range(3):
+            second.publish(series_id, n, 2.0)  # its batch 1
+    assert redis_client.xlen(stream) == 4
+    assert 0 < redis_client.ttl(first.key) <= 86_400

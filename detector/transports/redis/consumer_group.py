@@ -16,6 +16,46 @@ from detector.wire.readings import RawEntry
 
 log = logging.getLogger(__name__)
 
+# Trims a stream below the oldest entry any of its groups still needs: its oldest pending
+# entry, or else the one after its last-delivered id. LIMIT 0 lifts the cap a `~` trim has by
+# default (100 macro nodes, 10,000 entries a call), which a worker trimming every few seconds
+# cannot keep up with above a few thousand readings/s. `~` frees whole macro nodes only, so
+# up to one node of finished entries stays. Returns the MINID used, or false.
+_TRIM_FINISHED = """
+local function trim_finished(stream)
+    if redis.call('EXISTS', stream) == 0 then
+        return false
+    end
+    local bound_ms, bound_seq, bound = nil, nil, nil
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+        local info = {}
+        for i = 1, #g, 2 do
+            info[g[i]] = g[i + 1]
+        end
+        local pending = redis.call('XPENDING', stream, info['name'])
+        local id, step = info['last-delivered-id'], 1
+        if pending[1] > 0 then
+            id, step = pending[2], 0
+        end
+        local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+        ms, seq = tonumber(ms), tonumber(seq)
+        if seq + step >= 2^53 then
+            step = 0  -- past exact doubles: trim below the id itself (keeps one more)
+        end
+        seq = seq + step
+        if bound_ms == nil or ms < bound_ms or (ms == bound_ms and seq < bound_seq) then
+            bound_ms, bound_seq = ms, seq
+            bound = string.match(id, '^(%d+)-') .. '-' .. string.format('%d', seq)
+        end
+    end
+    if bound == nil or (bound_ms == 0 and bound_seq <= 1) then
+        return false
+    end
+    redis.call('XTRIM', stream, 'MINID', '~', bound, 'LIMIT', 0)
+    return bound
+end
+"""
+
 # Commits a batch atomically. ARGV[4] is the batch's entry ids (space-separated), ARGV[5] the
 # outputs of the entries that have one, as JSON [[id, kind, [field, value, ...]], ...] in entry
 # order. For each entry still pending in the group (whoever owns it) its output is written, then
@@ -26,8 +66,12 @@ log = logging.getLogger(__name__)
 #
 # Pending-ness comes from one XPENDING range over the batch (ARGV[6]..ARGV[7]); an id the range
 # did not show (another consumer's entries crowded it out, or it is really gone) is checked on
-# its own, so the answer never depends on the range. The XACKs go 1000 ids a call.
-_COMMIT = """
+# its own, so the answer never depends on the range. The XACKs go 1000 ids a call. Then
+# `readings` is trimmed below what the groups still need: after every batch, so finished
+# entries never pile up between the worker's periodic trims.
+_COMMIT = (
+    _TRIM_FINISHED
+    + """
 local group = ARGV[1]
 local ids = {}
 for id in string.gmatch(ARGV[4], '%S+') do
@@ -61,12 +105,16 @@ end
 for i = 1, #acks, 1000 do
     redis.call('XACK', KEYS[1], group, unpack(acks, i, math.min(i + 999, #acks)))
 end
+trim_finished(KEYS[1])
 return {#acks, emitted}
 """
+)
+
+_TRIM = _TRIM_FINISHED + "return trim_finished(KEYS[1])\n"
 
 # Entries not yet delivered to the group: the stream's length minus the entries up to the
-# group's last-delivered id (Redis 6.2 has no `lag` in XINFO GROUPS). The worker trims
-# `readings` below its oldest pending entry, so the counted range stays small.
+# group's last-delivered id (Redis 6.2 has no `lag` in XINFO GROUPS). `readings` is trimmed
+# below the oldest pending entry, so the counted range stays small.
 _LAG = """
 local delivered = #redis.call('XRANGE', KEYS[1], '-', ARGV[1], 'COUNT', ARGV[2])
 return redis.call('XLEN', KEYS[1]) - delivered
@@ -101,11 +149,6 @@ class Output:
 def parse_id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def next_id(entry_id: str) -> str:
-    ms, seq = parse_id(entry_id)
-    return f"{ms}-{seq + 1}"
 
 
 def is_nogroup(exc: redis.exceptions.ResponseError) -> bool:
@@ -144,6 +187,7 @@ class StreamOps:
         self._raw = Redis(connection_pool=client.connection_pool)
         self._raw.set_response_callback("XREADGROUP", _as_sent)
         self._lag = client.register_script(_LAG)
+        self._trim = client.register_script(_TRIM)
         self._delete_idle_consumer = client.register_script(_DELETE_IDLE_CONSUMER)
 
     async def ensure_group(self) -> bool:
@@ -247,25 +291,12 @@ class StreamOps:
 
     async def trim_readings(self) -> str | None:
         """Trim `readings` below the oldest entry any group still needs (pending, or not yet
-        delivered); returns the MINID used, None when nothing may be trimmed.
+        delivered), in one script; returns the MINID used, None when nothing may be trimmed.
 
-        Every group's pending list and last-delivered id only move forward, so a bound read
-        here can only be conservative by the time XTRIM runs.
+        Each commit trims too; this call covers what other groups finished meanwhile.
         """
-        bounds: list[str] = []
-        for group in await self.redis.xinfo_groups(self.readings):
-            summary = await self.redis.xpending(self.readings, group["name"])
-            if summary["pending"]:
-                bounds.append(str(summary["min"]))
-            else:
-                bounds.append(next_id(str(group["last-delivered-id"])))
-        if not bounds:
-            return None
-        minid = min(bounds, key=parse_id)
-        if parse_id(minid) <= (0, 1):
-            return None
-        await self.redis.xtrim(self.readings, minid=minid, approximate=True)
-        return minid
+        minid = await self._trim(keys=[self.readings])
+        return str(minid) if minid else None
 
     async def delete_consumer_if_idle(self, consumer: str) -> bool:
         deleted = await self._delete_idle_consumer(
