@@ -10,9 +10,10 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from api.auth import ReadAccess, WriteAccess
+from api.bodies import THREAD_PARSE_BYTES
 from api.deps import Services
 from api.errors import install_error_handlers
-from api.middleware import BodySizeLimit, HttpMetrics
+from api.middleware import BodyBudget, BodySizeLimit, HttpMetrics
 from api.routes import events, models, system
 from api.schemas import ERROR_RESPONSES
 from detector.connections import apply_schema, postgres_pool, redis_client
@@ -96,5 +97,11 @@ def create_app(
     app.include_router(system.router, responses=ERROR_RESPONSES)
     # The last added runs first: the size limit acts before anything reads the body.
     app.add_middleware(HttpMetrics, metrics=metrics)
+    app.add_middleware(
+        BodyBudget,
+        budget_bytes=settings.body_budget_bytes,
+        wait_seconds=settings.body_budget_wait_seconds,
+        free_bytes=THREAD_PARSE_BYTES,
+    )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_training_points: int = Field(default=5_000_000, ge=3)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_batch_points: int = Field(default=1_000_000, ge=1)
+    # Bytes of large request bodies (fits, batches) the API serves at once; parsing and
+    # serving costs a few times this. Beyond it a request waits, then gets a 503.
+    body_budget_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    body_budget_wait_seconds: float = Field(default=30.0, ge=0)
     model_cache_size: int = Field(default=200_000, ge=0)
     # Cache latest pointers in the API process, invalidated by Redis tracking (see README).
     latest_pointer_tracking: bool = True
