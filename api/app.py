@@ -13,6 +13,7 @@ from api.auth import ReadAccess, WriteAccess
 from api.bodies import THREAD_PARSE_BYTES
 from api.deps import Services
 from api.errors import install_error_handlers
+from api.event_feed import EventFeed
 from api.middleware import BodyBudget, BodySizeLimit, HttpMetrics
 from api.routes import events, models, system
 from api.schemas import ERROR_RESPONSES
@@ -52,6 +53,13 @@ def create_app(
             # reaches PostgreSQL first (make run and the worker apply it too).
             log.warning("PostgreSQL not reachable at start-up: %s", exc)
         store = ModelStore(redis, pool, cache_size=settings.model_cache_size)
+        events = EventFeed(
+            reader=redis_client(settings),
+            redis=redis,
+            stream=settings.stream_anomalies,
+            max_clients=settings.sse_max_clients,
+            queue_size=settings.sse_queue_events,
+        )
         pointers = None
         if settings.latest_pointer_tracking:
             pointers = LatestPointerCache(settings.redis_connection_url())
@@ -63,6 +71,7 @@ def create_app(
             metrics=metrics,
             inference_latency=LatencyWindow(settings.latency_window),
             training_latency=LatencyWindow(settings.latency_window),
+            events=events,
         )
         # MLflow runs are logged from the outbox in the background, never on the request path.
         tracker = MlflowTracker.from_settings(settings, pool, metrics.registry)
@@ -73,6 +82,7 @@ def create_app(
         finally:
             if tracker is not None:
                 await tracker.stop()
+            await events.close()
             if pointers is not None:
                 await pointers.stop()
             await pool.close()

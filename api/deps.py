@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.bodies import THREAD_PARSE_BYTES
+from api.event_feed import EventFeed
 from detector.errors import ModelNotFoundError
 from detector.identifiers import SERIES_ID_RULE, parse_version, validate_series_id
 from detector.latency import LatencyWindow
@@ -35,6 +36,7 @@ class Services:
     metrics: ApiMetrics
     inference_latency: LatencyWindow
     training_latency: LatencyWindow
+    events: EventFeed
 
 
 async def get_services(request: Request) -> Services:

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # The API process.
     latency_window: int = Field(default=1000, ge=1)
     plot_max_points: int = Field(default=4000, ge=100)
+    # GET /events: clients one API process serves (beyond it a 503), and the events queued
+    # for one client before it counts as too slow and is closed.
+    sse_max_clients: int = Field(default=100, ge=1)
+    sse_queue_events: int = Field(default=1000, ge=1)
 
     # Access control: off when no key is set. API_KEYS may fit and read; API_READ_KEYS may
     # only read (predict, models, plot, anomalies, events). Comma-separated.
