@@ -15,6 +15,7 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.event_feed import EventFeed
 from api.middleware import BodyBudget, BodySizeLimit, HttpMetrics
+from api.plot_cache import PlotCache
 from api.routes import events, models, system
 from api.schemas import ERROR_RESPONSES
 from detector.connections import apply_schema, postgres_pool, redis_client
@@ -40,6 +41,7 @@ def create_app(
     """Build the app. Tests pass their own settings and a fresh metrics registry."""
     settings = settings or get_settings()
     metrics = ApiMetrics(registry if registry is not None else CollectorRegistry())
+    plots = PlotCache(settings.plot_cache_size, settings.plot_max_points, metrics.registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,6 +74,7 @@ def create_app(
             inference_latency=LatencyWindow(settings.latency_window),
             training_latency=LatencyWindow(settings.latency_window),
             events=events,
+            plots=plots,
         )
         # MLflow runs are logged from the outbox in the background, never on the request path.
         tracker = MlflowTracker.from_settings(settings, pool, metrics.registry)

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.bodies import THREAD_PARSE_BYTES
 from api.event_feed import EventFeed
+from api.plot_cache import PlotCache
 from detector.errors import ModelNotFoundError
 from detector.identifiers import SERIES_ID_RULE, parse_version, validate_series_id
 from detector.latency import LatencyWindow
@@ -37,6 +38,7 @@ class Services:
     inference_latency: LatencyWindow
     training_latency: LatencyWindow
     events: EventFeed
+    plots: PlotCache
 
 
 async def get_services(request: Request) -> Services:

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     # The API process.
     latency_window: int = Field(default=1000, ge=1)
     plot_max_points: int = Field(default=4000, ge=100)
+    # Versions whose plotted points (at most ~150 KB each) the API keeps; 0 keeps none.
+    plot_cache_size: int = Field(default=256, ge=0)
     # GET /events: clients one API process serves (beyond it a 503), and the events queued
     # for one client before it counts as too slow and is closed.
     sse_max_clients: int = Field(default=100, ge=1)
