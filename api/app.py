@@ -10,11 +10,14 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from api.auth import ReadAccess, WriteAccess
+from api.bodies import THREAD_PARSE_BYTES
 from api.deps import Services
 from api.errors import install_error_handlers
+from api.event_feed import EventFeed
 from api.latency import LatencyWindow
 from api.metrics import ApiMetrics
-from api.middleware import BodySizeLimit, HttpMetrics
+from api.middleware import BodyBudget, BodySizeLimit, HttpMetrics
+from api.plot_cache import PlotCache
 from api.pointer_cache import LatestPointerCache
 from api.routes import events, models, system
 from api.schemas import ERROR_RESPONSES
@@ -39,6 +42,7 @@ def create_app(
     """Build the app. Tests pass their own settings and a fresh metrics registry."""
     settings = settings or get_settings()
     metrics = ApiMetrics(registry if registry is not None else CollectorRegistry())
+    plots = PlotCache(settings.plot_cache_size, settings.plot_max_points, metrics.registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +56,13 @@ def create_app(
             # reaches PostgreSQL first (make run and the worker apply it too).
             log.warning("PostgreSQL not reachable at start-up: %s", exc)
         store = ModelStore(redis, pool, cache_size=settings.model_cache_size)
+        events = EventFeed(
+            reader=redis_client(settings),
+            redis=redis,
+            stream=settings.stream_anomalies,
+            max_clients=settings.sse_max_clients,
+            queue_size=settings.sse_queue_events,
+        )
         pointers = None
         if settings.latest_pointer_tracking:
             pointers = LatestPointerCache(settings.redis_connection_url())
@@ -63,6 +74,8 @@ def create_app(
             metrics=metrics,
             inference_latency=LatencyWindow(settings.latency_window),
             training_latency=LatencyWindow(settings.latency_window),
+            events=events,
+            plots=plots,
         )
         # MLflow runs are logged from the outbox in the background, never on the request path.
         tracker = MlflowTracker.from_settings(settings, pool, metrics.registry)
@@ -73,6 +86,7 @@ def create_app(
         finally:
             if tracker is not None:
                 await tracker.stop()
+            await events.close()
             if pointers is not None:
                 await pointers.stop()
             await pool.close()
@@ -97,5 +111,11 @@ def create_app(
     app.include_router(system.router, responses=ERROR_RESPONSES)
     # The last added runs first: the size limit acts before anything reads the body.
     app.add_middleware(HttpMetrics, metrics=metrics)
+    app.add_middleware(
+        BodyBudget,
+        budget_bytes=settings.body_budget_bytes,
+        wait_seconds=settings.body_budget_wait_seconds,
+        free_bytes=THREAD_PARSE_BYTES,
+    )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -2,11 +2,16 @@
 pydantic objects. The pydantic models in `api.schemas` still document them in OpenAPI.
 
 A million-point fit spends most of its time here, so the arrays go straight from JSON lists
-into numpy; only the small option fields go through pydantic.
+into numpy; only the small option fields go through pydantic. Memory is bounded before
+parsing allocates: the body is streamed into one buffer while its commas are counted, so a
+body holding more items than the point limit allows is refused (413) before any parsing, and
+flat number arrays are parsed a slice at a time into preallocated numpy arrays (a whole-body
+``orjson.loads`` would hold ~70 bytes of Python objects per point).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +23,20 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.schemas import Direction, FitOptions, Kind
+from detector.errors import TooLargeError
 from detector.kinds.training import FloatArray
 
 # Bodies above this size are parsed in a worker thread so the event loop keeps serving.
 THREAD_PARSE_BYTES = 256 * 1024
 _NUMBER_TYPES = {int, float}
+# Flat arrays are parsed this many bytes at a time (~90,000 numbers, ~6 MiB of objects).
+_SLICE_BYTES = 1024 * 1024
+# Commas a fit body may hold besides those between array items (between its fields).
+_OPTION_COMMAS = 16
+_BLANK = re.compile(rb"[ \t\n\r]*")
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_FLAT_ARRAY = re.compile(rb'\[[^\[\]{}"]*\]')
+_SCALAR = re.compile(rb'"(?:[^"\\]|\\.)*"|[^\s,{}\[\]]+')
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +58,19 @@ def _numbers(body: dict[str, Any], field: str, *, as_float: bool) -> np.ndarray[
     if field not in body:
         raise _invalid((field,), "Field required", "missing")
     items = body[field]
+    if isinstance(items, _FlatArray):
+        return items.numbers(field, as_float=as_float)
     if not isinstance(items, list):
         raise _invalid((field,), "Input should be a valid list", "list_type")
+    return _as_array(items, field, 0, as_float=as_float)
+
+
+def _as_array(items: list[Any], field: str, offset: int, *, as_float: bool) -> np.ndarray[Any, Any]:
+    """``items`` (the array's items from index ``offset`` on) as int64 or float64."""
     found = set(map(type, items))
     if not found <= _NUMBER_TYPES:  # bool, str, None, lists … are not numbers here
         index = next(i for i, item in enumerate(items) if type(item) not in _NUMBER_TYPES)
-        raise _invalid((field, index), "Input should be a number", "number_type")
+        raise _invalid((field, offset + index), "Input should be a number", "number_type")
     try:
         if as_float:
             return np.asarray(items, dtype=np.float64)
@@ -58,13 +79,103 @@ def _numbers(body: dict[str, Any], field: str, *, as_float: bool) -> np.ndarray[
         raise _invalid((field,), "Numbers should fit in 64 bits", "number_overflow") from None
 
 
-def _parse(raw: bytes, *, with_options: bool) -> ArrayBody:
+class _NotFlat(Exception):
+    """The body is not a plain object of flat arrays and scalars; parse it whole."""
+
+
+@dataclass(frozen=True, slots=True)
+class _FlatArray:
+    """A JSON array of the body holding no strings, objects or arrays, from ``[`` to ``]``."""
+
+    raw: bytes | bytearray
+    start: int
+    end: int
+
+    def numbers(self, field: str, *, as_float: bool) -> np.ndarray[Any, Any]:
+        """Parsed a slice at a time into one preallocated array: the Python objects of one
+        slice are all that exist at once."""
+        raw, first, last = self.raw, self.start + 1, self.end - 1
+        if not raw[first:last].strip():
+            return np.empty(0, dtype=np.float64 if as_float else np.int64)
+        out = np.empty(raw.count(b",", first, last) + 1, dtype=np.float64 if as_float else np.int64)
+        index, pos = 0, first
+        while pos < last:
+            cut = raw.find(b",", min(pos + _SLICE_BYTES, last), last)
+            cut = last if cut < 0 else cut
+            try:
+                items = orjson.loads(b"[" + raw[pos:cut] + b"]")
+            except orjson.JSONDecodeError:
+                raise _NotFlat from None
+            part = _as_array(items, field, index, as_float=out.dtype == np.float64)
+            if part.dtype != out.dtype:  # a float among integer timestamps: all become floats
+                out = out.astype(np.float64)
+            out[index : index + len(part)] = part
+            index, pos = index + len(part), cut + 1
+        return out
+
+
+def _skip_blank(raw: bytes | bytearray, pos: int) -> int:
+    match = _BLANK.match(raw, pos)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
+
+
+def _parse_flat(raw: bytes | bytearray) -> dict[str, Any] | None:
+    """The body's top-level object, its flat arrays left unparsed (``_FlatArray``) and its
+    other values parsed; None when it is not such an object."""
+    body: dict[str, Any] = {}
+    pos = _skip_blank(raw, 0)
+    if raw[pos : pos + 1] != b"{":
+        return None
+    pos = _skip_blank(raw, pos + 1)
+    closing = raw[pos : pos + 1] == b"}"
+    while not closing:
+        key = _STRING.match(raw, pos)
+        if key is None:
+            return None
+        pos = _skip_blank(raw, key.end())
+        if raw[pos : pos + 1] != b":":
+            return None
+        pos = _skip_blank(raw, pos + 1)
+        value = (_FLAT_ARRAY if raw[pos : pos + 1] == b"[" else _SCALAR).match(raw, pos)
+        if value is None:
+            return None
+        try:
+            name = orjson.loads(key.group())
+            body[name] = (
+                _FlatArray(raw, value.start(), value.end())
+                if value.group().startswith(b"[")
+                else orjson.loads(value.group())
+            )
+        except orjson.JSONDecodeError:
+            return None
+        pos = _skip_blank(raw, value.end())
+        if raw[pos : pos + 1] == b",":
+            pos = _skip_blank(raw, pos + 1)
+        elif raw[pos : pos + 1] == b"}":
+            closing = True
+        else:
+            return None
+    return body if _skip_blank(raw, pos + 1) == len(raw) else None
+
+
+def _parse(raw: bytes | bytearray, *, with_options: bool) -> ArrayBody:
+    flat = _parse_flat(raw)
+    if flat is not None:
+        try:
+            return _from_body(flat, with_options=with_options)
+        except _NotFlat:
+            pass  # a slice that is not valid JSON: the whole-body parse says where
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _invalid((), f"JSON decode error: {exc}", "json_invalid") from None
     if not isinstance(body, dict):
         raise _invalid((), "Input should be a JSON object", "dict_type")
+    return _from_body(body, with_options=with_options)
+
+
+def _from_body(body: dict[str, Any], *, with_options: bool) -> ArrayBody:
     timestamps = _numbers(body, "timestamps", as_float=False)
     values = _numbers(body, "values", as_float=True)
     rest = {k: v for k, v in body.items() if k not in ("timestamps", "values")}
@@ -81,16 +192,38 @@ def _parse(raw: bytes, *, with_options: bool) -> ArrayBody:
     return ArrayBody(timestamps, values, options.sigma, options.direction, options.kind)
 
 
-async def _read(request: Request, *, with_options: bool) -> ArrayBody:
-    raw = await request.body()
+async def _receive(request: Request, *, max_items: int, what: str) -> bytearray:
+    """The body in one buffer (no second copy), refused with a 413 as soon as it holds more
+    commas than a body of ``max_items`` points can: two arrays of n items have 2(n - 1)."""
+    limit = 2 * (max_items - 1) + _OPTION_COMMAS
+    commas = 0
+    buffer = bytearray()
+    async for chunk in request.stream():
+        commas += chunk.count(b",")
+        if commas > limit:
+            raise TooLargeError(
+                f"{what} takes at most {max_items} points (this body holds more items)"
+            )
+        buffer += chunk
+    return buffer
+
+
+async def _read(request: Request, *, with_options: bool, max_items: int, what: str) -> ArrayBody:
+    raw = await _receive(request, max_items=max_items, what=what)
     if len(raw) > THREAD_PARSE_BYTES:
         return await run_in_threadpool(_parse, raw, with_options=with_options)
     return _parse(raw, with_options=with_options)
 
 
 async def fit_body(request: Request) -> ArrayBody:
-    return await _read(request, with_options=True)
+    settings = request.app.state.services.settings
+    return await _read(
+        request, with_options=True, max_items=settings.max_training_points, what="a fit"
+    )
 
 
 async def batch_body(request: Request) -> ArrayBody:
-    return await _read(request, with_options=False)
+    settings = request.app.state.services.settings
+    return await _read(
+        request, with_options=False, max_items=settings.max_batch_points, what="a batch"
+    )

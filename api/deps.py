@@ -16,8 +16,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.bodies import THREAD_PARSE_BYTES
+from api.event_feed import EventFeed
 from api.latency import LatencyWindow
 from api.metrics import ApiMetrics
+from api.plot_cache import PlotCache
 from detector.errors import ModelNotFoundError
 from detector.identifiers import SERIES_ID_RULE, parse_version, validate_series_id
 from detector.settings import Settings
@@ -36,6 +38,8 @@ class Services:
     metrics: ApiMetrics
     inference_latency: LatencyWindow
     training_latency: LatencyWindow
+    events: EventFeed
+    plots: PlotCache
 
 
 async def get_services(request: Request) -> Services:

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.auth import ForbiddenError, UnauthorizedError
+from api.event_feed import TooManyClientsError
 from api.metrics import ApiMetrics
 from detector.errors import (
     AnomalyError,
@@ -25,6 +26,7 @@ STATUS_BY_ERROR: list[tuple[type[AnomalyError], int, str]] = [
     (TooLargeError, 413, "too_large"),
     (ModelNotFoundError, 404, "not_found"),
     (StoreUnavailableError, 503, "unavailable"),
+    (TooManyClientsError, 503, "busy"),
 ]
 
 
@@ -53,6 +55,8 @@ def install_error_handlers(app: FastAPI, metrics: ApiMetrics) -> None:
         if isinstance(exc, StoreUnavailableError):
             body["dependency"] = exc.dependency
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, TooManyClientsError):
+            headers = {"Retry-After": "5"}
         return JSONResponse(body, status_code=status, headers=headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:

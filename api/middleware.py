@@ -1,7 +1,10 @@
-"""Pure-ASGI middleware: the request body size limit and per-route HTTP metrics."""
+"""Pure-ASGI middleware: the request body size limit, the budget of large bodies in flight,
+and per-route HTTP metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 from typing import Any
 
@@ -76,6 +79,146 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class ByteBudget:
+    """A first-come, first-served allowance of bytes shared by concurrent requests."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self, n: int, wait_seconds: float) -> bool:
+        """Take ``n`` bytes (at most the whole capacity, so a lone request always fits),
+        waiting up to ``wait_seconds``; False when they did not become free in time."""
+        n = min(n, self.capacity)
+        if not self._waiters and self.used + n <= self.capacity:
+            self.used += n
+            return True
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, granted))
+        try:
+            async with asyncio.timeout(wait_seconds):
+                await granted
+        except TimeoutError:
+            self._wake()  # a smaller request behind this one may fit now
+            return False
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                self.release(n)  # granted just as the request went away
+            self._wake()
+            raise
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= min(n, self.capacity)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            n, granted = self._waiters[0]
+            if granted.done():  # timed out or cancelled
+                self._waiters.popleft()
+                continue
+            if self.used + n > self.capacity:
+                return
+            self._waiters.popleft()
+            self.used += n
+            granted.set_result(None)
+
+
+class BodyBudgetBusy(Exception):
+    pass
+
+
+class BodyBudget:
+    """Bound the memory of large request bodies in flight.
+
+    A request whose body is over ``free_bytes`` holds its size from a shared ``ByteBudget``
+    for its whole life (reading, parsing, fitting or scoring, answering): one declared by
+    Content-Length before a byte is read, a chunked one step by step as it arrives. Parsing
+    and serving a body costs a few times its size, so the process's memory for large bodies
+    stays within a small multiple of the budget however many arrive at once. A request that
+    cannot get its bytes within ``wait_seconds`` is answered 503 with ``Retry-After``; small
+    bodies (every predict, every small fit) never wait.
+    """
+
+    def __init__(
+        self, app: ASGIApp, budget_bytes: int, wait_seconds: float, free_bytes: int
+    ) -> None:
+        self.app = app
+        self.budget = ByteBudget(budget_bytes)
+        self.wait_seconds = wait_seconds
+        self.free_bytes = free_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        held = 0
+        if declared is not None and declared > self.free_bytes:
+            if not await self.budget.acquire(declared, self.wait_seconds):
+                await self._busy(send)
+                return
+            held = declared
+        received = 0
+        response_started = False
+
+        async def budgeted_receive() -> Message:
+            nonlocal received, held
+            message = await receive()
+            if declared is None and message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.free_bytes and received > held:
+                    step = max(received - held, self.free_bytes)
+                    if not await self.budget.acquire(step, self.wait_seconds):
+                        raise BodyBudgetBusy
+                    held += step
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, budgeted_receive, tracking_send)
+        except BodyBudgetBusy:
+            if not response_started:
+                await self._busy(send)
+        finally:
+            self.budget.release(held)
+
+    async def _busy(self, send: Send) -> None:
+        body = orjson.dumps(
+            {"detail": "too many large request bodies in flight; retry in a few seconds"}
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", b"2"),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 class HttpMetrics:

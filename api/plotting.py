@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -40,11 +41,48 @@ def decimate(
     return timestamps[index], values[index]
 
 
+# Points beyond the threshold drawn, each exactly where it is (the legend counts them all).
+_OUTSIDE_SHOWN = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class PlotPoints:
+    """What the plot draws of a version's training data: a few thousand points that keep its
+    shape (each bucket's minimum and maximum), the points beyond the threshold exactly (up to
+    5000), and the counts and range of all of them. A version never changes, so this can be
+    kept instead of its training data."""
+
+    timestamps: IntArray
+    values: FloatArray
+    outside_timestamps: IntArray
+    outside_values: FloatArray
+    outside_count: int
+    count: int
+    low: float
+    high: float
+
+
+def plot_points(found: ModelVersion, data: TrainingData, max_points: int = 4000) -> PlotPoints:
+    """The points of ``data`` the plot of ``found`` draws."""
+    ts, values = decimate(data.timestamps, data.values, max_points)
+    flags = found.model.score(data.values).anomaly
+    outside_ts, outside_values = data.timestamps[flags], data.values[flags]
+    return PlotPoints(
+        timestamps=ts.copy(),  # not views: the training data itself is let go
+        values=values.copy(),
+        outside_timestamps=outside_ts[:_OUTSIDE_SHOWN].copy(),
+        outside_values=outside_values[:_OUTSIDE_SHOWN].copy(),
+        outside_count=int(outside_ts.size),
+        count=len(data),
+        low=float(data.values.min()),
+        high=float(data.values.max()),
+    )
+
+
 def render_plot(
     found: ModelVersion,
-    data: TrainingData,
+    points: PlotPoints,
     *,
-    max_points: int = 4000,
     detected: Sequence[Mapping[str, Any]] = (),
 ) -> bytes:
     """A PNG a person can read; statistics come from the model, never from the decimated data.
@@ -53,10 +91,8 @@ def render_plot(
     with the onset of each episode marked when the rows carry ``onset``.
     """
     model = found.model
-    ts, values = decimate(data.timestamps, data.values, max_points)
+    ts, values = points.timestamps, points.values
     dates = _dates(ts)
-    flags = model.score(data.values).anomaly
-    outside_ts, outside_values = data.timestamps[flags], data.values[flags]
 
     fig = Figure(figsize=(11, 5.2), dpi=100, layout="constrained")
     ax = fig.add_subplot()
@@ -74,7 +110,7 @@ def render_plot(
         linewidth=0.8,
         marker="." if len(ts) <= 500 else None,
         markersize=3,
-        label="training points" + (" (decimated for drawing)" if len(ts) < len(data) else ""),
+        label="training points" + (" (decimated for drawing)" if len(ts) < points.count else ""),
     )
     ax.axhline(model.mean, color="tab:blue", linewidth=1.2, label=f"μ = {model.mean:.4g}")
     for bound, side in ((model.upper, "above"), (model.lower, "below")):
@@ -86,15 +122,14 @@ def render_plot(
             linewidth=1.6 if active else 0.9,
             label=f"threshold ({side}) {bound:.4g}" if active else None,
         )
-    if outside_ts.size:
-        shown = min(outside_ts.size, 5000)
+    if points.outside_count:
         ax.scatter(
-            _dates(outside_ts[:shown]),
-            outside_values[:shown],
+            _dates(points.outside_timestamps),
+            points.outside_values,
             color="tab:red",
             s=18,
             zorder=3,
-            label=f"beyond threshold ({outside_ts.size})",
+            label=f"beyond threshold ({points.outside_count})",
         )
     if detected:
         det_ts = np.asarray([int(d["timestamp"]) for d in detected], dtype=np.int64)
@@ -117,14 +152,14 @@ def render_plot(
                 linewidth=1,
                 label="episode onset" if i == 0 else None,
             )
-        low = min(model.lower, float(data.values.min()), float(det_values.min()))
-        high = max(model.upper, float(data.values.max()), float(det_values.max()))
+        low = min(model.lower, points.low, float(det_values.min()))
+        high = max(model.upper, points.high, float(det_values.max()))
     else:
-        low = min(model.lower, float(data.values.min()))
-        high = max(model.upper, float(data.values.max()))
+        low = min(model.lower, points.low)
+        high = max(model.upper, points.high)
     ax.set_title(
         f"{found.series_id} · {found.name} · μ={model.mean:.4g} σ={model.std:.4g} "
-        f"k={model.sigma:g} ({model.direction}) · n={len(data):,}"
+        f"k={model.sigma:g} ({model.direction}) · n={points.count:,}"
     )
     pad = 0.06 * (high - low) or 1.0
     ax.set_ylim(low - pad, high + pad)  # both bounds and every point inside the frame

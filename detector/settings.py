@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     max_training_points: int = Field(default=5_000_000, ge=3)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_batch_points: int = Field(default=1_000_000, ge=1)
+    # Bytes of large request bodies (fits, batches) the API serves at once; parsing and
+    # serving costs a few times this. Beyond it a request waits, then gets a 503.
+    body_budget_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    body_budget_wait_seconds: float = Field(default=30.0, ge=0)
     model_cache_size: int = Field(default=200_000, ge=0)
     # Cache latest pointers in the API process, invalidated by Redis key tracking
     # (docs/architecture.md).
@@ -60,6 +64,12 @@ class Settings(BaseSettings):
     # The API process.
     latency_window: int = Field(default=1000, ge=1)
     plot_max_points: int = Field(default=4000, ge=100)
+    # Versions whose plotted points (at most ~150 KB each) the API keeps; 0 keeps none.
+    plot_cache_size: int = Field(default=256, ge=0)
+    # GET /events: clients one API process serves (beyond it a 503), and the events queued
+    # for one client before it counts as too slow and is closed.
+    sse_max_clients: int = Field(default=100, ge=1)
+    sse_queue_events: int = Field(default=1000, ge=1)
 
     # Access control: off when no key is set. API_KEYS may fit and read; API_READ_KEYS may
     # only read (predict, models, plot, anomalies, events). Comma-separated.

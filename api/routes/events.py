@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import re
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import anyio
-import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from redis.asyncio import Redis
 
 from api.deps import SeriesIdQueryDep, ServicesDep
-from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, InvalidInputError, StoreUnavailableError
+from api.event_feed import EventFeed, Subscriber, parse_stream_id
+from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, StoreUnavailableError
 from detector.identifiers import SERIES_ID_RULE, validate_series_id
-from detector.store.connections import redis_client
 from detector.store.history import query_anomalies, query_episodes
-from detector.wire.events import decode_event
 
 router = APIRouter(tags=["streams"])
 
-_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
-# Below the client's 10 s socket timeout; also the keep-alive period of an idle connection.
-_BLOCK_MS = 5000
+# The keep-alive period of an idle connection.
+_KEEP_ALIVE_SECONDS = 5.0
+_REDIS_DOWN = 'event: error\ndata: {"detail": "Redis is unavailable"}\n\n'
+_TOO_SLOW = (
+    'event: error\ndata: {"detail": "the client read too slowly and missed events; '
+    'reconnect with Last-Event-ID"}\n\n'
+)
 
 
 @router.get(
@@ -36,60 +36,80 @@ async def events(
     request: Request,
     services: ServicesDep,
     series_id: Annotated[str | None, Query(description=SERIES_ID_RULE)] = None,
+    last_id: Annotated[
+        str | None, Query(description="Resume after this event id (for clients without headers).")
+    ] = None,
     last_event_id: Annotated[
         str | None, Header(description="Resume after this event id (browsers send it).")
     ] = None,
 ) -> StreamingResponse:
-    """One `event: anomaly` per anomalous reading from now on (or after ``Last-Event-ID``),
-    with the stream event's fields as JSON data; a comment line every 5 s keeps it open."""
+    """One `event: anomaly` per anomalous reading from now on (or after ``Last-Event-ID``,
+    else ``last_id``), with the stream event's fields as JSON data; a comment line every 5 s
+    keeps it open. A client that reads too slowly gets an `event: error` and is closed."""
     if series_id is not None:
         validate_series_id(series_id)
-    if last_event_id is not None and _ENTRY_ID.fullmatch(last_event_id) is None:
-        raise InvalidInputError("Last-Event-ID must be a stream entry id like 1700000000000-0")
-    stream = services.settings.stream_anomalies
-    # Its own connection: the blocking read holds it for the whole life of the response.
-    client = redis_client(services.settings)
+    # A reconnecting browser sends the newest id it saw; the URL still carries the first one.
+    resume = None
+    if last_event_id is not None:
+        parse_stream_id(last_event_id, "Last-Event-ID")
+        resume = last_event_id
+    elif last_id is not None:
+        parse_stream_id(last_id, "last_id")
+        resume = last_id
+    feed = services.events
     try:
-        # "$" resolved now, before the headers go out: an event published once the client
-        # has its response is never missed.
-        position = last_event_id or await _newest_id(client, stream)
+        subscriber, joined = await feed.join(series_id)
     except REDIS_ERRORS as exc:
-        await client.aclose()
+        raise StoreUnavailableError("redis", f"Redis is unavailable: {exc}") from exc
+    try:
+        # "Now" resolved before the headers go out: an event published once the client has
+        # its response is never missed.
+        start = resume or await feed.newest_id()
+    except REDIS_ERRORS as exc:
+        feed.leave(subscriber)
         raise StoreUnavailableError("redis", f"Redis is unavailable: {exc}") from exc
     return StreamingResponse(
-        _sse(request, client, stream, position, series_id),
+        _sse(request, feed, subscriber, start, joined),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _newest_id(client: Redis, stream: str) -> str:
-    newest: Any = await client.xrevrange(stream, count=1)
-    return str(newest[0][0]) if newest else "0-0"
-
-
 async def _sse(
-    request: Request, client: Redis, stream: str, position: str, series_id: str | None
+    request: Request, feed: EventFeed, subscriber: Subscriber, start: str, joined: str
 ) -> AsyncIterator[str]:
+    """Entries after ``start``: those up to ``joined`` read once from the stream, the rest
+    from the shared feed; ids at or below the last one sent are skipped, so the switch
+    neither loses nor repeats an entry."""
+    sent = parse_stream_id(start, "start")
     try:
         yield "retry: 2000\n: connected\n\n"
-        while not await request.is_disconnected():
+        if sent < parse_stream_id(joined, "joined"):
             try:
-                reply: Any = await client.xread({stream: position}, count=100, block=_BLOCK_MS)
+                async for entry, message in feed.catch_up(start, joined, subscriber.series_id):
+                    sent = entry
+                    yield message
             except REDIS_ERRORS:
-                yield 'event: error\ndata: {"detail": "Redis is unavailable"}\n\n'
+                yield _REDIS_DOWN
                 return
-            entries = reply[0][1] if reply else []
-            if not entries:
+        while not await request.is_disconnected():
+            if subscriber.dropped and subscriber.queue.empty():
+                yield _TOO_SLOW
+                return
+            try:
+                item = await asyncio.wait_for(subscriber.queue.get(), _KEEP_ALIVE_SECONDS)
+            except TimeoutError:
                 yield ": keep-alive\n\n"
-            for entry_id, fields in entries:
-                position = entry_id
-                if series_id is None or fields.get("series_id") == series_id:
-                    data = orjson.dumps(decode_event(fields)).decode()
-                    yield f"id: {entry_id}\nevent: anomaly\ndata: {data}\n\n"
+                continue
+            if item is None:
+                yield _REDIS_DOWN
+                return
+            entry, message = item
+            if entry > sent:
+                sent = entry
+                yield message
     finally:
-        with anyio.CancelScope(shield=True):  # closes even when the disconnect cancelled us
-            await client.aclose()
+        feed.leave(subscriber)
 
 
 @router.get("/anomalies", summary="Recorded anomalies of a series")

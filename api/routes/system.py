@@ -80,14 +80,12 @@ async def plot(
     ] = False,
 ) -> Response:
     found = await find_model(services.store, series_id, version)
-    data = await services.store.training_data(series_id, found.version)
+    points = await services.plots.points(services.store, found)
     detected: list[dict[str, Any]] = []
     if anomalies:
         try:
             detected = await query_anomalies(services.store.pool, series_id, limit=10_000)
         except POSTGRES_ERRORS as exc:
             raise StoreUnavailableError("postgres", f"PostgreSQL is unavailable: {exc}") from exc
-    png = await run_in_threadpool(
-        render_plot, found, data, max_points=services.settings.plot_max_points, detected=detected
-    )
+    png = await run_in_threadpool(render_plot, found, points, detected=detected)
     return Response(png, media_type="image/png")
