@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import redis.exceptions
@@ -28,6 +28,7 @@ from detector.identifiers import format_version
 from detector.kinds.static import StaticModel
 from detector.kinds.training import TrainingData
 from detector.redis_keys import model_key
+from detector.store.caches import PointerCache, VersionCache
 from detector.store.codec import ModelVersion, parse_points
 from detector.store.fit_rows import allocate_version, version_exists, write_fit
 from detector.store.publish import VersionPublisher
@@ -35,41 +36,6 @@ from detector.store.publish import VersionPublisher
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class PointerCache(Protocol):
-    """A process-local cache of latest pointers that Redis invalidates (the API has one)."""
-
-    generation: int
-
-    def get(self, series_id: str) -> int | None: ...
-
-    def put(self, series_id: str, version: int, generation: int) -> None: ...
-
-
-class _LRU:
-    """A small bounded mapping for immutable model versions (they never change once made)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._data: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
-
-    def get(self, key: tuple[str, int]) -> ModelVersion | None:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
-
-    def put(self, key: tuple[str, int], value: ModelVersion) -> None:
-        if self.capacity <= 0:
-            return
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.capacity:
-            self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 # Kind-specific parameters (a multiscale initial state is ~1 KB) kept in process.
@@ -88,7 +54,7 @@ class ModelStore:
     ):
         self.redis = redis_client
         self.pool = pool
-        self.cache = _LRU(cache_size)
+        self.cache = VersionCache(cache_size)
         # Optional: latest pointers cached in process, invalidated by Redis key tracking.
         self.pointers: PointerCache | None = None
         self.publisher = VersionPublisher(redis_client)

@@ -169,5 +169,5 @@ def test_outbox_rows_waiting_too_long_or_beyond_the_cap_are_dropped_with_a_warni
     assert left == ids[3:]
     assert "their runs will not be logged" in caplog.text
     # The versions themselves stay.
-    row = db.execute("SELECT count(*) FROM model_versions WHERE series_id = %s", (series_id,))
-    assert row.fetchone() == (6,)
+    versions = db.execute("SELECT count(*) FROM model_versions WHERE series_id = %s", (series_id,))
+    assert versions.fetchone() == (6,)

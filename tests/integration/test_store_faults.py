@@ -141,7 +141,7 @@ def clear_commit_fault(s: Settings, series_id: str) -> None:
 
 
 def assert_redis_only_has_committed(rclient: redis.Redis, s: Settings, series_id: str) -> None:
-    hot = rclient.hgetall(f"model:{{{series_id}}}")
+    hot: dict[str, str] = rclient.hgetall(f"model:{{{series_id}}}")  # type: ignore[assignment]
     durable = committed(s, series_id)
     fields = {int(k) for k in hot if k != "latest"}
     assert fields <= durable, f"Redis has {sorted(fields - durable)}, never committed"
@@ -227,7 +227,7 @@ def test_no_version_is_visible_before_its_commit(
         seen_redis: list[dict[str, str]] = []
         seen_answers: list[Any] = []
         while slow.is_alive():
-            seen_redis.append(rclient.hgetall(f"model:{{{sid}}}"))
+            seen_redis.append(rclient.hgetall(f"model:{{{sid}}}"))  # type: ignore[arg-type]
             seen_answers.append(predict(other, sid).json())
             time.sleep(0.05)
         answer = slow.value()
