@@ -26,6 +26,7 @@ from detector.mlflow_outbox import MlflowTracker
 from detector.settings import Settings, get_settings
 from detector.store.connections import apply_schema, postgres_pool, redis_client
 from detector.store.models import ModelStore
+from detector.store.retention import start_retention
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,13 @@ def create_app(
         tracker = MlflowTracker.from_settings(settings, pool, metrics.registry)
         if tracker is not None:
             tracker.start()
+        retention = start_retention(pool, settings)
         try:
             yield
         finally:
+            if retention is not None:
+                retention.cancel()
+            await store.publisher.close()
             if tracker is not None:
                 await tracker.stop()
             await events.close()

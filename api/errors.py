@@ -17,6 +17,7 @@ from detector.errors import (
     ModelNotFoundError,
     StoreUnavailableError,
     TooLargeError,
+    TrainingDataDeletedError,
 )
 
 STATUS_BY_ERROR: list[tuple[type[AnomalyError], int, str]] = [
@@ -25,6 +26,7 @@ STATUS_BY_ERROR: list[tuple[type[AnomalyError], int, str]] = [
     (InvalidInputError, 422, "invalid"),
     (TooLargeError, 413, "too_large"),
     (ModelNotFoundError, 404, "not_found"),
+    (TrainingDataDeletedError, 410, "gone"),
     (StoreUnavailableError, 503, "unavailable"),
     (TooManyClientsError, 503, "busy"),
 ]

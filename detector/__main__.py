@@ -18,6 +18,7 @@ from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
 from detector.store.connections import apply_schema, postgres_pool, redis_client
+from detector.store.retention import start_retention
 from detector.transports.redis.health import read_health
 from detector.transports.redis.worker import Worker
 
@@ -43,7 +44,13 @@ async def serve(settings: Settings, *, burst: bool, consumer: str | None) -> Non
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)
-        await worker.run(burst=burst)
+        retention = None if burst else start_retention(pool, settings)
+        try:
+            await worker.run(burst=burst)
+        finally:
+            if retention is not None:
+                retention.cancel()
+            await worker.store.publisher.close()
     finally:
         await pool.close()
         await redis.aclose()

@@ -39,6 +39,10 @@ class ModelNotFoundError(AnomalyError):
     """No model for that series, or not that version (HTTP 404)."""
 
 
+class TrainingDataDeletedError(AnomalyError):
+    """The version exists but retention deleted its training points (HTTP 410)."""
+
+
 class StoreUnavailableError(AnomalyError):
     """Redis or PostgreSQL cannot be reached (HTTP 503)."""
 

@@ -120,6 +120,33 @@ class Settings(BaseSettings):
     # A killed worker's partitions move to the others after this long without a heartbeat.
     kafka_session_timeout_seconds: float = Field(default=30.0, ge=1, le=300)
 
+    # Retention (0 = keep forever): a background pass in the API and the worker processes,
+    # one process at a time, deleting in small batches.
+    retention_interval_seconds: float = Field(
+        default=3600.0, ge=0, description="Seconds between retention passes; 0 disables them."
+    )
+    retention_anomalies_days: int = Field(
+        default=30, ge=0, description="Recorded anomalies older than this many days are deleted."
+    )
+    retention_training_versions: int = Field(
+        default=3,
+        ge=0,
+        description="Training points are kept for each series' newest N versions only; older"
+        " versions stay listed (metadata, MLflow runs) but /plot answers 410 for them.",
+    )
+    retention_outbox_days: int = Field(
+        default=30,
+        ge=0,
+        description="Fits MLflow has not taken within this many days are dropped from the"
+        " outbox with a warning (their runs are never logged).",
+    )
+    retention_outbox_max_rows: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="At most this many fits wait for MLflow; the oldest beyond are dropped"
+        " with a warning.",
+    )
+
     # The worker process.
     model_refresh_seconds: float = Field(default=1.0, ge=0, le=5)
     worker_heartbeat_ttl_seconds: int = Field(default=15, ge=1)

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SeriesIdQueryDep, ServicesDep, VersionDep, find_model
 from api.plotting import render_plot
-from api.schemas import Health
+from api.schemas import ErrorBody, Health
 from detector.errors import POSTGRES_ERRORS, StoreUnavailableError
 from detector.store.history import query_anomalies
 
@@ -69,7 +69,13 @@ async def metrics(services: ServicesDep) -> Response:
     tags=["models"],
     summary="PNG of a version's training data, μ and the μ ± kσ band",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={
+        200: {"content": {"image/png": {}}},
+        410: {
+            "model": ErrorBody,
+            "description": "The version's training points were deleted by retention",
+        },
+    },
 )
 async def plot(
     series_id: SeriesIdQueryDep,

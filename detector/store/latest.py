@@ -15,10 +15,11 @@ _PRUNE_AT = 200_000
 class LatestVersions:
     """Which version is the latest, per series, re-read from Redis at most every ``ttl`` s.
 
-    Invalidation is by time alone: a refit moves the series' `latest` pointer in Redis (inside
-    the fit's PostgreSQL transaction), and every worker re-reads a pointer once its entry is
-    ``ttl`` seconds old, so a refit is used within ``ttl`` plus one batch. Versions themselves
-    are immutable, so the (series, version) model cache in ``ModelStore`` never goes stale.
+    Invalidation is by time alone: a refit moves the series' `latest` pointer in Redis (once
+    PostgreSQL has committed it, so a pointer never names an uncommitted version), and every
+    worker re-reads a pointer once its entry is ``ttl`` seconds old, so a refit is used within
+    ``ttl`` plus one batch. Versions themselves are immutable, so the (series, version) model
+    cache in ``ModelStore`` never goes stale.
     "No model yet" is cached the same way, so a series with no model costs one lookup per
     ``ttl``, not one per reading.
     """

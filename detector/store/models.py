@@ -9,82 +9,33 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import orjson
 import psycopg
 import redis.exceptions
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, ModelNotFoundError, StoreUnavailableError
+from detector.errors import (
+    POSTGRES_ERRORS,
+    REDIS_ERRORS,
+    ModelNotFoundError,
+    StoreUnavailableError,
+    TrainingDataDeletedError,
+)
 from detector.identifiers import format_version
 from detector.kinds.static import StaticModel
 from detector.kinds.training import TrainingData
 from detector.redis_keys import model_key
-from detector.store.codec import ModelVersion, copy_points, parse_points
+from detector.store.caches import PointerCache, VersionCache
+from detector.store.codec import ModelVersion, parse_points
+from detector.store.fit_rows import allocate_version, version_exists, write_fit
+from detector.store.publish import VersionPublisher
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-# Sets a version's model and moves `latest` forward only: fits that finish out of order, or a
-# reload from PostgreSQL racing a fit, can never move the pointer back.
-_PUT_VERSION = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-local current = tonumber(redis.call('HGET', KEYS[1], 'latest') or '0')
-if ARGV[3] == '1' and tonumber(ARGV[1]) > current then
-    redis.call('HSET', KEYS[1], 'latest', ARGV[1])
-end
-return 1
-"""
-
-# Undoes a version whose PostgreSQL commit failed after Redis had been told about it.
-_WITHDRAW_VERSION = """
-redis.call('HDEL', KEYS[1], ARGV[1])
-if redis.call('HGET', KEYS[1], 'latest') == ARGV[1] then
-    redis.call('HDEL', KEYS[1], 'latest')
-end
-return 1
-"""
-
-
-class PointerCache(Protocol):
-    """A process-local cache of latest pointers that Redis invalidates (the API has one)."""
-
-    generation: int
-
-    def get(self, series_id: str) -> int | None: ...
-
-    def put(self, series_id: str, version: int, generation: int) -> None: ...
-
-
-class _LRU:
-    """A small bounded mapping for immutable model versions (they never change once made)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._data: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
-
-    def get(self, key: tuple[str, int]) -> ModelVersion | None:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
-
-    def put(self, key: tuple[str, int], value: ModelVersion) -> None:
-        if self.capacity <= 0:
-            return
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.capacity:
-            self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 # Kind-specific parameters (a multiscale initial state is ~1 KB) kept in process.
@@ -103,11 +54,10 @@ class ModelStore:
     ):
         self.redis = redis_client
         self.pool = pool
-        self.cache = _LRU(cache_size)
+        self.cache = VersionCache(cache_size)
         # Optional: latest pointers cached in process, invalidated by Redis key tracking.
         self.pointers: PointerCache | None = None
-        self._put_version = redis_client.register_script(_PUT_VERSION)
-        self._withdraw_version = redis_client.register_script(_WITHDRAW_VERSION)
+        self.publisher = VersionPublisher(redis_client)
         # Set by a PostgreSQL failure, cleared by a successful probe (see ``_postgres_gate``).
         self._postgres_down = False
         self._params: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
@@ -121,108 +71,68 @@ class ModelStore:
         model: StaticModel,
         params: dict[str, Any] | None = None,
     ) -> ModelVersion:
-        """Store a new version durably and make it the latest.
+        """Store a new version durably, then make it the latest in Redis.
 
-        Order: in one PostgreSQL transaction, allocate the version (a row lock on the series
-        serialises concurrent fits of one series), insert its metadata and COPY its points; then,
-        still inside the transaction, write the model to Redis and move its latest pointer; then
-        commit. If Redis fails the transaction rolls back: nothing is half-written. If the commit
-        itself fails, the Redis entry is withdrawn again.
+        Order: allocate the version number in its own committed statement (a fit that fails
+        later leaves a gap, never a number handed out twice); insert the version, its points
+        and its outbox row in one transaction and commit; only then put it into Redis. So
+        Redis, and every cache fed from it, only ever sees committed versions. A Redis failure
+        after the commit does not fail the fit: the version is stored, and the publisher puts
+        it into Redis again until Redis confirms it.
         """
-        key = model_key(series_id)
-        redis_written = False
+        version = 0
+        # Refuse while Redis is plainly down (a PING writes nothing): the version could only
+        # be owed to Redis, and were this process to stop before Redis returned, Redis would
+        # come back with the old `latest`. A failure past this point is rare and repaired in
+        # the background (``VersionPublisher``).
+        try:
+            await self.redis.ping()
+        except REDIS_ERRORS as exc:
+            raise StoreUnavailableError(
+                "redis", f"Redis is unavailable, the fit was not stored: {_brief(exc)}"
+            ) from exc
         try:
             await self._postgres_gate("the fit was not stored")
             async with self.pool.connection() as conn:
+                version = await allocate_version(conn, series_id)
+                committing = False
                 try:
                     async with conn.transaction():
-                        version = await self._allocate_version(conn, series_id)
-                        model_id, created_at = await self._insert_version(
+                        created_at = await write_fit(
                             conn, series_id, version, data, model, params or {}
                         )
-                        await copy_points(conn, model_id, data)
-                        await conn.execute(
-                            "INSERT INTO mlflow_outbox (model_id) VALUES (%s)", (model_id,)
-                        )
-                        stored = ModelVersion(
-                            series_id=series_id,
-                            version=version,
-                            model=model,
-                            points_used=len(data),
-                            created_at=created_at,
-                        )
-                        await self._redis_call(
-                            self._put_version(keys=[key], args=[version, stored.to_redis(), 1])
-                        )
-                        redis_written = True
-                except BaseException:
-                    if redis_written:
-                        await self._withdraw(key, version)
-                    raise
+                        committing = True
+                except psycopg.OperationalError:
+                    if not (committing and await self._committed_after_all(series_id, version)):
+                        raise
         except POSTGRES_ERRORS as exc:
             self._postgres_down = True
             raise StoreUnavailableError(
                 "postgres", f"PostgreSQL is unavailable, the fit was not stored: {_brief(exc)}"
             ) from exc
+        except psycopg.Error as exc:  # the commit refused (a constraint, a trigger …)
+            log.error("fit of %s %s rolled back: %s", series_id, format_version(version), exc)
+            raise StoreUnavailableError(
+                "postgres", f"PostgreSQL refused the fit, it was not stored: {_brief(exc)}"
+            ) from exc
+        stored = ModelVersion(
+            series_id=series_id,
+            version=version,
+            model=model,
+            points_used=len(data),
+            created_at=created_at,
+        )
         self.cache.put((series_id, version), stored)
+        await self.publisher.put(stored, make_latest=True)
         return stored
 
-    async def _withdraw(self, key: str, version: int) -> None:
+    async def _committed_after_all(self, series_id: str, version: int) -> bool:
+        """After the connection failed during COMMIT the outcome is unknown: ask again."""
         try:
-            await self._withdraw_version(keys=[key], args=[version])
-        except REDIS_ERRORS:
-            log.warning("could not withdraw %s %s from Redis after a failed commit", key, version)
-
-    @staticmethod
-    async def _allocate_version(conn: psycopg.AsyncConnection[Any], series_id: str) -> int:
-        cur = await conn.execute(
-            """
-            INSERT INTO series (series_id, last_version) VALUES (%s, 1)
-            ON CONFLICT (series_id)
-            DO UPDATE SET last_version = series.last_version + 1, updated_at = now()
-            RETURNING last_version
-            """,
-            (series_id,),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0])
-
-    @staticmethod
-    async def _insert_version(
-        conn: psycopg.AsyncConnection[Any],
-        series_id: str,
-        version: int,
-        data: TrainingData,
-        model: StaticModel,
-        params: dict[str, Any],
-    ) -> tuple[int, datetime]:
-        cur = await conn.execute(
-            """
-            INSERT INTO model_versions (series_id, version, kind, mean, std, sigma, direction,
-                points_used, first_ts, last_ts, min_value, max_value, params)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
-            RETURNING id, created_at
-            """,
-            (
-                series_id,
-                version,
-                model.kind,
-                model.mean,
-                model.std,
-                model.sigma,
-                model.direction,
-                len(data),
-                int(data.timestamps[0]),
-                int(data.timestamps[-1]),
-                float(data.values.min()),
-                float(data.values.max()),
-                orjson.dumps(params).decode(),
-            ),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0]), row[1]
+            async with self.pool.connection(timeout=3.0) as conn:
+                return await version_exists(conn, series_id, version)
+        except POSTGRES_ERRORS:
+            return False  # cannot tell: answered as not stored
 
     # ------------------------------------------------------------------ reading
 
@@ -293,14 +203,8 @@ class ModelStore:
         return found
 
     async def _repair(self, found: ModelVersion, *, make_latest: bool) -> None:
-        try:
-            await self._put_version(
-                keys=[model_key(found.series_id)],
-                args=[found.version, found.to_redis(), 1 if make_latest else 0],
-            )
+        if await self.publisher.put(found, make_latest=make_latest):
             log.info("reloaded %s %s into Redis from PostgreSQL", found.series_id, found.name)
-        except REDIS_ERRORS:
-            log.warning("Redis unavailable; serving %s from PostgreSQL", found.series_id)
 
     async def versions(self, series_id: str) -> list[ModelVersion]:
         """Every version of a series, oldest first (from PostgreSQL)."""
@@ -352,7 +256,8 @@ class ModelStore:
         async def query() -> TrainingData:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT id FROM model_versions WHERE series_id = %s AND version = %s",
+                    "SELECT id, points_used, points_deleted_at FROM model_versions"
+                    " WHERE series_id = %s AND version = %s",
                     (series_id, version),
                 )
                 row = await cur.fetchone()
@@ -360,6 +265,8 @@ class ModelStore:
                     raise ModelNotFoundError(
                         f"no version {format_version(version)} for series '{series_id}'"
                     )
+                if row[2] is not None:
+                    raise _points_deleted(series_id, version)
                 buffer = bytearray()
                 async with conn.cursor().copy(
                     "COPY (SELECT ts, value FROM training_points WHERE model_id = %s ORDER BY ts)"
@@ -368,7 +275,10 @@ class ModelStore:
                 ) as copy:
                     async for chunk in copy:
                         buffer += chunk
-            return parse_points(bytes(buffer))
+            data = parse_points(bytes(buffer))
+            if len(data) < int(row[1]):  # retention is deleting them right now
+                raise _points_deleted(series_id, version)
+            return data
 
         return await self._pg(query)
 
@@ -401,14 +311,6 @@ class ModelStore:
         return None
 
     # ------------------------------------------------------------------ plumbing
-
-    async def _redis_call(self, awaitable: Awaitable[T]) -> T:
-        try:
-            return await awaitable
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailableError(
-                "redis", f"Redis is unavailable, the fit was not stored: {_brief(exc)}"
-            ) from exc
 
     async def _postgres_gate(self, consequence: str) -> None:
         """Fail fast while PostgreSQL is known to be down; a no-op on the healthy path.
@@ -463,6 +365,14 @@ class ModelStore:
                 return await cur.fetchall()
 
         return await self._pg(query)
+
+
+def _points_deleted(series_id: str, version: int) -> TrainingDataDeletedError:
+    return TrainingDataDeletedError(
+        f"the training points of {format_version(version)} of series '{series_id}' were deleted"
+        " by retention (RETENTION_TRAINING_VERSIONS keeps the points of each series' newest"
+        " versions); the version itself is still listed and served"
+    )
 
 
 def _brief(exc: BaseException) -> str:

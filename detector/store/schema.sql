@@ -8,6 +8,14 @@ CREATE TABLE IF NOT EXISTS series (
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 
+-- The last version number handed out per series, committed apart from the fit that took it:
+-- a fit rolled back leaves a gap, so a number is never given to two fits. `series.last_version`
+-- is the newest committed version (what predict's "latest" and GET /models report).
+CREATE TABLE IF NOT EXISTS version_allocations (
+    series_id      text PRIMARY KEY,
+    last_allocated integer NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS model_versions (
     id            bigserial PRIMARY KEY,
     series_id     text NOT NULL REFERENCES series (series_id),
@@ -27,6 +35,9 @@ CREATE TABLE IF NOT EXISTS model_versions (
     mlflow_run_id text,
     UNIQUE (series_id, version)
 );
+
+-- Set when retention deleted the version's training points (the row itself stays).
+ALTER TABLE model_versions ADD COLUMN IF NOT EXISTS points_deleted_at timestamptz;
 
 -- One row a training point. Rows of one model are written together by one COPY, so a BRIN
 -- index on model_id finds them for almost no write cost (a btree would double the COPY time).
