@@ -13,13 +13,13 @@ import psycopg
 import pytest
 from mlflow import MlflowClient
 
-from detector.mlflow_outbox import (
+from detector.mlflow_outbox import retry_delay
+from detector.mlflow_runs import (
     FIT_KEY_TAG,
     FitRecord,
     MlflowLogger,
     local_artifact_location,
     registered_model_name,
-    retry_delay,
 )
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
