@@ -7,13 +7,13 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from types import TracebackType
 from typing import Any
 
 import redis
 
 from detector.redis_keys import producer_key
+from detector.scripts import lua
 from detector.wire.events import number
 from detector.wire.readings import DeadLetter, parse_reading
 
@@ -46,10 +46,6 @@ _FIRST_BACKOFF, _MAX_BACKOFF = 0.1, 2.0
 
 
 @cache
-def _publish_batch_source() -> str:
-    return resources.files("detector").joinpath("scripts/publish_batch.lua").read_text("utf-8")
-
-
 @dataclass(frozen=True, slots=True)
 class _Batch:
     number: int
@@ -119,7 +115,7 @@ class Publisher:
         self._buffer: list[dict[str, str]] = []
         self._in_flight: _Batch | None = None
         self._last_batch = 0
-        self._script = client.register_script(_publish_batch_source())
+        self._script = client.register_script(lua("publish_batch"))
 
     @property
     def key(self) -> str:

@@ -9,21 +9,11 @@ from redis.asyncio import Redis
 
 from detector.errors import REDIS_ERRORS
 from detector.redis_keys import model_key
+from detector.scripts import lua
 from detector.store.codec import ModelVersion
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] the series' model hash; ARGV[1] version, ARGV[2] its Redis form, ARGV[3] '1' to
-# move `latest` (forward only: fits that commit out of order, or a reload from PostgreSQL
-# racing a fit, can never move the pointer back). Returns 1. Safe to repeat.
-_PUT_VERSION = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-local current = tonumber(redis.call('HGET', KEYS[1], 'latest') or '0')
-if ARGV[3] == '1' and tonumber(ARGV[1]) > current then
-    redis.call('HSET', KEYS[1], 'latest', ARGV[1])
-end
-return 1
-"""
 
 _RETRY_FIRST = 0.5
 _RETRY_MAX = 5.0
@@ -39,7 +29,7 @@ class VersionPublisher:
     """
 
     def __init__(self, redis_client: Redis) -> None:
-        self._script = redis_client.register_script(_PUT_VERSION)
+        self._script = redis_client.register_script(lua("put_version"))
         # (series, version) → (version, move latest): puts still owed to Redis.
         self._owed: dict[tuple[str, int], tuple[ModelVersion, bool]] = {}
         self._task: asyncio.Task[None] | None = None

@@ -12,122 +12,14 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from detector.redis_keys import attempts_key
+from detector.scripts import lua
 from detector.wire.readings import RawEntry
 
 log = logging.getLogger(__name__)
 
-# Trims a stream below the oldest entry any of its groups still needs: its oldest pending
-# entry, or else the one after its last-delivered id. LIMIT 0 lifts the cap a `~` trim has by
-# default (100 macro nodes, 10,000 entries a call), which a worker trimming every few seconds
-# cannot keep up with above a few thousand readings/s. `~` frees whole macro nodes only, so
-# up to one node of finished entries stays. Returns the MINID used, or false.
-_TRIM_FINISHED = """
-local function trim_finished(stream)
-    if redis.call('EXISTS', stream) == 0 then
-        return false
-    end
-    local bound_ms, bound_seq, bound = nil, nil, nil
-    for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-        local info = {}
-        for i = 1, #g, 2 do
-            info[g[i]] = g[i + 1]
-        end
-        local pending = redis.call('XPENDING', stream, info['name'])
-        local id, step = info['last-delivered-id'], 1
-        if pending[1] > 0 then
-            id, step = pending[2], 0
-        end
-        local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-        ms, seq = tonumber(ms), tonumber(seq)
-        if seq + step >= 2^53 then
-            step = 0  -- past exact doubles: trim below the id itself (keeps one more)
-        end
-        seq = seq + step
-        if bound_ms == nil or ms < bound_ms or (ms == bound_ms and seq < bound_seq) then
-            bound_ms, bound_seq = ms, seq
-            bound = string.match(id, '^(%d+)-') .. '-' .. string.format('%d', seq)
-        end
-    end
-    if bound == nil or (bound_ms == 0 and bound_seq <= 1) then
-        return false
-    end
-    redis.call('XTRIM', stream, 'MINID', '~', bound, 'LIMIT', 0)
-    return bound
-end
-"""
 
-# Commits a batch atomically. ARGV[4] is the batch's entry ids (space-separated), ARGV[5] the
-# outputs of the entries that have one, as JSON [[id, kind, [field, value, ...]], ...] in entry
-# order. For each entry still pending in the group (whoever owns it) its output is written, then
-# it is acknowledged. An entry no longer pending was finished by another consumer that had
-# claimed it: it is skipped, so no event is ever written twice. Outputs are written before the
-# XACKs: if a write fails, nothing is acknowledged and the entries are delivered again
-# (at-least-once) rather than lost.
-#
-# Pending-ness comes from one XPENDING range over the batch (ARGV[6]..ARGV[7]); an id the range
-# did not show (another consumer's entries crowded it out, or it is really gone) is checked on
-# its own, so the answer never depends on the range. The XACKs go 1000 ids a call. Then
-# `readings` is trimmed below what the groups still need: after every batch, so finished
-# entries never pile up between the worker's periodic trims.
-_COMMIT = (
-    _TRIM_FINISHED
-    + """
-local group = ARGV[1]
-local ids = {}
-for id in string.gmatch(ARGV[4], '%S+') do
-    ids[#ids + 1] = id
-end
-local live = {}
-local window = #ids * 2 + 16
-for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[6], ARGV[7], window)) do
-    live[p[1]] = true
-end
-local acks = {}
-for _, id in ipairs(ids) do
-    if live[id] == nil then
-        live[id] = #redis.call('XPENDING', KEYS[1], group, id, id, 1) > 0
-    end
-    if live[id] then
-        acks[#acks + 1] = id
-    end
-end
-local emitted = 0
-for _, out in ipairs(cjson.decode(ARGV[5])) do
-    if live[out[1]] then
-        if out[2] == 'a' then
-            redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out[3]))
-            emitted = emitted + 1
-        elseif out[2] == 'd' then
-            redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(out[3]))
-        end
-    end
-end
-for i = 1, #acks, 1000 do
-    redis.call('XACK', KEYS[1], group, unpack(acks, i, math.min(i + 999, #acks)))
-end
-trim_finished(KEYS[1])
-return {#acks, emitted}
-"""
-)
 
-_TRIM = _TRIM_FINISHED + "return trim_finished(KEYS[1])\n"
 
-# Entries not yet delivered to the group: the stream's length minus the entries up to the
-# group's last-delivered id (Redis 6.2 has no `lag` in XINFO GROUPS). `readings` is trimmed
-# below the oldest pending entry, so the counted range stays small.
-_LAG = """
-local delivered = #redis.call('XRANGE', KEYS[1], '-', ARGV[1], 'COUNT', ARGV[2])
-return redis.call('XLEN', KEYS[1]) - delivered
-"""
-
-# Only a consumer with nothing pending may be deleted: its pending entries would become
-# unclaimable (Redis never hands them to another consumer).
-_DELETE_IDLE_CONSUMER = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
-    return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-end
-return -1
-"""
 
 _LAG_COUNT_CAP = 50_000
 # A suspect's attempt count outlives any redelivery cycle, then goes (bounded memory).
@@ -181,14 +73,16 @@ class StreamOps:
         self.readings, self.anomalies, self.dead, self.group = readings, anomalies, dead, group
         self.anomalies_maxlen, self.dead_maxlen = anomalies_maxlen, dead_maxlen
         self.attempts = attempts_key(readings)
-        self._commit = client.register_script(_COMMIT)
+        self._commit = client.register_script(lua("trim_finished") + lua("commit_batch"))
         # The same connections, but XREADGROUP replies are left as Redis sent them (flat field
         # lists): redis-py's own parsing builds a dict per entry, the worker's largest cost.
         self._raw = Redis(connection_pool=client.connection_pool)
         self._raw.set_response_callback("XREADGROUP", _as_sent)
-        self._lag = client.register_script(_LAG)
-        self._trim = client.register_script(_TRIM)
-        self._delete_idle_consumer = client.register_script(_DELETE_IDLE_CONSUMER)
+        self._lag = client.register_script(lua("consumer_lag"))
+        self._trim = client.register_script(
+            lua("trim_finished") + "return trim_finished(KEYS[1])\n"
+        )
+        self._delete_idle_consumer = client.register_script(lua("delete_idle_consumer"))
 
     async def ensure_group(self) -> bool:
         """Create the group (and the stream) if missing; True when it was created.

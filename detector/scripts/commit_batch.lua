@@ -1,0 +1,54 @@
+-- Commits a batch atomically. ARGV[4] is the batch's entry ids (space-separated), ARGV[5] the
+-- outputs of the entries that have one, as JSON [[id, kind, [field, value, ...]], ...] in entry
+-- order. For each entry still pending in the group (whoever owns it) its output is written, then
+-- it is acknowledged. An entry no longer pending was finished by another consumer that had
+-- claimed it: it is skipped, so no event is ever written twice. Outputs are written before the
+-- XACKs: if a write fails, nothing is acknowledged and the entries are delivered again
+-- (at-least-once) rather than lost.
+--
+-- Pending-ness comes from one XPENDING range over the batch (ARGV[6]..ARGV[7]); an id the range
+-- did not show (another consumer's entries crowded it out, or it is really gone) is checked on
+-- its own, so the answer never depends on the range. The XACKs go 1000 ids a call. Then
+-- `readings` is trimmed below what the groups still need: after every batch, so finished
+-- entries never pile up between the worker's periodic trims.
+-- (Runs after trim_finished.lua, whose function it calls: the two are sent as one script.)
+--
+-- KEYS[1] `readings`, KEYS[2] `anomalies`, KEYS[3] `readings:dead`. ARGV[1] the group,
+-- ARGV[2] and ARGV[3] the MAXLEN ~ of anomalies and dead letters, ARGV[4] the entry ids,
+-- ARGV[5] the outputs, ARGV[6] and ARGV[7] the lowest and highest entry id of the batch.
+-- Returns {entries acknowledged, events written}.
+local group = ARGV[1]
+local ids = {}
+for id in string.gmatch(ARGV[4], '%S+') do
+    ids[#ids + 1] = id
+end
+local live = {}
+local window = #ids * 2 + 16
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[6], ARGV[7], window)) do
+    live[p[1]] = true
+end
+local acks = {}
+for _, id in ipairs(ids) do
+    if live[id] == nil then
+        live[id] = #redis.call('XPENDING', KEYS[1], group, id, id, 1) > 0
+    end
+    if live[id] then
+        acks[#acks + 1] = id
+    end
+end
+local emitted = 0
+for _, out in ipairs(cjson.decode(ARGV[5])) do
+    if live[out[1]] then
+        if out[2] == 'a' then
+            redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out[3]))
+            emitted = emitted + 1
+        elseif out[2] == 'd' then
+            redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(out[3]))
+        end
+    end
+end
+for i = 1, #acks, 1000 do
+    redis.call('XACK', KEYS[1], group, unpack(acks, i, math.min(i + 999, #acks)))
+end
+trim_finished(KEYS[1])
+return {#acks, emitted}
