@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     redis_db: int = 0
+    # An ACL user (Redis 6+); none logs in as `default`. `make run` generates both.
+    redis_username: str | None = None
     redis_password: str | None = None
     redis_url: str | None = Field(default=None, description="Overrides the REDIS_* parts.")
 
@@ -115,7 +117,8 @@ class Settings(BaseSettings):
     def redis_connection_url(self) -> str:
         if self.redis_url:
             return self.redis_url
-        auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        user = quote(self.redis_username, safe="") if self.redis_username else ""
+        auth = f"{user}:{quote(self.redis_password, safe='')}@" if self.redis_password else ""
         return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
 
     def postgres_conninfo(self) -> str:

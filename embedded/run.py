@@ -15,9 +15,13 @@ from types import FrameType
 
 from detector.connections import apply_schema_sync
 from detector.settings import Settings
+from embedded.credentials import Credentials
 from embedded.servers import PostgresServer, RedisServer, port_in_use
 
 log = logging.getLogger("anomaly-run")
+
+# The generated passwords, in the data folder (mode 0600), as a file a shell can source.
+CREDENTIALS_FILE = "credentials.env"
 
 
 @dataclass
@@ -84,25 +88,33 @@ def main() -> None:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    redis = RedisServer(data_dir / "redis", settings.redis_port)
+    # The data folder is ours: 0711 lets PostgreSQL (as nobody, under root) walk through to
+    # its own 0700 folder without listing or reading anything else here.
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o711)
+    credentials = Credentials.load_or_create(data_dir / CREDENTIALS_FILE)
+    redis = RedisServer(data_dir / "redis", settings.redis_port, credentials=credentials)
     postgres = PostgresServer(
         data_dir / "postgres",
         settings.postgres_port,
         database=settings.postgres_db,
         user=settings.postgres_user,
+        credentials=credentials,
     )
+    served = settings.model_copy(update={**redis.settings_fields(), **postgres.settings_fields()})
     children: list[Child] = []
     try:
         redis.start()
         postgres.start()
-        apply_schema_sync(settings.postgres_conninfo())
+        apply_schema_sync(served.postgres_conninfo())
         env = {
             **os.environ,
-            "REDIS_HOST": "127.0.0.1",
-            "REDIS_PORT": str(settings.redis_port),
-            "POSTGRES_HOST": "127.0.0.1",
-            "POSTGRES_PORT": str(settings.postgres_port),
+            **{name.upper(): str(value) for name, value in redis.settings_fields().items()},
+            **{name.upper(): str(value) for name, value in postgres.settings_fields().items()},
         }
+        # A URL or DSN in the environment would take precedence over the parts set here.
+        env.pop("REDIS_URL", None)
+        env.pop("POSTGRES_DSN", None)
         env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{data_dir / 'mlflow.db'}")
         env.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(data_dir / "mlartifacts"))
         children.append(Child("api", [sys.executable, "-m", "api", "--port", str(api_port)], env))
@@ -110,9 +122,11 @@ def main() -> None:
             Child("detector", [sys.executable, "-m", "detector"], _worker_env(env, settings))
         )
         log.info(
-            "data in %s; API on http://127.0.0.1:%d (docs at /docs); Ctrl-C stops",
+            "data in %s; API on http://127.0.0.1:%d (docs at /docs); Ctrl-C stops; "
+            "clients: `set -a; . %s; set +a`",
             data_dir,
             api_port,
+            data_dir / CREDENTIALS_FILE,
         )
         while not stopping:
             for child in children:

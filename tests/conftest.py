@@ -43,11 +43,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def postgres_data_dir() -> Path:
     """A fresh folder for a test PostgreSQL cluster, outside pytest's own temporary root.
 
-    Under root, PostgreSQL runs as ``nobody`` and must be able to walk down to its data; each
-    pytest session resets its temporary root to mode 0700, which would lock out a cluster of a
-    concurrently running session.
+    Under root, PostgreSQL runs as ``nobody`` and must be able to walk down to its data; pytest's
+    temporary root is mode 0700. The folder made here is this session's own, so it (and only
+    it) is opened to traversal (0711: no listing); the cluster below it stays 0700.
     """
-    return Path(tempfile.mkdtemp(prefix="anomaly-test-pg-")) / "data"
+    top = Path(tempfile.mkdtemp(prefix="anomaly-test-pg-"))
+    top.chmod(0o711)
+    return top / "data"
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +65,9 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 def settings(redis_server: RedisServer, postgres_server: PostgresServer) -> Settings:
-    return Settings(redis_port=redis_server.port, postgres_port=postgres_server.port)
+    """The services' view of the session's servers: the generated passwords, and Redis' service
+    user (no administrative commands; tests that need them use ``redis_client``)."""
+    return Settings(**redis_server.settings_fields(), **postgres_server.settings_fields())
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -72,9 +76,13 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         **os.environ,
         "REDIS_HOST": settings.redis_host,
         "REDIS_PORT": str(settings.redis_port),
+        "REDIS_USERNAME": settings.redis_username or "",
+        "REDIS_PASSWORD": settings.redis_password or "",
         "POSTGRES_HOST": settings.postgres_host,
         "POSTGRES_PORT": str(settings.postgres_port),
         "POSTGRES_DB": settings.postgres_db,
+        "POSTGRES_USER": settings.postgres_user,
+        "POSTGRES_PASSWORD": settings.postgres_password,
         **extra,
     }
 
@@ -139,8 +147,9 @@ def series_id() -> str:
 
 
 @pytest.fixture
-def redis_client(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_connection_url(), decode_responses=True)
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """The session's admin path to Redis: every command (FLUSHALL, CLIENT KILL, DEBUG …)."""
+    client = redis.Redis.from_url(redis_server.admin_url(), decode_responses=True)
     yield client
     client.close()
 
