@@ -6,12 +6,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints
 
+from detector.settings import MAX_SIGMA
+
 Direction = Literal["above", "below", "both"]
 Kind = Literal["static", "multiscale"]
 # A JSON number that is finite; booleans and strings are refused (strict).
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # Fit timestamps: JSON numbers; 1.0 counts as 1, 1.5 is refused by the model's rules.
 JsonTimestamp = StrictInt | StrictFloat
+# k in μ ± kσ: bounded above, as a k of 1e308 would make every bound infinite (see MAX_SIGMA).
+Sigma = Annotated[float, Field(strict=True, gt=0, le=MAX_SIGMA, allow_inf_nan=False)]
 DigitString = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,19}$")]
 
 
@@ -21,8 +25,8 @@ class _Body(BaseModel):
 
 
 class FitOptions(_Body):
-    sigma: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] | None = Field(
-        default=None, description="k in μ ± kσ (default: the server's, 3)."
+    sigma: Sigma | None = Field(
+        default=None, description=f"k in μ ± kσ, 0 < k ≤ {MAX_SIGMA:g} (default: the server's, 3)."
     )
     direction: Direction | None = Field(
         default=None, description="Which side is anomalous (default: the server's, above)."

@@ -6,10 +6,19 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import quote
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Direction = Literal["above", "below", "both"]
+# The largest k in μ ± kσ. Chebyshev: whatever the distribution, at most 1/k² of it lies beyond
+# kσ, so k = 100 already flags at most 0.01% of any series; a larger k only silences a series
+# (k = 1e308 makes every bound infinite) and is more likely a mistake than a choice.
+MAX_SIGMA = 100.0
+
+
+def api_key_list(csv: str) -> list[str]:
+    """The keys in a comma-separated API_KEYS / API_READ_KEYS value."""
+    return [key.strip() for key in csv.split(",") if key.strip()]
 
 
 class Settings(BaseSettings):
@@ -46,7 +55,7 @@ class Settings(BaseSettings):
     mlflow_experiment: str = "anomaly-detection"
 
     # The model.
-    default_sigma: float = Field(default=3.0, gt=0)
+    default_sigma: float = Field(default=3.0, gt=0, le=MAX_SIGMA)
     default_direction: Direction = "above"
     min_training_points: int = Field(default=3, ge=2)
     max_training_points: int = Field(default=5_000_000, ge=3)
@@ -64,6 +73,18 @@ class Settings(BaseSettings):
     # only read (predict, models, plot, anomalies, events). Comma-separated.
     api_keys: str = ""
     api_read_keys: str = ""
+
+    @field_validator("api_keys", "api_read_keys")
+    @classmethod
+    def _keys_or_nothing(cls, value: str, info: ValidationInfo) -> str:
+        # A value of blanks and commas was meant to set keys: serving an open API instead would
+        # hide the mistake, so it is refused (empty means no keys, on purpose).
+        if value and not api_key_list(value):
+            raise ValueError(
+                f"{(info.field_name or '').upper()} has no key in it (only blanks and commas): "
+                "set comma-separated keys, or leave it empty for no keys"
+            )
+        return value
 
     # The streams (DESIGN "Stream contract"). In Redis Cluster give the three streams one hash
     # tag, e.g. ``readings:{a}``, ``anomalies:{a}``, ``readings:dead:{a}``: the worker writes
