@@ -14,7 +14,7 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, HttpMetrics
 from api.routes import events, models, system
-from api.schemas import ERROR_RESPONSES
+from api.schemas import ERROR_RESPONSES, declare_limits
 from detector.connections import apply_schema, postgres_pool, redis_client
 from detector.latency import LatencyWindow
 from detector.metrics import ApiMetrics
@@ -97,4 +97,6 @@ def create_app(
     # The last added runs first: the size limit acts before anything reads the body.
     app.add_middleware(HttpMetrics, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    plain_openapi = app.openapi
+    app.openapi = lambda: declare_limits(plain_openapi(), settings)  # type: ignore[method-assign]
     return app

@@ -17,7 +17,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api.bodies import THREAD_PARSE_BYTES
 from detector.errors import ModelNotFoundError
-from detector.identifiers import SERIES_ID_RULE, parse_version, validate_series_id
+from detector.identifiers import (
+    SERIES_ID_RULE,
+    SERIES_ID_SCHEMA,
+    VERSION_SCHEMA,
+    parse_version,
+    validate_series_id,
+)
 from detector.latency import LatencyWindow
 from detector.metrics import ApiMetrics
 from detector.settings import Settings
@@ -46,13 +52,15 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def series_id_path(
-    series_id: Annotated[str, Path(description=SERIES_ID_RULE)],
+    series_id: Annotated[str, Path(description=SERIES_ID_RULE, json_schema_extra=SERIES_ID_SCHEMA)],
 ) -> str:
     return validate_series_id(series_id)
 
 
 async def series_id_query(
-    series_id: Annotated[str, Query(description=SERIES_ID_RULE)],
+    series_id: Annotated[
+        str, Query(description=SERIES_ID_RULE, json_schema_extra=SERIES_ID_SCHEMA)
+    ],
 ) -> str:
     return validate_series_id(series_id)
 
@@ -68,7 +76,9 @@ def version_query_value(version: str | None) -> tuple[int, int, int] | None:
 
 
 async def version_query(
-    version: Annotated[str | None, Query(description=VERSION_QUERY_HELP)] = None,
+    version: Annotated[
+        str | None, Query(description=VERSION_QUERY_HELP, json_schema_extra=VERSION_SCHEMA)
+    ] = None,
 ) -> tuple[int, int, int] | None:
     return version_query_value(version)
 

@@ -16,7 +16,7 @@ from api.deps import SeriesIdQueryDep, ServicesDep
 from detector.connections import redis_client
 from detector.errors import InvalidInputError, StoreUnavailableError
 from detector.history import query_anomalies, query_episodes
-from detector.identifiers import SERIES_ID_RULE, validate_series_id
+from detector.identifiers import SERIES_ID_RULE, SERIES_ID_SCHEMA, validate_series_id
 from detector.store import POSTGRES_ERRORS, REDIS_ERRORS
 from detector.streams import decode_event
 
@@ -36,7 +36,9 @@ _BLOCK_MS = 5000
 async def events(
     request: Request,
     services: ServicesDep,
-    series_id: Annotated[str | None, Query(description=SERIES_ID_RULE)] = None,
+    series_id: Annotated[
+        str | None, Query(description=SERIES_ID_RULE, json_schema_extra=SERIES_ID_SCHEMA)
+    ] = None,
     last_event_id: Annotated[
         str | None, Header(description="Resume after this event id (browsers send it).")
     ] = None,
