@@ -20,7 +20,7 @@ from api.middleware import BodyBudget, BodySizeLimit, HttpMetrics
 from api.plot_cache import PlotCache
 from api.pointer_cache import LatestPointerCache
 from api.routes import events, models, system
-from api.schemas import ERROR_RESPONSES
+from api.schemas import ERROR_RESPONSES, declare_limits
 from detector.errors import POSTGRES_ERRORS
 from detector.mlflow_outbox import MlflowTracker
 from detector.settings import Settings, get_settings
@@ -123,4 +123,6 @@ def create_app(
         free_bytes=THREAD_PARSE_BYTES,
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    plain_openapi = app.openapi
+    app.openapi = lambda: declare_limits(plain_openapi(), settings)  # type: ignore[method-assign]
     return app

@@ -9,7 +9,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from detector.errors import AnomalyError
-from detector.settings import Settings
+from detector.settings import Settings, api_key_list
 
 
 class UnauthorizedError(AnomalyError):
@@ -25,7 +25,7 @@ _bearer = HTTPBearer(auto_error=False, description="An API key as a bearer token
 
 
 def _keys(csv: str) -> list[bytes]:
-    return [k.strip().encode() for k in csv.split(",") if k.strip()]
+    return [key.encode() for key in api_key_list(csv)]
 
 
 def _matches(candidate: bytes, keys: list[bytes]) -> bool:

@@ -21,7 +21,13 @@ from api.latency import LatencyWindow
 from api.metrics import ApiMetrics
 from api.plot_cache import PlotCache
 from detector.errors import ModelNotFoundError
-from detector.identifiers import SERIES_ID_RULE, parse_version, validate_series_id
+from detector.identifiers import (
+    SERIES_ID_RULE,
+    SERIES_ID_SCHEMA,
+    VERSION_SCHEMA,
+    parse_version,
+    validate_series_id,
+)
 from detector.settings import Settings
 from detector.store.codec import ModelVersion
 from detector.store.models import ModelStore
@@ -51,13 +57,15 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def series_id_path(
-    series_id: Annotated[str, Path(description=SERIES_ID_RULE)],
+    series_id: Annotated[str, Path(description=SERIES_ID_RULE, json_schema_extra=SERIES_ID_SCHEMA)],
 ) -> str:
     return validate_series_id(series_id)
 
 
 async def series_id_query(
-    series_id: Annotated[str, Query(description=SERIES_ID_RULE)],
+    series_id: Annotated[
+        str, Query(description=SERIES_ID_RULE, json_schema_extra=SERIES_ID_SCHEMA)
+    ],
 ) -> str:
     return validate_series_id(series_id)
 
@@ -73,7 +81,9 @@ def version_query_value(version: str | None) -> tuple[int, int, int] | None:
 
 
 async def version_query(
-    version: Annotated[str | None, Query(description=VERSION_QUERY_HELP)] = None,
+    version: Annotated[
+        str | None, Query(description=VERSION_QUERY_HELP, json_schema_extra=VERSION_SCHEMA)
+    ] = None,
 ) -> tuple[int, int, int] | None:
     return version_query_value(version)
 

@@ -6,12 +6,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints
 
+from detector.kinds.static import MAX_SIGMA
+from detector.kinds.training import MAX_TIMESTAMP
+from detector.settings import Settings
+
 Direction = Literal["above", "below", "both"]
 Kind = Literal["static", "multiscale"]
 # A JSON number that is finite; booleans and strings are refused (strict).
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # Fit timestamps: JSON numbers; 1.0 counts as 1, 1.5 is refused by the model's rules.
 JsonTimestamp = StrictInt | StrictFloat
+# k in μ ± kσ: bounded above, as a k of 1e308 would make every bound infinite (see MAX_SIGMA).
+Sigma = Annotated[float, Field(strict=True, gt=0, le=MAX_SIGMA, allow_inf_nan=False)]
 DigitString = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,19}$")]
 
 
@@ -21,8 +27,8 @@ class _Body(BaseModel):
 
 
 class FitOptions(_Body):
-    sigma: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] | None = Field(
-        default=None, description="k in μ ± kσ (default: the server's, 3)."
+    sigma: Sigma | None = Field(
+        default=None, description=f"k in μ ± kσ, 0 < k ≤ {MAX_SIGMA:g} (default: the server's, 3)."
     )
     direction: Direction | None = Field(
         default=None, description="Which side is anomalous (default: the server's, above)."
@@ -164,3 +170,47 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": model.model_json_schema()}},
         }
     }
+
+
+MAX_FIT_VALUE = 1e150
+
+
+def declare_limits(openapi: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """State the size rules of this server's settings in its OpenAPI document (in place).
+
+    The bodies parse their arrays themselves (see `api.bodies`), so their schemas get the
+    limits here: at least ``min_training_points`` and at most ``max_training_points`` points
+    to fit, at most ``max_batch_points`` to score, and fit timestamps unique. What JSON Schema
+    cannot say (a constant series, ``timestamps`` and ``values`` of unequal length) stays a
+    422 that says so.
+    """
+    limits = {
+        "/fit/{series_id}": {
+            "minItems": settings.min_training_points,
+            "maxItems": settings.max_training_points,
+        },
+        "/predict/{series_id}/batch": {"minItems": 1, "maxItems": settings.max_batch_points},
+    }
+    for path, items in limits.items():
+        body = openapi["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        properties = body["schema"]["properties"]
+        for name in ("timestamps", "values"):
+            properties[name].update(items)
+        # JSON Schema's "integer" takes 1.0 as 1, exactly as the fit rules do.
+        properties["timestamps"]["items"] = {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_TIMESTAMP,
+        }
+        if path == "/fit/{series_id}":
+            properties["timestamps"]["uniqueItems"] = True
+            # Beyond this, (x − μ)² overflows float64 for any spread: σ would be infinite.
+            properties["values"]["items"].update(minimum=-MAX_FIT_VALUE, maximum=MAX_FIT_VALUE)
+    predict = openapi["paths"]["/predict/{series_id}"]["post"]["requestBody"]
+    timestamp = predict["content"]["application/json"]["schema"]["properties"]["timestamp"]
+    timestamp["anyOf"] = [
+        {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        # 19 digits may pass 2**63 - 1: the schema promises the 18 that always fit.
+        {"type": "string", "pattern": r"^[0-9]{1,18}$"},
+    ]
+    return openapi

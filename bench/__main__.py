@@ -34,6 +34,7 @@ from detector.store.codec import ModelVersion
 from detector.store.connections import apply_schema_sync
 from embedded.servers import PostgresServer, RedisServer, free_port
 from ingest.publisher import Publisher, checked_fields
+from tests.conftest import service_env
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench")
@@ -65,13 +66,7 @@ class Context:
 
 
 def env_for(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW")}
-    env.update(
-        REDIS_HOST="127.0.0.1",
-        REDIS_PORT=str(settings.redis_port),
-        POSTGRES_HOST="127.0.0.1",
-        POSTGRES_PORT=str(settings.postgres_port),
-    )
+    env = {k: v for k, v in service_env(settings).items() if not k.startswith("MLFLOW")}
     return env
 
 
@@ -766,7 +761,7 @@ def main() -> None:
         data_dir = Path(tmp)
         redis_server = RedisServer(data_dir / "redis", free_port()).start()
         pg_server = PostgresServer(data_dir / "pg", free_port()).start()
-        settings = Settings(redis_port=redis_server.port, postgres_port=pg_server.port)
+        settings = Settings(**redis_server.settings_fields(), **pg_server.settings_fields())
         apply_schema_sync(settings.postgres_conninfo())
         api_port = free_port()
         api = subprocess.Popen(
@@ -782,7 +777,7 @@ def main() -> None:
                 url,
                 api_port,
                 api.pid,
-                settings.redis_connection_url(),
+                redis_server.admin_url(),  # the scenarios read INFO, an admin command
                 settings.postgres_conninfo(),
                 data_dir,
                 args.quick,

@@ -25,7 +25,7 @@ def main(count: int) -> None:
     postgres = PostgresServer(tmp / "pg", free_port(), durable=False)
     postgres.start()
     apply_schema_sync(postgres.conninfo())
-    settings = Settings(redis_port=redis.port, postgres_port=postgres.port)
+    settings = Settings(**redis.settings_fields(), **postgres.settings_fields())
     port = free_port()
     broker = start_tansu(port)
     bootstrap = f"127.0.0.1:{port}"

@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         redis_server = RedisServer(data / "redis", free_port()).start()
         pg_server = PostgresServer(data / "pg", free_port()).start()
         settings = Settings(
-            redis_port=redis_server.port,
-            postgres_port=pg_server.port,
+            **redis_server.settings_fields(),
+            **pg_server.settings_fields(),
             episode_quiet_seconds=args.quiet_seconds,
         )
         apply_schema_sync(settings.postgres_conninfo())

@@ -4,7 +4,6 @@ real Redis, PostgreSQL and the API: ``python -m bench.tracking [FITS] [POINTS] [
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -20,6 +19,7 @@ from bench.app import wait_healthy
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
 from embedded.servers import PostgresServer, RedisServer, free_port
+from tests.conftest import service_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,13 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def timed_fits(settings: Settings, args: argparse.Namespace, **env: str) -> list[float]:
     """Start an API (with ``env``), warm it up, then time ``args.fits`` fits in ms."""
     port = free_port()
-    service_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW")}
-    service_env.update(
-        REDIS_PORT=str(settings.redis_port), POSTGRES_PORT=str(settings.postgres_port), **env
-    )
+    service = {k: v for k, v in service_env(settings).items() if not k.startswith("MLFLOW")}
+    service.update(env)
     proc = subprocess.Popen(
         [sys.executable, "-m", "api", "--port", str(port), "--log-level", "warning"],
-        env=service_env,
+        env=service,
         cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -82,7 +80,7 @@ def main() -> None:
     redis = RedisServer(tmp / "redis", free_port()).start()
     pg = PostgresServer(tmp / "pg", free_port()).start()
     try:
-        settings = Settings(redis_port=redis.port, postgres_port=pg.port)
+        settings = Settings(**redis.settings_fields(), **pg.settings_fields())
         apply_schema_sync(settings.postgres_conninfo())
         tracked = {
             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",

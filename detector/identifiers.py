@@ -15,6 +15,19 @@ _VERSION = re.compile(r"v?([0-9]+)(?:\.([0-9]+)\.([0-9]+))?")
 
 VERSION_RULE = "version must look like v3.0.0, v3 or 3, with a major version of 1 or more"
 
+# The same rules as JSON Schema, for OpenAPI (the checks above stay the ones that run, so a
+# 422 states the rule in words). Patterns are anchored with ^…$ as ECMA-262 regexes.
+SERIES_ID_SCHEMA: dict[str, object] = {
+    "pattern": r"^(?!\.\.?$)[A-Za-z0-9_.:\-]{1,128}$",
+    "minLength": 1,
+    "maxLength": 128,
+}
+# Empty (the latest) or a version whose major number is 1 or more.
+VERSION_SCHEMA: dict[str, object] = {
+    "pattern": r"^(v?0*[1-9][0-9]*(\.[0-9]+\.[0-9]+)?)?$",
+    "maxLength": 32,
+}
+
 
 def validate_series_id(series_id: str) -> str:
     """Return ``series_id`` unchanged, or raise InvalidSeriesError stating the rule."""

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from detector.kinds.static import MAX_SIGMA
+
 Direction = Literal["above", "below", "both"]
+
+
+def api_key_list(csv: str) -> list[str]:
+    """The keys in a comma-separated API_KEYS / API_READ_KEYS value."""
+    return [key.strip() for key in csv.split(",") if key.strip()]
 
 
 class Settings(BaseSettings):
@@ -20,12 +29,21 @@ class Settings(BaseSettings):
     set; the groups show in the names' prefixes instead.
     """
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+    # `make run` keeps its generated passwords in <DATA_DIR>/credentials.env: every command run
+    # in the project folder (the ingest CLI, the API, a worker) finds them there; environment
+    # variables win over the file, and without the file nothing changes.
+    model_config = SettingsConfigDict(
+        env_file=Path(os.environ.get("DATA_DIR", ".data")) / "credentials.env",
+        extra="ignore",
+        frozen=True,
+    )
 
     # Redis: the hot model store and the streams.
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     redis_db: int = 0
+    # An ACL user (Redis 6+); none logs in as `default`. `make run` generates both.
+    redis_username: str | None = None
     redis_password: str | None = None
     redis_url: str | None = Field(default=None, description="Overrides the REDIS_* parts.")
 
@@ -44,7 +62,7 @@ class Settings(BaseSettings):
     mlflow_experiment: str = "anomaly-detection"
 
     # The model.
-    default_sigma: float = Field(default=3.0, gt=0)
+    default_sigma: float = Field(default=3.0, gt=0, le=MAX_SIGMA)
     default_direction: Direction = "above"
     # The kind a fit without a `kind` option makes (static: the seed's μ + kσ rule).
     default_kind: Literal["static", "multiscale"] = "static"
@@ -75,6 +93,19 @@ class Settings(BaseSettings):
     # only read (predict, models, plot, anomalies, events). Comma-separated.
     api_keys: str = ""
     api_read_keys: str = ""
+
+    # The streams (docs/stream-contract.md). In Redis Cluster give the three streams one hash
+    @field_validator("api_keys", "api_read_keys")
+    @classmethod
+    def _keys_or_nothing(cls, value: str, info: ValidationInfo) -> str:
+        # A value of blanks and commas was meant to set keys: serving an open API instead would
+        # hide the mistake, so it is refused (empty means no keys, on purpose).
+        if value and not api_key_list(value):
+            raise ValueError(
+                f"{(info.field_name or '').upper()} has no key in it (only blanks and commas): "
+                "set comma-separated keys, or leave it empty for no keys"
+            )
+        return value
 
     # The streams (docs/stream-contract.md). In Redis Cluster give the three streams one hash
     # tag, e.g. ``readings:{a}``, ``anomalies:{a}``, ``readings:dead:{a}``: the worker writes
@@ -155,7 +186,8 @@ class Settings(BaseSettings):
     def redis_connection_url(self) -> str:
         if self.redis_url:
             return self.redis_url
-        auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        user = quote(self.redis_username, safe="") if self.redis_username else ""
+        auth = f"{user}:{quote(self.redis_password, safe='')}@" if self.redis_password else ""
         return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
 
     def postgres_conninfo(self) -> str:

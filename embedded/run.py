@@ -3,11 +3,14 @@ the detector worker until Ctrl-C / SIGTERM, when everything it started is stoppe
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +18,44 @@ from types import FrameType
 
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
-from embedded.servers import PostgresServer, RedisServer, port_in_use
+from embedded.credentials import Credentials
+from embedded.servers import PostgresServer, RedisServer, blocking_folder, port_in_use
 
 log = logging.getLogger("anomaly-run")
+
+# The generated passwords, in the data folder (mode 0600), as a file a shell can source.
+CREDENTIALS_FILE = "credentials.env"
+
+
+def postgres_folder(data_dir: Path) -> Path:
+    """Where `make run`'s PostgreSQL cluster lives: ``<data>/postgres``.
+
+    Under root, PostgreSQL runs as ``nobody``, who must walk down to its folder; when a folder
+    above the project is closed to other users (a home folder of mode 0700, say), no folder's
+    mode is changed: the cluster gets a folder of its own instead, under ``/var/tmp`` (kept
+    across reboots), named after the data folder so every `make run` finds it again.
+    """
+    default = data_dir / "postgres"
+    if os.geteuid() != 0 or blocking_folder(default) is None:
+        return default
+    var_tmp = Path("/var/tmp")  # noqa: S108 (a predictable name, checked to be root's below)
+    base = var_tmp if var_tmp.is_dir() else Path(tempfile.gettempdir())
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    own = base / f"anomaly-detector-{digest}"
+    own.mkdir(mode=0o711, exist_ok=True)
+    found = own.lstat()
+    # In a world-writable folder someone else could have made the name first (or a link).
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != 0:
+        raise RuntimeError(
+            f"{own} exists and is not a folder of root's: remove it, or run as a user"
+        )
+    own.chmod(0o711)  # ours alone: made here, walk-through only
+    log.warning(
+        "%s is not reachable by nobody (PostgreSQL's user under root): its cluster is in %s",
+        data_dir,
+        own / "postgres",
+    )
+    return own / "postgres"
 
 
 @dataclass
@@ -84,25 +122,33 @@ def main() -> None:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    redis = RedisServer(data_dir / "redis", settings.redis_port)
+    # The data folder is ours: 0711 lets PostgreSQL (as nobody, under root) walk through to
+    # its own 0700 folder without listing or reading anything else here.
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o711)
+    credentials = Credentials.load_or_create(data_dir / CREDENTIALS_FILE)
+    redis = RedisServer(data_dir / "redis", settings.redis_port, credentials=credentials)
     postgres = PostgresServer(
-        data_dir / "postgres",
+        postgres_folder(data_dir),
         settings.postgres_port,
         database=settings.postgres_db,
         user=settings.postgres_user,
+        credentials=credentials,
     )
+    served = settings.model_copy(update={**redis.settings_fields(), **postgres.settings_fields()})
     children: list[Child] = []
     try:
         redis.start()
         postgres.start()
-        apply_schema_sync(settings.postgres_conninfo())
+        apply_schema_sync(served.postgres_conninfo())
         env = {
             **os.environ,
-            "REDIS_HOST": "127.0.0.1",
-            "REDIS_PORT": str(settings.redis_port),
-            "POSTGRES_HOST": "127.0.0.1",
-            "POSTGRES_PORT": str(settings.postgres_port),
+            **{name.upper(): str(value) for name, value in redis.settings_fields().items()},
+            **{name.upper(): str(value) for name, value in postgres.settings_fields().items()},
         }
+        # A URL or DSN in the environment would take precedence over the parts set here.
+        env.pop("REDIS_URL", None)
+        env.pop("POSTGRES_DSN", None)
         env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{data_dir / 'mlflow.db'}")
         env.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(data_dir / "mlartifacts"))
         children.append(Child("api", [sys.executable, "-m", "api", "--port", str(api_port)], env))
@@ -110,9 +156,11 @@ def main() -> None:
             Child("detector", [sys.executable, "-m", "detector"], _worker_env(env, settings))
         )
         log.info(
-            "data in %s; API on http://127.0.0.1:%d (docs at /docs); Ctrl-C stops",
+            "data in %s; API on http://127.0.0.1:%d (docs at /docs); Ctrl-C stops; "
+            "clients: `set -a; . %s; set +a`",
             data_dir,
             api_port,
+            data_dir / CREDENTIALS_FILE,
         )
         while not stopping:
             for child in children:

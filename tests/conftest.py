@@ -46,7 +46,9 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 def settings(redis_server: RedisServer, postgres_server: PostgresServer) -> Settings:
-    return Settings(redis_port=redis_server.port, postgres_port=postgres_server.port)
+    """The services' view of the session's servers: the generated passwords, and Redis' service
+    user (no administrative commands; tests that need them use ``redis_client``)."""
+    return Settings(**redis_server.settings_fields(), **postgres_server.settings_fields())
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +73,9 @@ def series_id() -> str:
 
 
 @pytest.fixture
-def redis_client(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_connection_url(), decode_responses=True)
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """The session's admin path to Redis: every command (FLUSHALL, CLIENT KILL, DEBUG …)."""
+    client = redis.Redis.from_url(redis_server.admin_url(), decode_responses=True)
     yield client
     client.close()
 

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import SeriesIdQueryDep, ServicesDep
 from api.event_feed import EventFeed, Subscriber, parse_stream_id
 from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, StoreUnavailableError
-from detector.identifiers import SERIES_ID_RULE, validate_series_id
+from detector.identifiers import SERIES_ID_RULE, SERIES_ID_SCHEMA, validate_series_id
 from detector.store.history import query_anomalies, query_episodes
 
 router = APIRouter(tags=["streams"])
@@ -35,7 +35,9 @@ _TOO_SLOW = (
 async def events(
     request: Request,
     services: ServicesDep,
-    series_id: Annotated[str | None, Query(description=SERIES_ID_RULE)] = None,
+    series_id: Annotated[
+        str | None, Query(description=SERIES_ID_RULE, json_schema_extra=SERIES_ID_SCHEMA)
+    ] = None,
     last_id: Annotated[
         str | None, Query(description="Resume after this event id (for clients without headers).")
     ] = None,

@@ -37,7 +37,13 @@ from api.schemas import (
 )
 from detector.errors import AnomalyError, InvalidInputError, TooLargeError
 from detector.fitting import fit_version
-from detector.identifiers import SERIES_ID_RULE, format_version, validate_series_id
+from detector.identifiers import (
+    SERIES_ID_RULE,
+    SERIES_ID_SCHEMA,
+    VERSION_SCHEMA,
+    format_version,
+    validate_series_id,
+)
 from detector.kinds.training import MAX_TIMESTAMP, FloatArray, as_timestamps
 from detector.store.codec import ModelVersion
 
@@ -112,9 +118,11 @@ async def fit(
 )
 async def predict(
     request: Request,
-    series_id: Annotated[str, Path(description=SERIES_ID_RULE)],
+    series_id: Annotated[str, Path(description=SERIES_ID_RULE, json_schema_extra=SERIES_ID_SCHEMA)],
     body: Annotated[PredictRequest, Depends(json_body(PredictRequest))],
-    version: Annotated[str | None, Query(description=VERSION_QUERY_HELP)] = None,
+    version: Annotated[
+        str | None, Query(description=VERSION_QUERY_HELP, json_schema_extra=VERSION_SCHEMA)
+    ] = None,
 ) -> Response:
     # The hot path: ids and version are checked inline rather than through FastAPI
     # dependencies, whose resolution cost more than the prediction itself.
@@ -249,7 +257,11 @@ async def list_models(
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[
-        str | None, Query(description="the last series_id of the previous page")
+        str | None,
+        Query(
+            description="the last series_id of the previous page",
+            json_schema_extra=SERIES_ID_SCHEMA,
+        ),
     ] = None,
 ) -> SeriesPage:
     if after is not None:

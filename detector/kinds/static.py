@@ -20,7 +20,9 @@ ABOVE: Final = 0
 BELOW: Final = 1
 BOTH: Final = 2
 DIRECTION_CODES: Final = {"above": ABOVE, "below": BELOW, "both": BOTH}
-# Largest k a fit takes: beyond it a series could never raise an anomaly.
+# The largest k in μ ± kσ. Chebyshev: whatever the distribution, at most 1/k² of it lies beyond
+# kσ, so k = 100 already flags at most 0.01% of any series; a larger k only silences a series
+# (k = 1e308 makes every bound infinite) and is more likely a mistake than a choice.
 MAX_SIGMA: Final = 100.0
 
 

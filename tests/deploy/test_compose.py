@@ -29,7 +29,9 @@ SEED_PORTS = {
     "prometheus": 9090,
     "grafana": 3000,
 }
-SECRETS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
+SECRETS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "API_KEYS")
+# What a user writes into .env for each secret .env.example leaves empty.
+FILLED = {name: f"filled-{name.lower()}" for name in SECRETS}
 # The worker's metric names (fixed by the stream contract); WorkerMetrics adds any more.
 WORKER_METRICS = {
     "stream_readings_total",
@@ -51,8 +53,9 @@ PROMQL_WORDS = {
 
 
 def resolve(value: str) -> str:
-    """A compose value with ${VAR:-default} and ${VAR:?message} resolved as .env.example sets."""
-    example = env_example()
+    """A compose value with ${VAR:-default} and ${VAR:?message} resolved as a .env made from
+    .env.example with its empty secrets filled in sets them."""
+    example = {**env_example(), **FILLED}
 
     def substitute(match: re.Match[str]) -> str:
         name, op, rest = match.group(1), match.group(2), match.group(3)
@@ -166,10 +169,29 @@ def test_secrets_come_from_env_and_are_required() -> None:
         assert re.search(r"\$\{" + secret + r"(?!:\?)", text) is None, f"{secret} has a default"
         assert secret in env_example()
     assert "admin/admin" not in text
-    assert (
-        service_env("grafana")["GF_SECURITY_ADMIN_PASSWORD"]
-        == env_example()["GRAFANA_ADMIN_PASSWORD"]
-    )
+    assert service_env("grafana")["GF_SECURITY_ADMIN_PASSWORD"] == FILLED["GRAFANA_ADMIN_PASSWORD"]
+
+
+def test_env_example_placeholders_cannot_start_compose() -> None:
+    # `${VAR:?…}` refuses an unset *or empty* variable: .env.example leaves every secret empty,
+    # so a copied .env starts nothing until each is set (a "change-me" value would pass).
+    example = env_example()
+    for secret in SECRETS:
+        assert example[secret] == "", f"{secret} has a placeholder value in .env.example"
+    text = (ROOT / ".env.example").read_text().lower()
+    assert "change-me" not in text and "changeme" not in text
+
+
+def test_api_keys_come_from_env() -> None:
+    api = SERVICES["api"]["environment"]
+    assert re.fullmatch(r"\$\{API_KEYS:\?[^}]+\}", api["API_KEYS"])
+    assert re.fullmatch(r"\$\{API_READ_KEYS:-\}", api["API_READ_KEYS"])
+    assert "API_READ_KEYS" in env_example()
+    env = service_env("api")
+    assert env["API_KEYS"] == FILLED["API_KEYS"] and env["API_READ_KEYS"] == ""
+    # The workers take no HTTP requests: they are not given the keys.
+    for name in ("detector", "detector-kafka"):
+        assert "API_KEYS" not in SERVICES[name]["environment"]
 
 
 def test_service_env_matches_settings_names_and_other_services(
@@ -183,7 +205,7 @@ def test_service_env_matches_settings_names_and_other_services(
         assert settings.redis_host == "redis" and settings.postgres_host == "postgres"
         assert settings.redis_port in container_ports("redis")
         assert settings.postgres_port in container_ports("postgres")
-        assert settings.redis_password == env_example()["REDIS_PASSWORD"]
+        assert settings.redis_password == FILLED["REDIS_PASSWORD"]
         postgres = service_env("postgres")
         assert settings.postgres_db == postgres["POSTGRES_DB"]
         assert settings.postgres_user == postgres["POSTGRES_USER"]

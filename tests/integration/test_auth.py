@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import pytest
 
-from tests.support.services import start_api
+from embedded.servers import free_port
+from tests.support.services import ROOT, service_env, start_api, wait_serving
 
 FIT = {"timestamps": [1, 2, 3], "values": [1.0, 2.0, 4.0]}
 POINT = {"timestamp": 1, "value": 1.0}
@@ -64,3 +68,70 @@ def test_read_key_reads_but_cannot_fit(secured, series_id):
 def test_health_and_metrics_stay_open(secured):
     assert httpx.get(f"{secured}/healthcheck").status_code == 200
     assert httpx.get(f"{secured}/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("keys", [" , ", "   "])
+def test_keys_of_only_blanks_and_commas_are_a_startup_error(settings, keys):
+    # Such a value was meant to set keys: serving an open API instead would hide the mistake.
+    result = subprocess.run(
+        [sys.executable, "-m", "api", "--port", str(free_port())],
+        env=service_env(settings, API_KEYS=keys),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "API_KEYS" in result.stderr and "no key" in result.stderr, result.stderr[-2000:]
+    read_only = subprocess.run(
+        [sys.executable, "-m", "api", "--port", str(free_port())],
+        env=service_env(settings, API_READ_KEYS=keys),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert read_only.returncode != 0 and "API_READ_KEYS" in read_only.stderr
+
+
+def serve_and_read_stderr(settings, host, **env):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api", "--host", host, "--port", str(port)],
+        env=service_env(settings, **env),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_serving(f"http://127.0.0.1:{port}", proc)
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    return stderr.decode(errors="replace")
+
+
+def test_serving_other_hosts_without_keys_warns(settings):
+    stderr = serve_and_read_stderr(settings, "0.0.0.0")
+    assert "WARNING" in stderr and "without API keys" in stderr, stderr[-2000:]
+    assert "without API keys" not in serve_and_read_stderr(settings, "127.0.0.1")
+    assert "without API keys" not in serve_and_read_stderr(settings, "0.0.0.0", API_KEYS="k")
+
+
+@pytest.mark.parametrize("sigma", [1e308, 101, 0, -1])
+def test_absurd_sigma_is_a_422_that_says_the_bound(client, series_id, sigma):
+    response = client.post(f"/fit/{series_id}", json={**FIT, "sigma": sigma})
+    assert response.status_code == 422, response.text
+    assert "sigma" in str(response.json()["detail"])
+    assert client.get(f"/models/{series_id}").status_code == 404
+
+
+def test_sigma_bound_is_in_the_schema_and_the_bound_itself_fits(client, series_id):
+    fit = client.get("/openapi.json").json()["paths"]["/fit/{series_id}"]["post"]
+    schema = fit["requestBody"]["content"]["application/json"]["schema"]
+    (sigma,) = [
+        option
+        for option in schema["properties"]["sigma"]["anyOf"]
+        if option.get("type") == "number"
+    ]
+    assert sigma["exclusiveMinimum"] == 0 and sigma["maximum"] == 100
+    assert client.post(f"/fit/{series_id}", json={**FIT, "sigma": 100}).status_code == 200

@@ -75,13 +75,14 @@ def fault_postgres() -> Iterator[PostgresServer]:
 @pytest.fixture
 def fault_settings(fault_redis: RedisServer, fault_postgres: PostgresServer) -> Settings:
     """This module's servers, and streams of this test's own."""
-    base = Settings(redis_port=fault_redis.port, postgres_port=fault_postgres.port)
+    base = Settings(**fault_redis.settings_fields(), **fault_postgres.settings_fields())
     return stream_settings(base, stream_batch_count=100)
 
 
 @pytest.fixture
 def rclient(fault_redis: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=fault_redis.port, decode_responses=True, socket_timeout=10)
+    # The admin user: these tests FLUSHALL and DEBUG SLEEP, which the services may not.
+    client = redis.Redis.from_url(fault_redis.admin_url(), decode_responses=True, socket_timeout=10)
     yield client
     client.close()
 
@@ -209,10 +210,10 @@ class Feeder(threading.Thread):
     added twice, so every reading is in the stream exactly once. ``lock`` is held while a
     chunk is in flight (a test takes it to fault Redis between chunks)."""
 
-    def __init__(self, port: int, stream: str, plan: Plan, *, chunk: int = 200, pause: float = 0):
+    def __init__(self, url: str, stream: str, plan: Plan, *, chunk: int = 200, pause: float = 0):
         super().__init__(daemon=True)
-        self.client = redis.Redis(
-            port=port,
+        self.client = redis.Redis.from_url(
+            url,
             decode_responses=True,
             socket_timeout=5,
             socket_connect_timeout=1,
@@ -356,7 +357,7 @@ def test_redis_kill_9_and_restart_under_live_api_and_worker(
     try:
         series = fit_series(base_url)
         plan = Plan(series, 20_000)
-        feeder = Feeder(fault_redis.port, s.stream_readings, plan, chunk=200, pause=0.01)
+        feeder = Feeder(s.redis_connection_url(), s.stream_readings, plan, chunk=200, pause=0.01)
         predicts = PredictLoop(
             base_url, series[0], 150.0, {"anomaly": True, "model_version": "v1.0.0"}
         )
@@ -410,7 +411,7 @@ def test_redis_flushall_under_load_reloads_models_and_recreates_the_group(
             body = {"timestamps": list(range(10)), "values": TRAINING, "sigma": 1.0}
             assert http.post(f"/fit/{series_id}", json=body).status_code == 200  # v2: 110
         plan = Plan([series_id], 6000, sigma=1.0)  # anomalous under v2 only (115)
-        feeder = Feeder(fault_redis.port, s.stream_readings, plan, chunk=100, pause=0.01)
+        feeder = Feeder(s.redis_connection_url(), s.stream_readings, plan, chunk=100, pause=0.01)
         predicts = PredictLoop(
             base_url, series_id, 120.0, {"anomaly": True, "model_version": "v2.0.0"}
         )
@@ -570,7 +571,7 @@ def test_worker_killed_20_times_during_100k_readings(
     finally:
         stop_process(api)
     plan = Plan(series, 100_000)
-    feeder = Feeder(fault_redis.port, s.stream_readings, plan, chunk=5000)
+    feeder = Feeder(s.redis_connection_url(), s.stream_readings, plan, chunk=5000)
     feeder.run()
     assert feeder.error is None
     index = plan.index()
@@ -634,7 +635,7 @@ def test_worker_sigterm_mid_drain_then_restart_loses_and_repeats_nothing(
     finally:
         stop_process(api)
     plan = Plan(series, 20_000)
-    feeder = Feeder(fault_redis.port, s.stream_readings, plan, chunk=5000)
+    feeder = Feeder(s.redis_connection_url(), s.stream_readings, plan, chunk=5000)
     feeder.run()
     index = plan.index()
     worker = start_worker(s, "polite", tmp_path / "worker.log")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.support.services import start_api
@@ -74,4 +75,43 @@ def test_no_server_errors_and_responses_match_the_schema(operations, route):
 
     fuzz()
     print(f"schemathesis: {route}: {len(calls)} examples")
+    assert len(calls) >= 1
+
+
+POSITIVE_EXAMPLES = 40
+
+
+def _usable(route, case):
+    """JSON Schema cannot say "as many values as timestamps" or "not constant": the arrays
+    are cut to one length, and constant training series (a documented 422) are skipped."""
+    body = case.body
+    if not isinstance(body, dict) or "timestamps" not in body or "values" not in body:
+        return True
+    n = min(len(body["timestamps"]), len(body["values"]))
+    body["timestamps"], body["values"] = body["timestamps"][:n], body["values"][:n]
+    return not route.startswith("POST /fit/") or len(set(body["values"])) > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", [*(r for r in ROUTES if r != "GET /metrics"), "GET /anomalies"])
+def test_schema_valid_requests_are_accepted(operations, route):
+    """Every rule the schema states is the server's: a request that follows it gets a 2xx
+    (or 404 for a series that does not exist), never a 422 the schema did not announce."""
+    calls = []
+
+    @given(case=operations[route].as_strategy(generation_mode=GenerationMode.POSITIVE))
+    @settings(
+        max_examples=POSITIVE_EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    def fuzz(case):
+        if not _usable(route, case):
+            return
+        calls.append(case)
+        case.call_and_validate(headers={"X-API-Key": KEY}, checks=[positive_data_acceptance])
+
+    fuzz()
+    print(f"schemathesis positive: {route}: {len(calls)} examples")
     assert len(calls) >= 1

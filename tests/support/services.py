@@ -20,11 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def postgres_data_dir() -> Path:
     """A fresh folder for a test PostgreSQL cluster, outside pytest's own temporary root.
 
-    Under root, PostgreSQL runs as ``nobody`` and must be able to walk down to its data; each
-    pytest session resets its temporary root to mode 0700, which would lock out a cluster of a
-    concurrently running session.
+    Under root, PostgreSQL runs as ``nobody`` and must be able to walk down to its data; pytest's
+    temporary root is mode 0700. The folder made here is this session's own, so it (and only
+    it) is opened to traversal (0711: no listing); the cluster below it stays 0700.
     """
-    return Path(tempfile.mkdtemp(prefix="anomaly-test-pg-")) / "data"
+    top = Path(tempfile.mkdtemp(prefix="anomaly-test-pg-"))
+    top.chmod(0o711)
+    return top / "data"
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -33,9 +35,13 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         **os.environ,
         "REDIS_HOST": settings.redis_host,
         "REDIS_PORT": str(settings.redis_port),
+        "REDIS_USERNAME": settings.redis_username or "",
+        "REDIS_PASSWORD": settings.redis_password or "",
         "POSTGRES_HOST": settings.postgres_host,
         "POSTGRES_PORT": str(settings.postgres_port),
         "POSTGRES_DB": settings.postgres_db,
+        "POSTGRES_USER": settings.postgres_user,
+        "POSTGRES_PASSWORD": settings.postgres_password,
         **extra,
     }
 
