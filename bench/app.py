@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from typing import Annotated
 
-import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Response
 
@@ -16,20 +14,6 @@ from api.deps import SeriesIdDep, json_body
 from api.schemas import PredictRequest
 
 _CONSTANT = b'{"anomaly":false,"model_version":"v1.0.0"}'
-
-
-def wait_healthy(url: str, timeout: float = 60.0) -> None:
-    """Wait until the API at ``url`` answers its healthcheck with 200."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/healthcheck").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("the API did not start")
-        time.sleep(0.1)
 
 
 def bench_app() -> FastAPI:

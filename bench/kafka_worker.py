@@ -8,57 +8,49 @@ import time
 from pathlib import Path
 
 import httpx
-from tests.kafka_helpers import KafkaNames, KafkaWorker, create_topics, start_tansu
-from tests.test_kafka import publish
-from tests.test_worker import fit_series, make_readings
 
-from detector.settings import Settings
-from detector.store.connections import apply_schema_sync
-from embedded.servers import PostgresServer, RedisServer, free_port
-from tests.conftest import start_api
+from bench.harness import api_process, embedded_servers
+from embedded.servers import free_port
+from tests.integration.test_kafka import publish
+from tests.integration.test_worker import fit_series, make_readings
+from tests.support.kafka import KafkaNames, KafkaWorker, create_topics, start_tansu
 
 
 def main(count: int) -> None:
-    tmp = Path(tempfile.mkdtemp())
-    redis = RedisServer(tmp / "redis", free_port())
-    redis.start()
-    postgres = PostgresServer(tmp / "pg", free_port(), durable=False)
-    postgres.start()
-    apply_schema_sync(postgres.conninfo())
-    settings = Settings(**redis.settings_fields(), **postgres.settings_fields())
-    port = free_port()
-    broker = start_tansu(port)
-    bootstrap = f"127.0.0.1:{port}"
-    api, url = start_api(settings)
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            series = fit_series(client, 100)
-        rows, anomalous = make_readings(series, count)
-        names = KafkaNames.fresh()
-        create_topics(bootstrap, names)
-        publish(bootstrap, names.readings, rows)
-        worker = KafkaWorker(settings, bootstrap, names)
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp,
+        embedded_servers(Path(tmp), durable=False) as servers,
+        api_process(servers.settings, ["-m", "api", "--log-level", "warning"]) as api,
+    ):
+        settings = servers.settings
+        port = free_port()
+        broker = start_tansu(port)
+        bootstrap = f"127.0.0.1:{port}"
         try:
-            while worker.scored() == 0:
-                time.sleep(0.01)
-            started, first = time.monotonic(), worker.scored()
-            while worker.scored() < count:
-                time.sleep(0.05)
-            elapsed = time.monotonic() - started
-            busy = worker.sample("stream_batch_duration_seconds_sum", transport="kafka") or 0.0
+            with httpx.Client(base_url=api.url, timeout=60) as client:
+                series = fit_series(client, 100)
+            rows, anomalous = make_readings(series, count)
+            names = KafkaNames.fresh()
+            create_topics(bootstrap, names)
+            publish(bootstrap, names.readings, rows)
+            worker = KafkaWorker(settings, bootstrap, names)
+            try:
+                while worker.scored() == 0:
+                    time.sleep(0.01)
+                started, first = time.monotonic(), worker.scored()
+                while worker.scored() < count:
+                    time.sleep(0.05)
+                elapsed = time.monotonic() - started
+                busy = worker.sample("stream_batch_duration_seconds_sum", transport="kafka") or 0.0
+            finally:
+                worker.stop()
         finally:
-            worker.stop()
+            broker.terminate()
         done = count - first
         print(
             f"one faust worker: {done:,.0f} readings in {elapsed:.2f} s = {done / elapsed:,.0f} "
             f"readings/s ({len(anomalous)} anomalies; scoring and producing {busy:.2f} s of it)"
         )
-    finally:
-        api.terminate()
-        api.wait(30)
-        broker.terminate()
-        postgres.stop()
-        redis.stop()
 
 
 if __name__ == "__main__":

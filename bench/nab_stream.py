@@ -20,17 +20,14 @@ import httpx
 import numpy as np
 import redis
 
-from bench.__main__ import env_for
+from bench.harness import ROOT, api_process, embedded_servers, env_for
 from detector.settings import Settings
-from detector.store.connections import apply_schema_sync
-from embedded.servers import PostgresServer, RedisServer, free_port
 from evaluation.__main__ import FLAG_THRESHOLD, SCOREBOARD, Params, format_table, run_detector
 from evaluation.corpus import DEFAULT_NAB_ROOT, Series, load_corpus
 from evaluation.nab import PROFILES, CorpusScore, NabScorer, probationary_length
 from evaluation.results import results_path, write_results
 from ingest.publisher import Publisher
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "bench" / "results" / "nab"
 log = logging.getLogger("bench.nab")
 
@@ -47,20 +44,6 @@ def split(series: Series) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], i
     keep = np.zeros(len(series), dtype=bool)
     keep[first] = True
     return seconds, keep, probationary_length(len(series))
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the API exited")
-        try:
-            if httpx.get(f"{url}/healthcheck", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the API did not become healthy")
 
 
 def replay(settings: Settings, api_url: str, corpus: Any, fit_extra: dict[str, Any]) -> float:
@@ -152,31 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus(args.nab_root)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nab-") as tmp:
-        data = Path(tmp)
-        redis_server = RedisServer(data / "redis", free_port()).start()
-        pg_server = PostgresServer(data / "pg", free_port()).start()
-        settings = Settings(
-            **redis_server.settings_fields(),
-            **pg_server.settings_fields(),
-            episode_quiet_seconds=args.quiet_seconds,
-        )
-        apply_schema_sync(settings.postgres_conninfo())
-        port = free_port()
-        api = subprocess.Popen(
-            [sys.executable, "-m", "api", "--port", str(port), "--log-level", "warning"],
-            env=env_for(settings),
-            cwd=ROOT,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, api)
-            worker_seconds = replay(settings, url, corpus, {"kind": args.kind})
+        with (
+            embedded_servers(Path(tmp), episode_quiet_seconds=args.quiet_seconds) as servers,
+            api_process(servers.settings, ["-m", "api", "--log-level", "warning"]) as api,
+        ):
+            settings = servers.settings
+            worker_seconds = replay(settings, api.url, corpus, {"kind": args.kind})
             found = onsets(settings)
-        finally:
-            api.terminate()
-            api.wait(30)
-            pg_server.stop()
-            redis_server.stop()
     outputs = {}
     for series in corpus:
         seconds, keep, _ = split(series)

@@ -73,7 +73,7 @@ def main() -> None:
     redis = RedisServer(root / "redis", free_port(), appendonly=False).start()
     postgres = PostgresServer(root / "pg" / "data", free_port(), durable=False).start()
     try:
-        settings = Settings(redis_port=redis.port, postgres_port=postgres.port)
+        settings = Settings(**redis.settings_fields(), **postgres.settings_fields())
         asyncio.run(measure(settings, args.fits, args.points))
     finally:
         postgres.stop()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -15,34 +13,19 @@ from pathlib import Path
 
 import httpx
 
-from bench.app import wait_healthy
+from bench.harness import api_process, embedded_servers
 from detector.settings import Settings
-from detector.store.connections import apply_schema_sync
-from embedded.servers import PostgresServer, RedisServer, free_port
-from tests.conftest import service_env
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def timed_fits(settings: Settings, args: argparse.Namespace, **env: str) -> list[float]:
     """Start an API (with ``env``), warm it up, then time ``args.fits`` fits in ms."""
-    port = free_port()
-    service = {k: v for k, v in service_env(settings).items() if not k.startswith("MLFLOW")}
-    service.update(env)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api", "--port", str(port), "--log-level", "warning"],
-        env=service,
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url)
+    with api_process(settings, ["-m", "api", "--log-level", "warning"], **env) as api:
         body = {
             "timestamps": list(range(args.points)),
             "values": [float(i % 17) for i in range(args.points)],
         }
         times = []
-        with httpx.Client(base_url=url, timeout=60) as http:
+        with httpx.Client(base_url=api.url, timeout=60) as http:
             for _ in range(20):  # warm-up
                 http.post(f"/fit/warm-{uuid.uuid4().hex[:8]}", json=body).raise_for_status()
             for i in range(args.fits):
@@ -53,9 +36,6 @@ def timed_fits(settings: Settings, args: argparse.Namespace, **env: str) -> list
                 times.append((time.perf_counter() - start) * 1000)
                 time.sleep(args.pause)
         return times
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 def report(name: str, times: list[float]) -> None:
@@ -77,28 +57,24 @@ def main() -> None:
     parser.add_argument("pause", type=float, nargs="?", default=0.0)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
-    redis = RedisServer(tmp / "redis", free_port()).start()
-    pg = PostgresServer(tmp / "pg", free_port()).start()
     try:
-        settings = Settings(**redis.settings_fields(), **pg.settings_fields())
-        apply_schema_sync(settings.postgres_conninfo())
-        tracked = {
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-            "MLFLOW_ARTIFACTS_DESTINATION": str(tmp / "artifacts"),
-        }
-        runs = [
-            ("tracking off", {}),
-            ("tracking on", tracked),
-            ("off (again)", {}),
-            ("on (again)", tracked),
-        ]
-        results = [(name, timed_fits(settings, args, **env)) for name, env in runs]
+        with embedded_servers(tmp) as servers:
+            settings = servers.settings
+            tracked = {
+                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+                "MLFLOW_ARTIFACTS_DESTINATION": str(tmp / "artifacts"),
+            }
+            runs = [
+                ("tracking off", {}),
+                ("tracking on", tracked),
+                ("off (again)", {}),
+                ("on (again)", tracked),
+            ]
+            results = [(name, timed_fits(settings, args, **env)) for name, env in runs]
         print(f"{args.fits} fits of {args.points} points, {args.pause} s between fits")
         for name, times in results:
             report(name, times)
     finally:
-        pg.stop()
-        redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -1,0 +1,22 @@
+"""Every benchmark scenario by the name ``--only`` takes, in the order a full run takes them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bench.context import Context
+from bench.report import Row
+from bench.scenarios.fit import scenario_fit
+from bench.scenarios.memory import scenario_memory
+from bench.scenarios.rest import scenario_batch, scenario_predict, scenario_series_scaling
+from bench.scenarios.stream import scenario_stream, scenario_stream_scaling
+
+SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
+    "predict": scenario_predict,
+    "batch": scenario_batch,
+    "fit": scenario_fit,
+    "scaling": scenario_series_scaling,
+    "memory": scenario_memory,
+    "stream": scenario_stream,
+    "stream2": scenario_stream_scaling,
+}

@@ -1,0 +1,86 @@
+"""The memory scenario: the API's resident memory with models cached, Redis bytes a model."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from bench.client import predict_requests, run_loadgen
+from bench.context import Context
+from bench.report import Row, reported
+from detector.kinds.static import StaticModel
+from detector.redis_keys import model_key
+from detector.store.codec import ModelVersion
+
+log = logging.getLogger("bench")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scenario_memory(ctx: Context) -> list[Row]:
+    rng = np.random.default_rng(5)
+    r = redis.Redis.from_url(ctx.redis_url)
+    models = int(r.eval("return #redis.call('KEYS', 'model:*')", 0))
+    r.close()
+    ids = [f"scale-{i:06d}" for i in range(min(models, 100_000))]
+    paths, bodies = predict_requests(ids, rng)
+    # Touch every model once so each sits in the API's in-process cache.
+    run_loadgen(ctx, paths, bodies, connections=16, duration=3.0 if ctx.quick else 6.0)
+    n = 20_000 if ctx.quick else 100_000
+    per_model = redis_bytes_per_model(ctx, n, rng)
+    return [
+        reported("memory", "API RSS with the models cached", rss_mb(ctx.api_pid), "MiB"),
+        Row(
+            "memory",
+            "Redis used memory per stored model",
+            per_model,
+            "bytes",
+            None,
+            f"used_memory delta storing {n:,} models",
+            None,
+            "≤ 300 bytes",
+            per_model <= 300,
+        ),
+    ]
+
+
+def redis_bytes_per_model(ctx: Context, n: int, rng: np.random.Generator) -> float:
+    """used_memory before and after storing ``n`` one-version series exactly as the store does
+    (its own ``to_redis`` form, the version field and the ``latest`` pointer), then removed."""
+    means = rng.normal(50, 10, n)
+    stds = np.abs(rng.normal(5, 1, n)) + 0.1
+    created = datetime.now(UTC)
+    r = redis.Redis.from_url(ctx.redis_url)
+    try:
+        before = int(r.info("memory")["used_memory"])
+        keys = [model_key(f"mem-{i:07d}") for i in range(n)]
+        for start in range(0, n, 10_000):
+            with r.pipeline(transaction=False) as pipe:
+                for i in range(start, min(n, start + 10_000)):
+                    stored = ModelVersion(
+                        f"mem-{i:07d}",
+                        1,
+                        StaticModel(mean=float(means[i]), std=float(stds[i])),
+                        points_used=int(rng.integers(32, 100_000)),
+                        created_at=created,
+                    )
+                    pipe.hset(keys[i], mapping={"1": stored.to_redis(), "latest": "1"})
+                pipe.execute()
+        after = int(r.info("memory")["used_memory"])
+        encodings = {r.object("encoding", keys[0]), r.object("encoding", keys[-1])}
+        log.info("Redis hash encoding of a stored model: %s", encodings)
+        for start in range(0, n, 10_000):
+            r.delete(*keys[start : start + 10_000])
+    finally:
+        r.close()
+    return (after - before) / n

@@ -1,0 +1,104 @@
+"""The benchmark's Redis streams: their names, the readings published to them (over series
+fitted once), and the checks and Redis CPU read around a drain."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import redis
+
+from bench.client import fit_series
+from bench.context import Context
+from detector.redis_keys import model_key
+from ingest.publisher import Publisher, checked_fields
+
+STREAM_SERIES = 1000
+log = logging.getLogger("bench")
+
+
+def stream_names(tag: str) -> dict[str, str]:
+    """The stream settings (as environment variables) of the streams tagged ``tag``."""
+    return {
+        "STREAM_READINGS": f"bench:readings:{tag}",
+        "STREAM_ANOMALIES": f"bench:anomalies:{tag}",
+        "STREAM_DEAD": f"bench:dead:{tag}",
+    }
+
+
+def stream_count(ctx: Context) -> int:
+    """Readings a stream scenario publishes."""
+    return 200_000 if ctx.quick else 1_000_000
+
+
+def stream_models(ctx: Context) -> list[str]:
+    """Series with a model each, fitted over HTTP once (the real path)."""
+    ids = [f"stream-{i:04d}" for i in range(STREAM_SERIES)]
+    r = redis.Redis.from_url(ctx.redis_url)
+    fitted = r.exists(model_key(ids[-1]))
+    r.close()
+    if not fitted:
+        fit_series(ctx, ids)
+    return ids
+
+
+def publish_readings(ctx: Context, tags: list[str], count: int) -> None:
+    """``count`` readings over the stream models' series, 1 % of them far above μ + 3σ,
+    published identically to each tag's stream with our Publisher; then the group is made."""
+    ids = stream_models(ctx)
+    rng = np.random.default_rng(6)
+    series = rng.integers(0, len(ids), count)
+    values = rng.normal(50, 5, count)
+    values[rng.random(count) < 0.01] = 150.0
+    client = redis.Redis.from_url(ctx.redis_url, decode_responses=True)
+    started = time.perf_counter()
+    try:
+        publishers = [
+            Publisher(client, stream=stream_names(tag)["STREAM_READINGS"], batch_size=10_000)
+            for tag in tags
+        ]
+        for i in range(count):
+            fields = checked_fields(ids[series[i]], 1_700_000_000 + i, float(values[i]))
+            for publisher in publishers:
+                publisher.publish_fields(fields)
+        for publisher in publishers:
+            publisher.flush()
+            client.xgroup_create(publisher.stream, "detector", id="0")
+    finally:
+        client.close()
+    log.info(
+        "published %d readings to %d stream(s) in %.1f s",
+        count,
+        len(tags),
+        time.perf_counter() - started,
+    )
+
+
+def drop_streams(ctx: Context, tag: str) -> None:
+    """Delete the streams tagged ``tag``."""
+    r = redis.Redis.from_url(ctx.redis_url)
+    r.delete(*stream_names(tag).values())
+    r.close()
+
+
+def redis_cpu(ctx: Context) -> float:
+    """CPU seconds the Redis server has used (user + system)."""
+    r = redis.Redis.from_url(ctx.redis_url)
+    info = r.info("cpu")
+    r.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def check_drained(ctx: Context, tag: str, count: int) -> int:
+    """Every reading acknowledged; returns the anomaly events written."""
+    names = stream_names(tag)
+    r = redis.Redis.from_url(ctx.redis_url)
+    try:
+        pending = int(r.xpending(names["STREAM_READINGS"], "detector")["pending"])
+        events = int(r.xlen(names["STREAM_ANOMALIES"]))
+    finally:
+        r.close()
+    if pending:
+        raise RuntimeError(f"{pending} readings of {count} still pending after the drain")
+    return events
