@@ -16,7 +16,7 @@ from api.errors import install_error_handlers
 from api.event_feed import EventFeed
 from api.latency import LatencyWindow
 from api.metrics import ApiMetrics
-from api.middleware import BodyBudget, BodySizeLimit, HttpMetrics
+from api.middleware import BodyGuard, HttpMetrics
 from api.plot_cache import PlotCache
 from api.pointer_cache import LatestPointerCache
 from api.routes import events, models, system
@@ -114,15 +114,15 @@ def create_app(
     app.include_router(system.read_router, dependencies=read, responses=ERROR_RESPONSES)
     app.include_router(events.router, dependencies=read, responses=ERROR_RESPONSES)
     app.include_router(system.router, responses=ERROR_RESPONSES)
-    # The last added runs first: the size limit acts before anything reads the body.
+    # The last added runs first: body limits act before anything reads the body.
     app.add_middleware(HttpMetrics, metrics=metrics)
     app.add_middleware(
-        BodyBudget,
+        BodyGuard,
+        max_bytes=settings.max_body_bytes,
         budget_bytes=settings.body_budget_bytes,
         wait_seconds=settings.body_budget_wait_seconds,
         free_bytes=THREAD_PARSE_BYTES,
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     plain_openapi = app.openapi
     app.openapi = lambda: declare_limits(plain_openapi(), settings)  # type: ignore[method-assign]
     return app

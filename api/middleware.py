@@ -14,73 +14,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.metrics import ApiMetrics
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodySizeLimit:
-    """Answer 413 for a body over ``max_bytes``, whether Content-Length says so up front or a
-    chunked body grows past it; the body is never held in memory beyond the limit."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > self.max_bytes:
-                    await self._reject(send)
-                    return
-        received = 0
-        response_started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not response_started:
-                await self._reject(send)
-
-    async def _reject(self, send: Send) -> None:
-        body = orjson.dumps(
-            {"detail": f"request body is larger than the limit of {self.max_bytes} bytes"}
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
 class ByteBudget:
     """A first-come, first-served allowance of bytes shared by concurrent requests."""
 
@@ -128,26 +61,40 @@ class ByteBudget:
             granted.set_result(None)
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
 class BodyBudgetBusy(Exception):
     pass
 
 
-class BodyBudget:
-    """Bound the memory of large request bodies in flight.
+class BodyGuard:
+    """Request bodies, before anything parses them: a size limit and a memory budget.
 
-    A request whose body is over ``free_bytes`` holds its size from a shared ``ByteBudget``
-    for its whole life (reading, parsing, fitting or scoring, answering): one declared by
-    Content-Length before a byte is read, a chunked one step by step as it arrives. Parsing
-    and serving a body costs a few times its size, so the process's memory for large bodies
-    stays within a small multiple of the budget however many arrive at once. A request that
-    cannot get its bytes within ``wait_seconds`` is answered 503 with ``Retry-After``; small
-    bodies (every predict, every small fit) never wait.
+    **Limit.** A body over ``max_bytes`` is answered 413, whether Content-Length says so up
+    front or a chunked body grows past it; it is never held in memory beyond the limit.
+
+    **Budget.** A request whose body is over ``free_bytes`` holds its size from a shared
+    ``ByteBudget`` for its whole life (reading, parsing, fitting or scoring, answering): one
+    declared by Content-Length before a byte is read, a chunked one step by step as it arrives.
+    Parsing and serving a body costs a few times its size, so the process's memory for large
+    bodies stays within a small multiple of the budget however many arrive at once. A request
+    that cannot get its bytes within ``wait_seconds`` is answered 503 with ``Retry-After``;
+    small bodies (every predict, every small fit) never wait.
     """
 
     def __init__(
-        self, app: ASGIApp, budget_bytes: int, wait_seconds: float, free_bytes: int
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        budget_bytes: int,
+        wait_seconds: float,
+        free_bytes: int,
     ) -> None:
         self.app = app
+        self.max_bytes = max_bytes
         self.budget = ByteBudget(budget_bytes)
         self.wait_seconds = wait_seconds
         self.free_bytes = free_bytes
@@ -157,21 +104,26 @@ class BodyBudget:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await _answer(send, 413, self._too_large())
+            return
         held = 0
         if declared is not None and declared > self.free_bytes:
             if not await self.budget.acquire(declared, self.wait_seconds):
-                await self._busy(send)
+                await _answer(send, 503, _BUSY, retry_after=True)
                 return
             held = declared
         received = 0
         response_started = False
 
-        async def budgeted_receive() -> Message:
+        async def guarded_receive() -> Message:
             nonlocal received, held
             message = await receive()
-            if declared is None and message["type"] == "http.request":
+            if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.free_bytes and received > held:
+                if received > self.max_bytes:
+                    raise BodyTooLarge
+                if declared is None and received > self.free_bytes and received > held:
                     step = max(received - held, self.free_bytes)
                     if not await self.budget.acquire(step, self.wait_seconds):
                         raise BodyBudgetBusy
@@ -185,30 +137,36 @@ class BodyBudget:
             await send(message)
 
         try:
-            await self.app(scope, budgeted_receive, tracking_send)
+            await self.app(scope, guarded_receive, tracking_send)
+        except BodyTooLarge:
+            if not response_started:
+                await _answer(send, 413, self._too_large())
         except BodyBudgetBusy:
             if not response_started:
-                await self._busy(send)
+                await _answer(send, 503, _BUSY, retry_after=True)
         finally:
-            self.budget.release(held)
+            if held:
+                self.budget.release(held)
 
-    async def _busy(self, send: Send) -> None:
-        body = orjson.dumps(
-            {"detail": "too many large request bodies in flight; retry in a few seconds"}
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", b"2"),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    def _too_large(self) -> str:
+        return f"request body is larger than the limit of {self.max_bytes} bytes"
+
+
+_BUSY = "too many large request bodies in flight; retry in a few seconds"
+
+
+async def _answer(send: Send, status: int, detail: str, *, retry_after: bool = False) -> None:
+    """A JSON error answer that closes the connection (the rest of the body is not read)."""
+    body = orjson.dumps({"detail": detail})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    if retry_after:
+        headers.append((b"retry-after", b"2"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -20,8 +20,8 @@ from tests.support.kafka import (
     group_caught_up,
     read_topic,
     send_raw,
-    wait_for,
 )
+from tests.support.polling import wait_for
 from tests.support.services import ROOT, service_env
 
 pytestmark = pytest.mark.slow

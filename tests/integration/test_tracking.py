@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from detector.mlflow_runs import (
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
 from embedded.servers import free_port
+from tests.support.polling import wait_for
 from tests.support.services import start_api
 
 EXPERIMENT = "anomaly-test"
@@ -48,16 +48,6 @@ def mlflow_store(tmp_path: Path) -> dict[str, str]:
         "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
         "MLFLOW_EXPERIMENT": EXPERIMENT,
     }
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def fit(base_url: str, series_id: str, values: list[float], **extra: object) -> dict[str, Any]:

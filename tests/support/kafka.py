@@ -146,16 +146,6 @@ class KafkaWorker:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def wait_for(condition: Any, what: str, timeout: float = 60.0) -> None:
-    """Poll until ``condition()`` holds (a deadline against hangs, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"gave up waiting for {what}")
-
-
 async def _group_caught_up(bootstrap: str, group: str, topic: str) -> bool:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)

@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,17 +22,6 @@ from tests.support.services import ROOT, service_env
 from tests.support.streams import publish, stream_settings
 
 Row = tuple[str, int, float]
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 90) -> Any:
-    """Poll until ``check()`` is truthy (a deadline against hangs, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 class Transport(Protocol):
