@@ -1,5 +1,5 @@
-"""Pure-ASGI middleware: the request body size limit, the budget of large bodies in flight,
-and per-route HTTP metrics."""
+"""Pure-ASGI middleware: request body guards (size limit, memory budget) and per-route
+HTTP metrics."""
 
 from __future__ import annotations
 

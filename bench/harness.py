@@ -16,7 +16,8 @@ import httpx
 
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
-from embedded.servers import PostgresServer, RedisServer, free_port
+from embedded.processes import free_port
+from embedded.servers import PostgresServer, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from bench.harness import api_process, embedded_servers
-from embedded.servers import free_port
+from embedded.processes import free_port
 from tests.integration.test_kafka import publish
 from tests.integration.test_worker import fit_series, make_readings
 from tests.support.kafka import KafkaNames, KafkaWorker, create_topics, start_tansu

@@ -22,7 +22,8 @@ from detector.settings import Settings
 from detector.store.connections import apply_schema, postgres_pool, redis_client
 from detector.store.models import ModelStore
 from detector.store.retention import run_retention
-from embedded.servers import PostgresServer, RedisServer, free_port
+from embedded.processes import free_port
+from embedded.servers import PostgresServer, RedisServer
 
 _SIZES = """
 SELECT (SELECT count(*) FROM training_points),

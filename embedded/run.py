@@ -19,7 +19,8 @@ from types import FrameType
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
 from embedded.credentials import Credentials
-from embedded.servers import PostgresServer, RedisServer, blocking_folder, port_in_use
+from embedded.processes import port_in_use
+from embedded.servers import PostgresServer, RedisServer, blocking_folder
 
 log = logging.getLogger("anomaly-run")
 

@@ -14,7 +14,8 @@ import redis
 
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
-from embedded.servers import PostgresServer, RedisServer, free_port
+from embedded.processes import free_port
+from embedded.servers import PostgresServer, RedisServer
 from tests.support.services import postgres_data_dir, start_api
 
 # No per-example deadline and no "generation is slow" check: these machines are shared and

@@ -1,1 +1,1 @@
-"""kinds"""
+"""Detector kinds: the interface, the registry and one module a kind."""

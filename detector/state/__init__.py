@@ -1,1 +1,1 @@
-"""state"""
+"""Per-series stream state kept in Redis: episodes and the state of stateful kinds."""

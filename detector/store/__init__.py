@@ -1,1 +1,1 @@
-"""store"""
+"""The model store: connections, versions in PostgreSQL and Redis, history, retention."""

@@ -1,1 +1,1 @@
-"""transports"""
+"""The stream transports: adapters that feed ``detector.pipeline`` and commit its outcome."""

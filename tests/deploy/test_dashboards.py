@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from embedded.servers import free_port
+from embedded.processes import free_port
 from tests.support.prometheus import Unavailable, tool
 from tests.support.services import ROOT
 

@@ -21,7 +21,8 @@ import pytest
 import redis
 
 from detector.settings import Settings
-from embedded.servers import PostgresServer, RedisServer, free_port
+from embedded.processes import free_port
+from embedded.servers import PostgresServer, RedisServer
 from tests.support.services import ROOT, wait_serving
 
 

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedded.servers import free_port
+from embedded.processes import free_port
 from tests.support.services import start_api
 
 TS = [1_700_000_000 + 60 * i for i in range(10)]

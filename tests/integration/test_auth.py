@@ -8,7 +8,7 @@ import sys
 import httpx
 import pytest
 
-from embedded.servers import free_port
+from embedded.processes import free_port
 from tests.support.services import ROOT, service_env, start_api, wait_serving
 
 FIT = {"timestamps": [1, 2, 3], "values": [1.0, 2.0, 4.0]}

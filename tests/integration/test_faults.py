@@ -36,7 +36,8 @@ from redis.retry import Retry
 
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
-from embedded.servers import PostgresServer, RedisServer, free_port
+from embedded.processes import free_port
+from embedded.servers import PostgresServer, RedisServer
 from tests.support.services import ROOT, postgres_data_dir, service_env, start_api
 from tests.support.streams import run_worker, stream_settings
 

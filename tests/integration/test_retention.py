@@ -17,7 +17,8 @@ import pytest
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync, postgres_pool
 from detector.store.retention import RetentionPass, run_retention
-from embedded.servers import PostgresServer, RedisServer, free_port
+from embedded.processes import free_port
+from embedded.servers import PostgresServer, RedisServer
 from tests.support.services import postgres_data_dir, start_api
 
 

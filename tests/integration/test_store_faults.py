@@ -21,7 +21,8 @@ import redis
 
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
-from embedded.servers import PostgresServer, RedisServer, free_port
+from embedded.processes import free_port
+from embedded.servers import PostgresServer, RedisServer
 from tests.support.services import postgres_data_dir, start_api
 
 LOW = [90.0, 110.0] * 5  # μ 100, σ 10: 500 is anomalous

@@ -22,7 +22,7 @@ from detector.mlflow_runs import (
 )
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
-from embedded.servers import free_port
+from embedded.processes import free_port
 from tests.support.polling import wait_for
 from tests.support.services import start_api
 

@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from detector.settings import Settings
-from embedded.servers import free_port
+from embedded.processes import free_port
 from tests.support.services import ROOT, service_env
 
 PARTITIONS = 4

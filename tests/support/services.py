@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from detector.settings import Settings
-from embedded.servers import free_port
+from embedded.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
