@@ -6,7 +6,6 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cache
 from types import TracebackType
 from typing import Any
 
@@ -45,7 +44,6 @@ _CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.Timeout
 _FIRST_BACKOFF, _MAX_BACKOFF = 0.1, 2.0
 
 
-@cache
 @dataclass(frozen=True, slots=True)
 class _Batch:
     number: int
