@@ -27,7 +27,7 @@ from detector.store.history import record_anomalies
 from detector.store.latest import LatestVersions
 from detector.store.models import ModelStore
 from detector.transports.redis.consumer_group import Output, StreamOps, is_nogroup
-from detector.wire.readings import DeadLetter, RawEntry, as_fields, flat_fields, parse_batch
+from detector.wire.readings import DeadLetter, RawEntry, as_fields, parse_batch
 
 log = logging.getLogger(__name__)
 
@@ -267,16 +267,9 @@ class Worker:
     async def _claim(self) -> list[RawEntry]:
         """Take over entries idle longer than the claim time (their consumer probably died)."""
         s = self.settings
-        reply = await self.redis.xautoclaim(
-            s.stream_readings,
-            s.stream_group,
-            self.consumer,
-            s.stream_claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=s.stream_batch_count,
+        cursor, entries = await self.ops.claim(
+            self.consumer, s.stream_claim_idle_ms, self._claim_cursor, s.stream_batch_count
         )
-        cursor = str(reply[0])
-        entries: list[RawEntry] = [(e[0], flat_fields(e[1])) for e in reply[1] if e[0] is not None]
         if cursor in ("0-0", "0"):  # a full pass done: rest until the next interval
             self._claim_cursor = "0-0"
             self._next_claim = time.monotonic() + s.stream_claim_interval_ms / 1000
