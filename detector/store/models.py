@@ -19,7 +19,14 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, ModelNotFoundError, StoreUnavailableError
+from detector.errors import (
+    POSTGRES_ERRORS,
+    REDIS_FAILURES,
+    ModelNotFoundError,
+    StoreUnavailableError,
+    describe_redis_error,
+    redis_unavailable,
+)
 from detector.identifiers import format_version
 from detector.kinds.static import StaticModel
 from detector.kinds.training import TrainingData
@@ -170,7 +177,9 @@ class ModelStore:
     async def _withdraw(self, key: str, version: int) -> None:
         try:
             await self._withdraw_version(keys=[key], args=[version])
-        except REDIS_ERRORS:
+        except REDIS_FAILURES as exc:
+            if not redis_unavailable(exc):
+                raise
             log.warning("could not withdraw %s %s from Redis after a failed commit", key, version)
 
     @staticmethod
@@ -249,7 +258,9 @@ class ModelStore:
             generation = pointers.generation
         try:
             raw = await self.redis.hget(model_key(series_id), "latest")
-        except REDIS_ERRORS:
+        except REDIS_FAILURES as exc:
+            if not redis_unavailable(exc):
+                raise
             raw = None
             redis_up = False
         else:
@@ -275,7 +286,9 @@ class ModelStore:
         if from_redis:
             try:
                 raw = await self.redis.hget(model_key(series_id), str(version))
-            except REDIS_ERRORS:
+            except REDIS_FAILURES as exc:
+                if not redis_unavailable(exc):
+                    raise
                 raw, from_redis = None, False
             if raw is not None:
                 return ModelVersion.from_redis(series_id, version, str(raw))
@@ -299,7 +312,9 @@ class ModelStore:
                 args=[found.version, found.to_redis(), 1 if make_latest else 0],
             )
             log.info("reloaded %s %s into Redis from PostgreSQL", found.series_id, found.name)
-        except REDIS_ERRORS:
+        except REDIS_FAILURES as exc:
+            if not redis_unavailable(exc):
+                raise
             log.warning("Redis unavailable; serving %s from PostgreSQL", found.series_id)
 
     async def versions(self, series_id: str) -> list[ModelVersion]:
@@ -388,7 +403,7 @@ class ModelStore:
         """None when Redis answers, else why not."""
         try:
             await self.redis.ping()
-        except (*REDIS_ERRORS, redis.exceptions.RedisError) as exc:
+        except (*REDIS_FAILURES, redis.exceptions.RedisError) as exc:
             return _brief(exc)
         return None
 
@@ -405,9 +420,12 @@ class ModelStore:
     async def _redis_call(self, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
-        except REDIS_ERRORS as exc:
+        except REDIS_FAILURES as exc:
+            if not redis_unavailable(exc):
+                raise
             raise StoreUnavailableError(
-                "redis", f"Redis is unavailable, the fit was not stored: {_brief(exc)}"
+                "redis",
+                f"Redis is unavailable, the fit was not stored: {describe_redis_error(exc)}",
             ) from exc
 
     async def _postgres_gate(self, consequence: str) -> None:

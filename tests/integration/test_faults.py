@@ -16,12 +16,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,16 +36,14 @@ from redis.retry import Retry
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
 from embedded.servers import PostgresServer, RedisServer, free_port
-from tests.support.services import ROOT, postgres_data_dir, service_env, start_api
+from tests.support.processes import REDIS_CONNECTION_ERRORS, start_worker, stop_process, wait_for
+from tests.support.services import postgres_data_dir, start_api
 from tests.support.streams import run_worker, stream_settings
 
 START = 1_700_000_000
 BASE_MS = 1_700_000_000_000
 SERIES_COUNT = 4
 TRAINING = [90.0, 110.0] * 5  # μ 100, σ exactly 10 (scaled per series below)
-
-REDIS_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
 
 # ---------------------------------------------------------------- servers of our own
 
@@ -89,60 +86,6 @@ def rclient(fault_redis: RedisServer) -> Iterator[redis.Redis]:
 def pg_rows(settings: Settings, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(settings.postgres_conninfo(), autocommit=True) as conn:
         return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------- processes
-
-
-def start_worker(
-    s: Settings, consumer: str, log_path: Path, *extra_args: str, **extra_env: str
-) -> subprocess.Popen[bytes]:
-    """``python -m detector`` as users run it, its log (warnings and up) kept in a file."""
-    env = service_env(
-        s,
-        STREAM_READINGS=s.stream_readings,
-        STREAM_ANOMALIES=s.stream_anomalies,
-        STREAM_DEAD=s.stream_dead,
-        STREAM_BATCH_COUNT=str(s.stream_batch_count),
-        STREAM_BLOCK_MS="200",
-        METRICS_PORT="0",
-        **extra_env,
-    )
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [
-                *(sys.executable, "-m", "detector", "--consumer", consumer),
-                *("--log-level", "warning", *extra_args),
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=log,
-        )
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            found = check()
-        except REDIS_CONNECTION_ERRORS:
-            found = None
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------- readings with known fates
@@ -291,7 +234,9 @@ class PredictLoop(threading.Thread):
 
 
 def group_state(client: redis.Redis, s: Settings) -> tuple[int, str]:
-    """(pending entries, last-delivered id) of the detector group."""
+    """(pending entries, last-delivered id) of the detector group; (-1, "") if none."""
+    if not client.exists(s.stream_readings):
+        return -1, ""
     for group in client.xinfo_groups(s.stream_readings):  # type: ignore[union-attr]
         if group["name"] == s.stream_group:
             return int(group["pending"]), str(group["last-delivered-id"])
@@ -729,3 +674,98 @@ def test_api_sigterm_completes_the_requests_in_flight(fault_settings: Settings) 
         answered_after_sigterm=after_sigterm,
         stored=len(stored),
     )
+
+
+# ---------------------------------------------------------------- Redis refusing to serve
+
+
+def refusing_redis_phase(
+    base_url: str,
+    worker: subprocess.Popen[bytes],
+    log_path: Path,
+    series_id: str,
+    refused: str,
+) -> None:
+    """While Redis refuses writes: a fit is a 503 naming Redis, predictions of a stored model
+    go on, and the worker waits (it neither exits nor writes a traceback)."""
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        answer = http.post(f"/fit/{series_id}", json=fit_body(100, 1))
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["dependency"] == "redis", answer.text
+        assert "Redis is unavailable" in answer.json()["detail"]
+        assert refused in answer.json()["detail"], answer.text
+    time.sleep(3.0)  # long enough for the worker's heartbeat, reads and retries to be refused
+    assert worker.poll() is None, log_path.read_text()[-3000:]
+
+
+def resumed(client: redis.Redis, s: Settings, base_url: str, series_id: str) -> None:
+    """After Redis serves again: fits work, and the same worker scores new readings."""
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        answer = http.post(
+            f"/fit/{series_id}", json={"timestamps": list(range(10)), "values": TRAINING}
+        )
+        assert answer.status_code == 200, answer.text
+    plan = Plan([series_id], 20)
+    plan.ids = [f"{int(time.time() * 1000)}-{n + 1}" for n in range(plan.count)]
+    Feeder(client.connection_pool.connection_kwargs["port"], s.stream_readings, plan).run()
+    wait_for(lambda: drained(client, s, plan), "the worker to resume", 60)
+    events = [f["source_id"] for _, f in client.xrange(s.stream_anomalies)]  # type: ignore[union-attr]
+    assert sorted(events) == sorted(plan.ids[n] for n in plan.anomalous)
+    assert client.xlen(s.stream_dead) == len(plan.dead)
+
+
+def test_redis_out_of_memory_is_a_503_naming_redis_and_the_worker_waits(
+    fault_settings: Settings, rclient: redis.Redis, tmp_path: Path
+) -> None:
+    s = fault_settings
+    api, base_url = start_api(s)
+    worker = start_worker(s, "oom", tmp_path / "worker.log")
+    try:
+        (series_id,) = fit_series(base_url, 1)
+        wait_for(lambda: group_state(rclient, s)[0] == 0, "the worker's group")
+        rclient.config_set("maxmemory-policy", "noeviction")
+        # Below what is in use (an empty server uses about 1 MB): every write is refused.
+        rclient.config_set("maxmemory", str(int(rclient.info("memory")["used_memory"]) // 2))
+        try:
+            refusing_redis_phase(base_url, worker, tmp_path / "worker.log", series_id, "OOM")
+        finally:
+            rclient.config_set("maxmemory", "0")
+        resumed(rclient, s, base_url, series_id)
+        assert worker.poll() is None
+    finally:
+        stop_process(api)
+        stop_process(worker)
+    assert "Traceback" not in (tmp_path / "worker.log").read_text()
+
+
+def test_redis_read_only_is_a_503_naming_redis_and_the_worker_waits(
+    fault_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    # Servers of this test's own: turning Redis into a replica replaces its data.
+    replica = RedisServer(tmp_path / "replica", free_port(), appendonly=False).start()
+    primary = RedisServer(tmp_path / "primary", free_port(), appendonly=False).start()
+    client = redis.Redis(port=replica.port, decode_responses=True, socket_timeout=10)
+    s = stream_settings(
+        Settings(redis_port=replica.port, postgres_port=fault_postgres.port),
+        stream_batch_count=100,
+    )
+    api, base_url = start_api(s)
+    worker = start_worker(s, "replica", tmp_path / "worker.log")
+    try:
+        (series_id,) = fit_series(base_url, 1)
+        wait_for(lambda: group_state(client, s)[0] == 0, "the worker's group")
+        client.replicaof("127.0.0.1", primary.port)
+        wait_for(lambda: client.info("replication")["master_link_status"] == "up", "the sync")
+        try:
+            refusing_redis_phase(base_url, worker, tmp_path / "worker.log", series_id, "READONLY")
+        finally:
+            client.replicaof("NO", "ONE")
+        resumed(client, s, base_url, series_id)
+        assert worker.poll() is None
+    finally:
+        stop_process(api)
+        stop_process(worker)
+        client.close()
+        replica.stop()
+        primary.stop()
+    assert "Traceback" not in (tmp_path / "worker.log").read_text()

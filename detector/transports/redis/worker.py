@@ -16,7 +16,13 @@ import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, StoreUnavailableError
+from detector.errors import (
+    POSTGRES_ERRORS,
+    REDIS_ERRORS,
+    REDIS_FAILURES,
+    StoreUnavailableError,
+    redis_unavailable,
+)
 from detector.metrics import WorkerMetrics
 from detector.redis_keys import heartbeat_key
 from detector.scoring import score_batch
@@ -146,16 +152,17 @@ class Worker:
             try:
                 more = await self._step(burst)
                 backoff = 0.1
-            except redis.exceptions.ResponseError as exc:
+            except (*REDIS_FAILURES, StoreUnavailableError) as exc:
                 await self._drop_inflight()
-                if not is_nogroup(exc):
+                if isinstance(exc, redis.exceptions.ResponseError) and is_nogroup(exc):
+                    log.warning(
+                        "consumer group vanished (FLUSHALL or a deleted stream); recreating"
+                    )
+                    await self._ensure_group()
+                    self._recovering, self._pending_cursor = True, "0"
+                    continue
+                if not isinstance(exc, StoreUnavailableError) and not redis_unavailable(exc):
                     raise
-                log.warning("consumer group vanished (FLUSHALL or a deleted stream); recreating")
-                await self._ensure_group()
-                self._recovering, self._pending_cursor = True, "0"
-                continue
-            except (*REDIS_ERRORS, StoreUnavailableError) as exc:
-                await self._drop_inflight()
                 log.warning("store unavailable (%s); retrying in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(_MAX_BACKOFF, backoff * 2)
@@ -191,8 +198,8 @@ class Worker:
                 if await self.ops.ensure_group():
                     log.info("created consumer group %s", self.settings.stream_group)
                 return
-            except REDIS_ERRORS as exc:
-                if self._stopping:
+            except REDIS_FAILURES as exc:
+                if self._stopping or not redis_unavailable(exc):
                     raise
                 log.warning("Redis unavailable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
