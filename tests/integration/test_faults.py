@@ -35,6 +35,7 @@ from redis.retry import Retry
 
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
+from detector.wire.readings import reading_fields
 from embedded.servers import PostgresServer, RedisServer, free_port
 from tests.support.processes import REDIS_CONNECTION_ERRORS, start_worker, stop_process, wait_for
 from tests.support.services import postgres_data_dir, start_api
@@ -325,7 +326,8 @@ def test_redis_kill_9_and_restart_under_live_api_and_worker(
         stop_process(worker)
     assert sent_at_kill < plan.count, "Redis was killed after everything was published"
     assert predicts.wrong == []
-    assert set(statuses) <= {200, 503}, statuses  # never a 500
+    # PostgreSQL stayed up, so predictions never fail (they fall back to it): 0 5xx.
+    assert set(statuses) == {200}, statuses
     result = account(rclient, s, plan)
     log = (tmp_path / "worker.log").read_text()
     assert "Traceback" not in log, log
@@ -409,17 +411,22 @@ def fit_body(points: int, seed: int) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_postgres_stopped_predictions_go_on_and_fits_503_without_half_writes(
-    fault_settings: Settings, fault_postgres: PostgresServer, rclient: redis.Redis
+    fault_settings: Settings, fault_postgres: PostgresServer, rclient: redis.Redis, tmp_path: Path
 ) -> None:
     s = fault_settings
     api, base_url = start_api(s)
     other, other_url = start_api(s)
+    worker = start_worker(s, "through-pg", tmp_path / "worker.log")
     series: list[str] = []
     outage_fits: list[httpx.Response] = []
     try:
         (known,) = fit_series(base_url, 1)
         (unseen,) = fit_series(other_url, 1)  # never in the first API's memory
         series += [known, unseen]
+        # Readings of fitted series published all through the outage, the worker running.
+        plan = Plan(fit_series(base_url), 3000)
+        feeder = Feeder(s.redis_port, s.stream_readings, plan, chunk=20, pause=0.05)
+        feeder.start()
         with httpx.Client(base_url=base_url, timeout=60) as http:
             answer = http.post(f"/predict/{known}", json={"timestamp": 1, "value": 1})
             assert answer.status_code == 200
@@ -463,9 +470,15 @@ def test_postgres_stopped_predictions_go_on_and_fits_503_without_half_writes(
             back = http.post(f"/fit/{known}", json=fit_body(1000, 99))
             assert back.status_code == 200, back.text
             assert back.json()["version"] == "v2.0.0"
+        feeder.finish()
+        wait_for(lambda: drained(rclient, s, plan), "the worker to drain the stream", 90)
+        assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
     finally:
         stop_process(api)
         stop_process(other)
+        stop_process(worker)
+    # Every reading scored exactly once: an event per anomalous one, only poison dead.
+    result = account(rclient, s, plan)
     assert set(answers) <= {200, 503}, Counter(answers)
     for answer in outage_fits:
         assert answer.status_code == 503
@@ -493,9 +506,59 @@ def test_postgres_stopped_predictions_go_on_and_fits_503_without_half_writes(
         assert hot.get("latest") in (None, str(last))
     report(
         "postgres stop",
+        readings=plan.count,
+        events=result.events,
+        dead=result.dead,
         fits_during_load=Counter(answers),
         outage_fit_statuses=[a.status_code for a in outage_fits],
     )
+
+
+@pytest.mark.slow
+def test_postgres_stopped_under_a_running_worker_keeps_readings_pending_then_scores_them_once(
+    fault_settings: Settings, fault_postgres: PostgresServer, rclient: redis.Redis, tmp_path: Path
+) -> None:
+    s = fault_settings  # the default delivery budget, claim time and retries
+    api, base_url = start_api(s)
+    try:
+        (series_id,) = fit_series(base_url, 1)  # μ 100, σ 10: anomalous above 130
+    finally:
+        stop_process(api)
+    worker = start_worker(s, "pg-down", tmp_path / "worker.log")
+    try:
+        wait_for(lambda: group_state(rclient, s)[0] == 0, "the worker's group")
+        fault_postgres.stop()
+        try:
+            values = [100.0 + n for n in range(6)] + [200.0 + n for n in range(5)]
+            ids = [
+                str(rclient.xadd(s.stream_readings, reading_fields(series_id, START + n, v)))  # type: ignore[arg-type]
+                for n, v in enumerate(values)
+            ]
+            time.sleep(10.0)
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            # Valid readings are not poison: none dead, all still waiting for PostgreSQL.
+            assert rclient.xlen(s.stream_dead) == 0, rclient.xrange(s.stream_dead)
+            assert rclient.xlen(s.stream_anomalies) == 0
+            # Acknowledging needs the outcome written: an anomaly's is its row in PostgreSQL,
+            # so those stay pending (a normal reading has nothing to record there).
+            pending = {
+                str(p["message_id"])
+                for p in rclient.xpending_range(s.stream_readings, s.stream_group, "-", "+", 100)
+            }
+            assert set(ids[6:]) <= pending <= set(ids), pending
+        finally:
+            fault_postgres.start()
+        wait_for(lambda: group_state(rclient, s) == (0, ids[-1]), "the readings scored", 60)
+        assert worker.poll() is None
+    finally:
+        stop_process(worker)
+    sources = [f["source_id"] for _, f in rclient.xrange(s.stream_anomalies)]  # type: ignore[union-attr]
+    assert sorted(sources) == sorted(ids[6:])  # the 5 anomalous ones, once each
+    assert rclient.xlen(s.stream_dead) == 0
+    stored = pg_rows(
+        s, "SELECT source_id FROM anomalies WHERE source_stream = %s", s.stream_readings
+    )
+    assert sorted(r[0] for r in stored) == sorted(ids[6:])
 
 
 # ---------------------------------------------------------------- workers
@@ -503,9 +566,13 @@ def test_postgres_stopped_predictions_go_on_and_fits_503_without_half_writes(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.xfail(strict=True, reason="restarts spend the delivery budget of valid readings")
 def test_worker_killed_20_times_during_100k_readings(
     fault_settings: Settings, fault_redis: RedisServer, rclient: redis.Redis, tmp_path: Path
 ) -> None:
+    # Claims come sooner than the default 30 s so the run stays short; the delivery budget is
+    # the default (5): a reading whose worker was killed is not poison, and must still reach
+    # its real outcome.
     s = fault_settings.model_copy(
         update={"stream_claim_idle_ms": 300, "stream_claim_interval_ms": 100}
     )
@@ -522,20 +589,13 @@ def test_worker_killed_20_times_during_100k_readings(
     rng = random.Random(20)
     kills = 20
     targets = sorted(rng.sample(range(2000, plan.count - 5000), kills))
-    env = {
-        "STREAM_CLAIM_IDLE_MS": "300",
-        "STREAM_CLAIM_INTERVAL_MS": "100",
-        # 20 kills may hit an entry more than the default 5 times; here every reading must
-        # reach its real outcome, not `too_many_deliveries`.
-        "STREAM_MAX_DELIVERIES": "100",
-    }
     killed_at: list[int] = []
     batches_cut = 0  # kills that left entries delivered but not acknowledged
     for k, target in enumerate(targets):
         # Mostly the same consumer name (a restarted worker re-reads its own pending entries),
         # sometimes a new one (it claims the dead one's entries with XAUTOCLAIM).
         consumer = "victim" if k % 4 else f"victim-{k}"
-        proc = start_worker(s, consumer, tmp_path / "workers.log", **env)
+        proc = start_worker(s, consumer, tmp_path / "workers.log")
         try:
 
             def progressed(target: int = target) -> bool:
@@ -736,6 +796,43 @@ def test_redis_out_of_memory_is_a_503_naming_redis_and_the_worker_waits(
         stop_process(api)
         stop_process(worker)
     assert "Traceback" not in (tmp_path / "worker.log").read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="dependency outage spends the delivery budget")
+def test_readings_in_flight_while_redis_is_out_of_memory_are_scored_once_afterwards(
+    fault_settings: Settings, rclient: redis.Redis, tmp_path: Path
+) -> None:
+    s = fault_settings  # the default delivery budget and retries
+    api, base_url = start_api(s)
+    try:
+        (series_id,) = fit_series(base_url, 1)
+    finally:
+        stop_process(api)
+    worker = start_worker(s, "oom-in-flight", tmp_path / "worker.log")
+    try:
+        wait_for(lambda: group_state(rclient, s)[0] == 0, "the worker's group")
+        values = [100.0 + n for n in range(6)] + [200.0 + n for n in range(5)]
+        limit = str(int(rclient.info("memory")["used_memory"]) // 2)
+        # The readings and the memory limit at once: the worker reads them, and every write
+        # of their outcome (events, acknowledgements) is refused until the limit is lifted.
+        pipe = rclient.pipeline(transaction=True)
+        for n, value in enumerate(values):
+            pipe.xadd(s.stream_readings, reading_fields(series_id, START + n, value))  # type: ignore[arg-type]
+        pipe.config_set("maxmemory-policy", "noeviction")
+        pipe.config_set("maxmemory", limit)
+        ids = [str(i) for i in pipe.execute()[: len(values)]]
+        try:
+            time.sleep(10.0)
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+        finally:
+            rclient.config_set("maxmemory", "0")
+        wait_for(lambda: group_state(rclient, s) == (0, ids[-1]), "the readings scored", 60)
+        assert worker.poll() is None
+    finally:
+        stop_process(worker)
+    assert rclient.xrange(s.stream_dead) == []  # valid readings are never dead letters
+    sources = [f["source_id"] for _, f in rclient.xrange(s.stream_anomalies)]  # type: ignore[union-attr]
+    assert sorted(sources) == sorted(ids[6:])  # the 5 anomalous ones, once each
 
 
 def test_redis_read_only_is_a_503_naming_redis_and_the_worker_waits(
