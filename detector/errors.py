@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 import psycopg_pool
 import redis.exceptions
@@ -51,38 +53,52 @@ class StoreUnavailableError(AnomalyError):
         self.dependency = dependency
 
 
-# Redis replies that mean "unavailable for now" rather than "this command is wrong": out of
-# memory, a replica or a loading server, a script running too long, a cluster in transition.
-_UNAVAILABLE_REPLIES = frozenset(
-    {
-        "OOM",
-        "READONLY",
-        "LOADING",
-        "BUSY",
-        "MASTERDOWN",
-        "NOREPLICAS",
-        "CLUSTERDOWN",
-        "TRYAGAIN",
-        "MISCONF",
-    }
-)
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means a dependency is unavailable (wait and retry), as opposed to a
-    bug or a bad request: unreachable servers, the store's own StoreUnavailableError, and
-    Redis' "not now" replies."""
-    if isinstance(exc, (StoreUnavailableError, *REDIS_ERRORS, *POSTGRES_ERRORS)):
-        return True
-    if isinstance(exc, redis.exceptions.ResponseError):
-        text = str(exc)
-        # Errors raised inside a script come wrapped: "Error running script …: OOM …".
-        words = {text.split(" ", 1)[0]} | {w for w in text.split() if w.isupper()}
-        return bool(words & _UNAVAILABLE_REPLIES)
-    return False
-
-
 # Foreign errors that mean "the dependency cannot be reached": the store's boundary catches
 # these and raises StoreUnavailableError, so the rest of the service catches the tree above.
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 POSTGRES_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, OSError)
+
+# A reachable Redis that refuses a command for now, not for what it is: out of memory under
+# `noeviction` (OOM), a read-only replica (READONLY), loading its data (LOADING), a replica
+# whose primary is down (MASTERDOWN), a script running too long (BUSY), failing to persist
+# (MISCONF), a blocked read cut off because the server became a replica (UNBLOCKED), a
+# cluster in transition (CLUSTERDOWN, TRYAGAIN) or short of replicas (NOREPLICAS). Like a
+# dropped connection they mean "try again later": a 503, a worker that waits.
+# Catch REDIS_FAILURES, then ask ``redis_unavailable``: any other ResponseError is a bug.
+REDIS_FAILURES = (*REDIS_ERRORS, redis.exceptions.ResponseError)
+# redis-py strips the code from the replies it has a class for; inside a script Redis 6.2
+# wraps the reply ("Error running script (…): @user_script:6: -OOM command not allowed …").
+_REFUSED_CLASSES: dict[type[redis.exceptions.RedisError], str] = {
+    redis.exceptions.OutOfMemoryError: "OOM",
+    redis.exceptions.ReadOnlyError: "READONLY",
+    redis.exceptions.BusyLoadingError: "LOADING",
+}
+_REFUSED_REPLY = re.compile(
+    r"(?:^|: -?)"
+    r"(?:OOM|READONLY|LOADING|MASTERDOWN|BUSY|MISCONF|UNBLOCKED|CLUSTERDOWN|TRYAGAIN|NOREPLICAS) "
+)
+
+
+def redis_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means Redis cannot serve now: unreachable, or refusing (see above)."""
+    if isinstance(exc, REDIS_ERRORS) or type(exc) in _REFUSED_CLASSES:
+        return True
+    return (
+        isinstance(exc, redis.exceptions.ResponseError)
+        and _REFUSED_REPLY.search(str(exc)) is not None
+    )
+
+
+def describe_redis_error(exc: BaseException) -> str:
+    """The first line of a Redis error, with the reply's code (OOM, READONLY …) put back."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    code = _REFUSED_CLASSES.get(type(exc))  # type: ignore[arg-type]
+    return f"{code} {text}" if code else text
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means a dependency is unavailable (wait and retry), as opposed to a
+    bug or a bad request: the store's own StoreUnavailableError, PostgreSQL unreachable, or
+    Redis unreachable or refusing for now (``redis_unavailable``)."""
+    return isinstance(exc, (StoreUnavailableError, *POSTGRES_ERRORS)) or redis_unavailable(exc)

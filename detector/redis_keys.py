@@ -27,6 +27,11 @@ def series_of_model_key(key: bytes) -> str | None:
     return None
 
 
+def write_probe_key(series_id: str) -> str:
+    """A short-lived key a fit writes first, to learn that Redis takes writes for the series."""
+    return f"probe:{{{series_id}}}"
+
+
 def state_key(series_id: str) -> str:
     """The series' streaming state of a stateful kind."""
     return f"state:{{{series_id}}}"

@@ -19,15 +19,17 @@ from redis.asyncio import Redis
 
 from detector.errors import (
     POSTGRES_ERRORS,
-    REDIS_ERRORS,
+    REDIS_FAILURES,
     ModelNotFoundError,
     StoreUnavailableError,
     TrainingDataDeletedError,
+    describe_redis_error,
+    redis_unavailable,
 )
 from detector.identifiers import format_version
 from detector.kinds.static import StaticModel
 from detector.kinds.training import TrainingData
-from detector.redis_keys import model_key
+from detector.redis_keys import model_key, write_probe_key
 from detector.store.caches import PointerCache, VersionCache
 from detector.store.codec import ModelVersion, parse_points
 from detector.store.fit_rows import allocate_version, version_exists, write_fit
@@ -81,15 +83,19 @@ class ModelStore:
         it into Redis again until Redis confirms it.
         """
         version = 0
-        # Refuse while Redis is plainly down (a PING writes nothing): the version could only
-        # be owed to Redis, and were this process to stop before Redis returned, Redis would
-        # come back with the old `latest`. A failure past this point is rare and repaired in
-        # the background (``VersionPublisher``).
+        # Refuse while Redis cannot take writes (down, out of memory, a read-only replica …):
+        # the version could only be owed to Redis, and were this process to stop before Redis
+        # returned, Redis would come back with the old `latest`. The probe is a short-lived
+        # key in the series' own slot. A failure past this point is rare and repaired in the
+        # background (``VersionPublisher``).
         try:
-            await self.redis.ping()
-        except REDIS_ERRORS as exc:
+            await self.redis.set(write_probe_key(series_id), "1", px=10_000)
+        except REDIS_FAILURES as exc:
+            if not redis_unavailable(exc):
+                raise
             raise StoreUnavailableError(
-                "redis", f"Redis is unavailable, the fit was not stored: {_brief(exc)}"
+                "redis",
+                f"Redis is unavailable, the fit was not stored: {describe_redis_error(exc)}",
             ) from exc
         try:
             await self._postgres_gate("the fit was not stored")
@@ -159,7 +165,9 @@ class ModelStore:
             generation = pointers.generation
         try:
             raw = await self.redis.hget(model_key(series_id), "latest")
-        except REDIS_ERRORS:
+        except REDIS_FAILURES as exc:
+            if not redis_unavailable(exc):
+                raise
             raw = None
             redis_up = False
         else:
@@ -185,7 +193,9 @@ class ModelStore:
         if from_redis:
             try:
                 raw = await self.redis.hget(model_key(series_id), str(version))
-            except REDIS_ERRORS:
+            except REDIS_FAILURES as exc:
+                if not redis_unavailable(exc):
+                    raise
                 raw, from_redis = None, False
             if raw is not None:
                 return ModelVersion.from_redis(series_id, version, str(raw))
@@ -298,7 +308,7 @@ class ModelStore:
         """None when Redis answers, else why not."""
         try:
             await self.redis.ping()
-        except (*REDIS_ERRORS, redis.exceptions.RedisError) as exc:
+        except (*REDIS_FAILURES, redis.exceptions.RedisError) as exc:
             return _brief(exc)
         return None
 

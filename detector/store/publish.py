@@ -7,7 +7,7 @@ import logging
 
 from redis.asyncio import Redis
 
-from detector.errors import REDIS_ERRORS
+from detector.errors import REDIS_FAILURES, redis_unavailable
 from detector.redis_keys import model_key
 from detector.scripts import lua
 from detector.store.codec import ModelVersion
@@ -43,7 +43,9 @@ class VersionPublisher:
         """Write one version now; False (and a retry owed) when Redis did not confirm it."""
         try:
             await self._put(found, make_latest)
-        except REDIS_ERRORS as exc:
+        except REDIS_FAILURES as exc:
+            if not redis_unavailable(exc):
+                raise
             log.warning(
                 "Redis did not confirm %s %s (%s); putting it again in the background",
                 found.series_id,
@@ -74,7 +76,9 @@ class VersionPublisher:
             for key, (found, make_latest) in list(self._owed.items()):
                 try:
                     await self._put(found, make_latest)
-                except REDIS_ERRORS:
+                except REDIS_FAILURES as exc:
+                    if not redis_unavailable(exc):
+                        raise
                     delay = min(_RETRY_MAX, delay * 2)
                     break
                 self._owed.pop(key, None)

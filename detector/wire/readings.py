@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +17,7 @@ from detector.kinds.training import MAX_TIMESTAMP
 from detector.wire.events import number
 
 DeadReason = Literal[
+    "bad_encoding",
     "missing_field",
     "bad_series_id",
     "bad_value",
@@ -27,6 +28,7 @@ DeadReason = Literal[
     "processing_failed",
 ]
 DEAD_REASONS: Final[tuple[str, ...]] = (
+    "bad_encoding",
     "missing_field",
     "bad_series_id",
     "bad_value",
@@ -109,12 +111,16 @@ def parse_reading(source_id: str, fields: Mapping[str, str]) -> Reading | DeadLe
     return Reading(source_id, series_id, int(raw_ts), value, version)
 
 
-# A `readings` entry as Redis sends it: the id and its flat field list [name, value, ...]
-# (None or empty when the entry was deleted while pending).
-RawEntry = tuple[str, Sequence[str] | None]
+# A `readings` entry as Redis sends it: the id and its flat field list [name, value, ...],
+# bytes as they were written (str from transports that decoded already, such as Kafka's JSON);
+# None or empty when the entry was deleted while pending.
+RawEntry = tuple[str, Sequence[str | bytes] | None]
 
 # The whole batch's unique series ids, newline-joined, checked in one regex pass.
 _SERIES_IDS_JOINED: Final = re.compile(r"(?:[A-Za-z0-9_.:\-]{1,128}\n)+")
+_SERIES_IDS_JOINED_BYTES: Final = re.compile(_SERIES_IDS_JOINED.pattern.encode())
+_LAYOUT: Final = ("series_id", "timestamp", "value")
+_LAYOUT_BYTES: Final = tuple(name.encode() for name in _LAYOUT)
 
 
 @dataclass(slots=True)
@@ -157,11 +163,67 @@ class ReadingBatch:
         )
 
 
-def as_fields(flat: Sequence[str] | None) -> dict[str, str]:
-    """A raw entry's flat field list as a mapping (the last value of a repeated name wins)."""
+def _text(part: str | bytes) -> str:
+    """A field as text, invalid UTF-8 escaped as ``\\xNN`` (never raises)."""
+    return part if isinstance(part, str) else part.decode("utf-8", "backslashreplace")
+
+
+def as_fields(flat: Sequence[str | bytes] | None) -> dict[str, str]:
+    """A raw entry's fields as text for a dead letter; never raises, loses nothing.
+
+    Bytes that are not UTF-8 are escaped with ``backslashreplace`` (``b"1\\xff"`` becomes the
+    text ``1\\xff``); a name that repeats keeps its first value, later ones are kept as
+    ``<name>#2``, ``<name>#3`` …; a name left without a value (an odd list) gets "".
+    """
+    out: dict[str, str] = {}
     if not flat:
-        return {}
-    return dict(zip(flat[0::2], flat[1::2], strict=False))
+        return out
+    texts = [_text(part) for part in flat]
+    if len(texts) % 2:
+        texts.append("")
+    for name, value in zip(texts[0::2], texts[1::2], strict=True):
+        key, n = name, 1
+        while key in out:
+            n += 1
+            key = f"{name}#{n}"
+        out[key] = value
+    return out
+
+
+def decode_entry(source_id: str, flat: Sequence[str | bytes]) -> dict[str, str] | DeadLetter:
+    """A raw entry's fields as a mapping of text, or a `bad_encoding` dead letter when a name
+    or value is not UTF-8, a name repeats (which value would count?) or the list is odd.
+
+    The dead letter keeps the original fields as ``as_fields`` shows them (invalid bytes
+    escaped with ``backslashreplace``).
+    """
+    try:
+        texts = [part if isinstance(part, str) else part.decode() for part in flat]
+    except UnicodeDecodeError:
+        bad = [
+            f"name '{_text(part)}'" if n % 2 == 0 else f"value of '{_text(flat[n - 1])}'"
+            for n, part in enumerate(flat)
+            if isinstance(part, bytes) and not _is_utf8(part)
+        ]
+        detail = f"not UTF-8 (shown with \\x escapes): {', '.join(bad)}"
+        return DeadLetter(source_id, "bad_encoding", detail, as_fields(flat))
+    names = texts[0::2]
+    if len(texts) % 2:
+        detail = f"field '{names[-1]}' has no value"
+        return DeadLetter(source_id, "bad_encoding", detail, as_fields(flat))
+    if len(set(names)) != len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        detail = f"repeated field name(s): {', '.join(repeated)}"
+        return DeadLetter(source_id, "bad_encoding", detail, as_fields(flat))
+    return dict(zip(names, texts[1::2], strict=True))
+
+
+def _is_utf8(part: bytes) -> bool:
+    try:
+        part.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def flat_fields(fields: Mapping[str, str] | None) -> list[str] | None:
@@ -176,24 +238,33 @@ def parse_batch(entries: Sequence[RawEntry]) -> tuple[ReadingBatch, list[DeadLet
 
     Entries laid out as producers write them (exactly ``series_id``, ``timestamp``, ``value``,
     in that order) are checked column-wise: one regex pass over the batch's distinct series
-    ids, one ``isdigit`` over the joined timestamps, ``float`` mapped over the values. If any
-    of them fails, or an entry has another layout (a ``version``, extra fields), those entries
-    go through ``parse_reading`` one by one, so the outcome is always the same as its.
-    Deleted entries (no fields) are left out: the caller acknowledges them.
+    ids, one ``isdigit`` over the joined timestamps, ``float`` mapped over the values. Bytes
+    are checked as they came: every rule passes ASCII only, so a batch that passes needs no
+    UTF-8 decoding beyond its distinct series ids. If any of them fails, or an entry has
+    another layout (a ``version``, extra fields), those entries are decoded one by one
+    (``decode_entry``: not UTF-8 → `bad_encoding`) and go through ``parse_reading``, so the
+    outcome is always the same as its. Deleted entries (no fields) are left out: the caller
+    acknowledges them.
     """
     ids: list[str] = []
-    series: list[str] = []
-    stamps: list[str] = []
-    values: list[str] = []
-    others: list[tuple[str, Sequence[str]]] = []
+    series: list[str | bytes] = []
+    stamps: list[str | bytes] = []
+    values: list[str | bytes] = []
+    others: list[tuple[str, Sequence[str | bytes]]] = []
+    layout: tuple[str, ...] | tuple[bytes, ...] = _LAYOUT
+    for _, fields in entries:
+        if fields:
+            layout = _LAYOUT_BYTES if isinstance(fields[0], bytes) else _LAYOUT
+            break
+    sid, ts_name, value_name = layout
     for entry_id, fields in entries:
         if not fields:
             continue
         if (
             len(fields) == 6
-            and fields[0] == "series_id"
-            and fields[2] == "timestamp"
-            and fields[4] == "value"
+            and fields[0] == sid
+            and fields[2] == ts_name
+            and fields[4] == value_name
         ):
             ids.append(entry_id)
             series.append(fields[1])
@@ -204,18 +275,19 @@ def parse_batch(entries: Sequence[RawEntry]) -> tuple[ReadingBatch, list[DeadLet
     columns = _columns(series, stamps, values) if ids else None
     if columns is None:  # something in the common layout is invalid: decide one by one
         others = [
-            (i, ["series_id", s, "timestamp", t, "value", v])
+            (i, [sid, s, ts_name, t, value_name, v])
             for i, s, t, v in zip(ids, series, stamps, values, strict=True)
         ] + others
-        ids, series = [], []
-        columns = (np.empty(0, np.int64), np.empty(0, np.float64))
-    batch = ReadingBatch(ids, series, *columns)
+        ids = []
+        columns = ([], np.empty(0, np.int64), np.empty(0, np.float64))
+    batch = ReadingBatch(ids, *columns)
     if not others:
         return batch, []
     dead: list[DeadLetter] = []
     readings: list[Reading] = []
     for entry_id, fields in others:
-        parsed = parse_reading(entry_id, as_fields(fields))
+        decoded = decode_entry(entry_id, fields)
+        parsed = decoded if isinstance(decoded, DeadLetter) else parse_reading(entry_id, decoded)
         if isinstance(parsed, DeadLetter):
             dead.append(parsed)
         else:
@@ -226,30 +298,46 @@ def parse_batch(entries: Sequence[RawEntry]) -> tuple[ReadingBatch, list[DeadLet
 
 
 def _columns(
-    series: list[str], stamps: list[str], values: list[str]
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
-    """Timestamps and values as arrays when every row passes every rule, else None."""
+    series: list[str | bytes], stamps: list[str | bytes], values: list[str | bytes]
+) -> tuple[list[str], npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
+    """Series ids as text, timestamps and values as arrays when every row passes every rule,
+    else None. The rules admit ASCII only, so bytes that pass are valid UTF-8."""
     distinct = dict.fromkeys(series)
-    if (
-        "." in distinct
-        or ".." in distinct
-        or _SERIES_IDS_JOINED.fullmatch("\n".join(distinct) + "\n") is None
-    ):
-        return None
-    joined = "".join(stamps)
+    if isinstance(series[0], bytes):
+        joined_ids = b"\n".join(cast("list[bytes]", list(distinct))) + b"\n"
+        if (
+            b"." in distinct
+            or b".." in distinct
+            or _SERIES_IDS_JOINED_BYTES.fullmatch(joined_ids) is None
+        ):
+            return None
+        texts = {name: cast(bytes, name).decode("ascii") for name in distinct}
+        series_ids = [texts[name] for name in series]
+        joined: str | bytes = b"".join(cast("list[bytes]", stamps))
+    else:
+        if (
+            "." in distinct
+            or ".." in distinct
+            or _SERIES_IDS_JOINED.fullmatch("\n".join(cast("list[str]", list(distinct))) + "\n")
+            is None
+        ):
+            return None
+        series_ids = cast("list[str]", series)
+        joined = "".join(cast("list[str]", stamps))
     if not (joined.isascii() and joined.isdigit()) or min(map(len, stamps)) == 0:
         return None
     if max(map(len, stamps)) > 19:
         return None
     n = len(stamps)
     try:
+        # int() and float() take ASCII bytes as they take text (and refuse other bytes).
         ts = np.fromiter(map(int, stamps), dtype=np.int64, count=n)
         vals = np.fromiter(map(float, values), dtype=np.float64, count=n)
     except (ValueError, OverflowError):
         return None
     if int(ts.max()) > MAX_TIMESTAMP or not bool(np.isfinite(vals).all()):
         return None
-    return ts, vals
+    return series_ids, ts, vals
 
 
 def _concat(a: ReadingBatch, b: ReadingBatch) -> ReadingBatch:

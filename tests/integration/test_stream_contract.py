@@ -13,7 +13,8 @@ import pytest
 
 from detector.settings import Settings
 from detector.wire.events import EVENT_FIELDS
-from tests.support.transports import KafkaTransport, RedisTransport, Transport, wait_for
+from tests.support.polling import wait_for
+from tests.support.transports import KafkaTransport, RedisTransport, Transport
 
 pytestmark = pytest.mark.slow
 

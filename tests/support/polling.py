@@ -6,13 +6,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
+# A server being killed or restarted by a fault test: "not yet", not a failure of the check.
+REDIS_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 90.0) -> Any:
-    """Poll until ``check()`` is truthy and return what it returned."""
+    """Poll until ``check()`` is truthy and return what it returned (a Redis connection
+    error counts as not yet)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = check()
+        try:
+            found = check()
+        except REDIS_CONNECTION_ERRORS:
+            found = None
         if found:
             return found
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise AssertionError(f"gave up waiting for {what}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +17,7 @@ import redis
 from detector.settings import Settings
 from ingest.kafka import KafkaPublisher
 from tests.support.kafka import KafkaNames, KafkaWorker, create_topics, group_caught_up, read_topic
-from tests.support.services import ROOT, service_env
+from tests.support.processes import start_worker
 from tests.support.streams import publish, stream_settings
 
 Row = tuple[str, int, float]
@@ -57,7 +56,9 @@ class RedisTransport:
     name = "redis"
 
     def __init__(self, settings: Settings, **env: str) -> None:
-        self.settings = stream_settings(settings, stream_batch_count=500)
+        self.settings = stream_settings(
+            settings, stream_batch_count=500, stream_claim_idle_ms=1000
+        )
         self.client = redis.Redis.from_url(settings.redis_connection_url(), decode_responses=True)
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -70,26 +71,7 @@ class RedisTransport:
         self.client.xadd(self.settings.stream_readings, fields)  # type: ignore[arg-type]
 
     def start_worker(self) -> None:
-        s = self.settings
-        env = service_env(
-            s,
-            STREAM_READINGS=s.stream_readings,
-            STREAM_ANOMALIES=s.stream_anomalies,
-            STREAM_DEAD=s.stream_dead,
-            STREAM_BATCH_COUNT=str(s.stream_batch_count),
-            STREAM_BLOCK_MS="200",
-            STREAM_CLAIM_IDLE_MS="1000",
-            METRICS_PORT="0",
-            **self.env,
-        )
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "detector", "--log-level", "warning"],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=log,
-            )
+        self.proc = start_worker(self.settings, "contract", self.log, **self.env)
 
     def kill_worker(self) -> None:
         assert self.proc is not None

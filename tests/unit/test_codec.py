@@ -11,6 +11,8 @@ from detector.wire.events import decode_event, event_fields
 from detector.wire.readings import (
     DeadLetter,
     Reading,
+    as_fields,
+    decode_entry,
     flat_fields,
     parse_batch,
     parse_reading,
@@ -70,6 +72,58 @@ def test_the_vectorised_batch_parser_agrees_with_the_scalar_one(batch):
     got = [readings.reading(i) for i in range(len(readings))] + list(dead)
     key = lambda v: int(v.source_id.split("-")[0])  # noqa: E731
     assert sorted(got, key=key) == sorted(expected, key=key)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            entries, st.builds(reading_fields, ids, st.integers(0, 10**12), st.floats(-1e9, 1e9))
+        ),
+        max_size=40,
+    )
+)
+def test_bytes_parse_exactly_as_the_text_they_encode(batch):
+    text = [(f"{i}-0", flat_fields(fields)) for i, fields in enumerate(batch)]
+    raw = [(i, None if f is None else [part.encode() for part in f]) for i, f in text]
+    (from_bytes, dead_bytes), (from_text, dead_text) = parse_batch(raw), parse_batch(text)
+    assert [from_bytes.reading(i) for i in range(len(from_bytes))] == [
+        from_text.reading(i) for i in range(len(from_text))
+    ]
+    assert dead_bytes == dead_text
+
+
+@given(
+    st.lists(st.binary(max_size=10), min_size=1, max_size=12).filter(
+        lambda parts: any(not _utf8(p) for p in parts)
+    )
+)
+def test_bytes_that_are_not_utf8_anywhere_are_a_bad_encoding_letter(flat):
+    readings, dead = parse_batch([("3-0", flat)])
+    assert len(readings) == 0
+    assert [(d.source_id, d.reason) for d in dead] == [("3-0", "bad_encoding")]
+    # The original fields, escaped, none lost (a repeated name is kept as name#2 …).
+    assert dead[0].fields == as_fields(flat)
+    assert len(dead[0].fields) == (len(flat) + 1) // 2
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in dead[0].fields.items())
+
+
+def test_repeated_names_and_odd_lists_are_a_bad_encoding_letter():
+    repeated = decode_entry("1-0", [b"series_id", b"a", b"series_id", b"b", b"value", b"1"])
+    assert isinstance(repeated, DeadLetter) and repeated.reason == "bad_encoding"
+    assert repeated.fields == {"series_id": "a", "series_id#2": "b", "value": "1"}
+    odd = decode_entry("2-0", ["series_id", "a", "value"])
+    assert isinstance(odd, DeadLetter) and odd.reason == "bad_encoding"
+    assert odd.fields == {"series_id": "a", "value": ""}
+    escaped = decode_entry("3-0", [b"value", b"1\xff"])
+    assert isinstance(escaped, DeadLetter) and escaped.fields == {"value": "1\\xff"}
+
+
+def _utf8(part: bytes) -> bool:
+    try:
+        part.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 @given(

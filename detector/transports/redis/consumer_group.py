@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import redis.exceptions
 from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
 
 from detector.redis_keys import attempts_key
 from detector.scripts import lua
@@ -74,10 +75,14 @@ class StreamOps:
         self.anomalies_maxlen, self.dead_maxlen = anomalies_maxlen, dead_maxlen
         self.attempts = attempts_key(readings)
         self._commit = client.register_script(lua("trim_finished") + lua("commit_batch"))
-        # The same connections, but XREADGROUP replies are left as Redis sent them (flat field
-        # lists): redis-py's own parsing builds a dict per entry, the worker's largest cost.
+        # The same connections, but XREADGROUP and XAUTOCLAIM replies are left as Redis sent
+        # them: flat field lists (redis-py's own parsing builds a dict per entry, the worker's
+        # largest cost), and bytes (NEVER_DECODE), since a producer may have written anything;
+        # decoding them is the wire codec's job, where bytes that are not UTF-8 become a dead
+        # letter instead of an exception inside the reply parser on every read.
         self._raw = Redis(connection_pool=client.connection_pool)
         self._raw.set_response_callback("XREADGROUP", _as_sent)
+        self._raw.set_response_callback("XAUTOCLAIM", _as_sent)
         self._lag = client.register_script(lua("consumer_lag"))
         self._trim = client.register_script(
             lua("trim_finished") + "return trim_finished(KEYS[1])\n"
@@ -102,9 +107,12 @@ class StreamOps:
         self, consumer: str, from_id: str, count: int, *, block: int | None = None
     ) -> list[RawEntry]:
         """Up to ``count`` entries for ``consumer`` (``>``: new ones, waiting up to ``block``
-        ms for some; an id: its pending ones after that id), fields as flat lists."""
-        reply: Any = await self._raw.xreadgroup(
-            self.group, consumer, {self.readings: from_id}, count=count, block=block
+        ms for some; an id: its pending ones after that id), fields as flat lists of bytes."""
+        args: list[str | int] = ["GROUP", self.group, consumer, "COUNT", count]
+        if block is not None:
+            args += ["BLOCK", block]
+        reply: Any = await self._raw.execute_command(  # type: ignore[no-untyped-call]
+            "XREADGROUP", *args, "STREAMS", self.readings, from_id, **{NEVER_DECODE: True}
         )
         if not reply:
             return []
@@ -112,7 +120,31 @@ class StreamOps:
             entries = next(iter(reply.values()))
         else:  # RESP2: [[stream, [[id, fields], ...]]]
             entries = reply[0][1]
-        return [(entry[0], entry[1] or None) for entry in entries]
+        return [(entry[0].decode(), entry[1] or None) for entry in entries]
+
+    async def claim(
+        self, consumer: str, min_idle_ms: int, cursor: str, count: int
+    ) -> tuple[str, list[RawEntry]]:
+        """XAUTOCLAIM: up to ``count`` entries idle over ``min_idle_ms`` from ``cursor`` on,
+        now ``consumer``'s; returns the next cursor ("0-0" after a full pass) and the entries,
+        fields as flat lists of bytes (None for an entry deleted while pending)."""
+        reply: Any = await self._raw.execute_command(  # type: ignore[no-untyped-call]
+            "XAUTOCLAIM",
+            self.readings,
+            self.group,
+            consumer,
+            min_idle_ms,
+            cursor,
+            "COUNT",
+            count,
+            **{NEVER_DECODE: True},
+        )
+        entries: list[RawEntry] = [
+            (entry[0].decode(), entry[1] or None)
+            for entry in reply[1]
+            if entry is not None and entry[0] is not None
+        ]
+        return reply[0].decode(), entries
 
     async def commit(self, entry_ids: Sequence[str], outputs: Sequence[Output]) -> tuple[int, int]:
         """Acknowledge ``entry_ids`` and write the ``outputs`` (events and dead letters of some

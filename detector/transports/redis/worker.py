@@ -14,7 +14,13 @@ import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from detector.errors import REDIS_ERRORS, StoreUnavailableError, is_unavailable
+from detector.errors import (
+    REDIS_ERRORS,
+    REDIS_FAILURES,
+    StoreUnavailableError,
+    is_unavailable,
+    redis_unavailable,
+)
 from detector.metrics import WorkerMetrics
 from detector.pipeline import Outcome, Pipeline
 from detector.redis_keys import heartbeat_key
@@ -23,7 +29,7 @@ from detector.state.multiscale import MultiscaleStreams
 from detector.store.models import ModelStore
 from detector.transports.redis.consumer_group import Output, StreamOps, is_nogroup
 from detector.transports.redis.health import clear_health, record_health
-from detector.wire.readings import DeadLetter, RawEntry, as_fields, flat_fields
+from detector.wire.readings import DeadLetter, RawEntry, as_fields
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +139,17 @@ class Worker:
             try:
                 more = await self._step(burst)
                 backoff = 0.1
-            except redis.exceptions.ResponseError as exc:
+            except (*REDIS_FAILURES, StoreUnavailableError) as exc:
                 await self._drop_inflight()
-                if not is_nogroup(exc):
-                    raise
-                log.warning("consumer group vanished (FLUSHALL or a deleted stream); recreating")
-                await self._ensure_group()
-                self._recovering, self._pending_cursor = True, "0"
-                continue
-            except Exception as exc:
+                if isinstance(exc, redis.exceptions.ResponseError) and is_nogroup(exc):
+                    log.warning(
+                        "consumer group vanished (FLUSHALL or a deleted stream); recreating"
+                    )
+                    await self._ensure_group()
+                    self._recovering, self._pending_cursor = True, "0"
+                    continue
                 if not is_unavailable(exc):
                     raise
-                await self._drop_inflight()
                 log.warning("store unavailable (%s); retrying in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(_MAX_BACKOFF, backoff * 2)
@@ -180,8 +185,8 @@ class Worker:
                 if await self.ops.ensure_group():
                     log.info("created consumer group %s", self.settings.stream_group)
                 return
-            except REDIS_ERRORS as exc:
-                if self._stopping:
+            except REDIS_FAILURES as exc:
+                if self._stopping or not redis_unavailable(exc):
                     raise
                 log.warning("Redis unavailable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
@@ -256,16 +261,9 @@ class Worker:
     async def _claim(self) -> list[RawEntry]:
         """Take over entries idle longer than the claim time (their consumer probably died)."""
         s = self.settings
-        reply = await self.redis.xautoclaim(
-            s.stream_readings,
-            s.stream_group,
-            self.consumer,
-            s.stream_claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=s.stream_batch_count,
+        cursor, entries = await self.ops.claim(
+            self.consumer, s.stream_claim_idle_ms, self._claim_cursor, s.stream_batch_count
         )
-        cursor = str(reply[0])
-        entries: list[RawEntry] = [(e[0], flat_fields(e[1])) for e in reply[1] if e[0] is not None]
         if cursor in ("0-0", "0"):  # a full pass done: rest until the next interval
             self._claim_cursor = "0-0"
             self._next_claim = time.monotonic() + s.stream_claim_interval_ms / 1000

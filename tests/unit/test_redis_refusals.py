@@ -1,0 +1,47 @@
+"""Which Redis errors mean "unavailable, try again" (a 503, a waiting worker) and which are bugs."""
+
+from __future__ import annotations
+
+import pytest
+import redis.exceptions as rx
+
+from detector.errors import describe_redis_error, redis_unavailable
+
+REFUSED = [
+    rx.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+    rx.ReadOnlyError("You can't write against a read only replica."),
+    rx.BusyLoadingError("Redis is loading the dataset in memory"),
+    rx.ResponseError("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is no"),
+    rx.ResponseError("BUSY Redis is busy running a script."),
+    rx.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's failing"),
+    rx.ResponseError("UNBLOCKED force unblock from blocking operation, instance state changed"),
+    # Redis 6.2 wraps a refusal met inside a script.
+    rx.ResponseError(
+        "Error running script (call to f_0a1b): @user_script:6: @user_script: 6: -OOM command"
+        " not allowed when used memory > 'maxmemory'."
+    ),
+    rx.ConnectionError("Connection refused"),
+    rx.TimeoutError("Timeout reading"),
+]
+BUGS = [
+    rx.ResponseError("BUSYGROUP Consumer Group name already exists"),
+    rx.ResponseError("BUSYKEY Target key name already exists."),
+    rx.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+    rx.NoScriptError("No matching script. Please use EVAL."),
+    rx.ResponseError("ERR syntax error"),
+]
+
+
+@pytest.mark.parametrize("exc", REFUSED, ids=lambda e: str(e)[:24])
+def test_refusals_mean_unavailable(exc: Exception) -> None:
+    assert redis_unavailable(exc)
+
+
+@pytest.mark.parametrize("exc", BUGS, ids=lambda e: str(e)[:24])
+def test_other_replies_are_not_hidden(exc: Exception) -> None:
+    assert not redis_unavailable(exc)
+
+
+def test_the_description_keeps_the_code_redis_py_strips() -> None:
+    assert describe_redis_error(REFUSED[0]).startswith("OOM command not allowed")
+    assert describe_redis_error(REFUSED[1]).startswith("READONLY You can't write")
