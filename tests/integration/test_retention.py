@@ -37,8 +37,8 @@ def retention_postgres() -> Iterator[PostgresServer]:
 def rs(redis_server: RedisServer, retention_postgres: PostgresServer) -> Settings:
     # The job's own timer never fires during a test: passes are run by the tests.
     return Settings(
-        redis_port=redis_server.port,
-        postgres_port=retention_postgres.port,
+        **redis_server.settings_fields(),
+        **retention_postgres.settings_fields(),
         retention_interval_seconds=0,
     )
 

@@ -77,7 +77,7 @@ def own_postgres() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="module")
 def own_settings(own_redis: RedisServer, own_postgres: PostgresServer) -> Settings:
-    return Settings(redis_port=own_redis.port, postgres_port=own_postgres.port)
+    return Settings(**own_redis.settings_fields(), **own_postgres.settings_fields())
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,8 @@ def two_apis(own_settings: Settings) -> Iterator[tuple[str, str]]:
 
 @pytest.fixture
 def rclient(own_redis: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=own_redis.port, decode_responses=True, socket_timeout=60)
+    # The admin user: these tests DEBUG SLEEP, which the services may not.
+    client = redis.Redis.from_url(own_redis.admin_url(), decode_responses=True, socket_timeout=60)
     yield client
     client.close()
 
