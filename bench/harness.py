@@ -60,7 +60,9 @@ class Servers:
 def embedded_servers(
     data_dir: Path, *, durable: bool = True, **settings_fields: Any
 ) -> Iterator[Servers]:
-    """Redis and PostgreSQL (with the schema) in ``data_dir``, with generated passwords."""
+    """Redis and PostgreSQL (with the schema) in ``data_dir`` (a folder of the benchmark's own,
+    opened to traversal only: under root, PostgreSQL runs as nobody), with generated passwords."""
+    data_dir.chmod(0o711)
     redis_server = RedisServer(data_dir / "redis", free_port()).start()
     try:
         pg_server = PostgresServer(data_dir / "pg", free_port(), durable=durable).start()

@@ -24,16 +24,21 @@ from detector.settings import Settings
 log = logging.getLogger(__name__)
 
 # Oldest first, one series' versions strictly in order (a later version waits while an earlier
-# one is still in the outbox), so registry version numbers are assigned in our order.
+# one is still in the outbox), so registry version numbers are assigned in our order. Only each
+# series' oldest row is a candidate: DISTINCT ON walks the (series_id, version) index once,
+# where a per-row "no earlier version waiting" check cost a join per waiting row (seconds with
+# 100,000 rows waiting while MLflow is down).
 _CLAIM = """
 SELECT o.model_id, o.attempts, m.series_id, m.version, m.kind, m.mean, m.std, m.sigma,
        m.direction, m.points_used, m.first_ts, m.last_ts, m.min_value, m.max_value, m.created_at
-FROM mlflow_outbox o
+FROM (
+    SELECT DISTINCT ON (series_id) model_id, next_try
+    FROM mlflow_outbox
+    ORDER BY series_id, version
+) head
+JOIN mlflow_outbox o ON o.model_id = head.model_id
 JOIN model_versions m ON m.id = o.model_id
-WHERE o.next_try <= now()
-  AND NOT EXISTS (
-      SELECT 1 FROM mlflow_outbox eo JOIN model_versions em ON em.id = eo.model_id
-      WHERE em.series_id = m.series_id AND em.version < m.version)
+WHERE head.next_try <= now()
 ORDER BY o.model_id
 LIMIT 1
 FOR UPDATE OF o SKIP LOCKED

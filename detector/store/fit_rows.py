@@ -83,7 +83,10 @@ async def write_fit(
     assert row is not None
     model_id, created_at = int(row[0]), row[1]
     await copy_points(conn, model_id, data)
-    await conn.execute("INSERT INTO mlflow_outbox (model_id) VALUES (%s)", (model_id,))
+    await conn.execute(
+        "INSERT INTO mlflow_outbox (model_id, series_id, version) VALUES (%s, %s, %s)",
+        (model_id, series_id, version),
+    )
     await conn.execute(
         "UPDATE series SET last_version = greatest(last_version, %s), updated_at = now()"
         " WHERE series_id = %s",

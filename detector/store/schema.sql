@@ -58,6 +58,12 @@ CREATE TABLE IF NOT EXISTS mlflow_outbox (
     created_at timestamptz NOT NULL DEFAULT now(),
     next_try   timestamptz NOT NULL DEFAULT now()
 );
+-- The series and version of each row, so a claim picks each series' oldest row by index.
+ALTER TABLE mlflow_outbox ADD COLUMN IF NOT EXISTS series_id text;
+ALTER TABLE mlflow_outbox ADD COLUMN IF NOT EXISTS version integer;
+UPDATE mlflow_outbox o SET series_id = m.series_id, version = m.version
+FROM model_versions m WHERE m.id = o.model_id AND o.series_id IS NULL;
+CREATE INDEX IF NOT EXISTS mlflow_outbox_series_version ON mlflow_outbox (series_id, version);
 
 -- Anomalies found on the stream, for history queries (source_id de-duplicates redeliveries).
 CREATE TABLE IF NOT EXISTS anomalies (
