@@ -189,14 +189,24 @@ def _as_rows(entries: list[dict[str, str]]) -> list[tuple[str, int, float]]:
     return [(f["series_id"], int(f["timestamp"]), float(f["value"])) for f in entries]
 
 
+def _auth(settings):
+    """The service user's credentials, for a client that connects through the proxy."""
+    return {"username": settings.redis_username, "password": settings.redis_password}
+
+
+def through(settings, port):
+    """The service's Redis URL, pointed at the proxy's port instead."""
+    return settings.model_copy(update={"redis_port": port}).redis_connection_url()
+
+
 def test_a_batch_whose_reply_was_lost_is_not_added_twice_on_retry(
-    redis_server, redis_client, series_id
+    settings, redis_server, redis_client, series_id
 ):
     s_stream = f"readings-{uuid.uuid4().hex[:10]}"
     readings = _readings(series_id, 1000)
     with ReplyDroppingProxy(redis_server.port, drop={2, 4}) as proxy:
         # redis.Redis(host, port) retries a command 3 times after a connection error.
-        client = redis.Redis(port=proxy.port, decode_responses=True)
+        client = redis.Redis(port=proxy.port, decode_responses=True, **_auth(settings))
         try:
             with Publisher(client, stream=s_stream, batch_size=200) as pub:
                 for row in readings:
@@ -212,7 +222,7 @@ def test_ingest_cli_survives_lost_replies_without_duplicates(settings, redis_ser
     s = stream_settings(settings)
     with ReplyDroppingProxy(redis_server.port, drop={1, 3}) as proxy:
         done = ingest(
-            settings, "--redis-url", f"redis://127.0.0.1:{proxy.port}/0",
+            settings, "--redis-url", through(settings, proxy.port),
             "--stream", s.stream_readings, "generate", "--count", "1000", "--series", "4",
             "--batch-size", "200", "--seed", "3",
         )  # fmt: skip
@@ -224,7 +234,7 @@ def test_ingest_cli_survives_lost_replies_without_duplicates(settings, redis_ser
 
 
 def test_an_unconfirmed_batch_is_named_and_resent_once_before_newer_readings(
-    redis_server, redis_client, series_id
+    settings, redis_server, redis_client, series_id
 ):
     stream = f"readings-{uuid.uuid4().hex[:10]}"
     readings = _readings(series_id, 500)
@@ -233,7 +243,9 @@ def test_an_unconfirmed_batch_is_named_and_resent_once_before_newer_readings(
         resources.files("detector").joinpath("scripts/publish_batch.lua").read_text()
     )
     with ReplyDroppingProxy(redis_server.port, drop={2}) as proxy:
-        client = redis.Redis(port=proxy.port, decode_responses=True, retry=Retry(NoBackoff(), 0))
+        client = redis.Redis(
+            port=proxy.port, decode_responses=True, retry=Retry(NoBackoff(), 0), **_auth(settings)
+        )
         try:
             pub = Publisher(client, stream=stream, batch_size=200, retries=0)
             with pytest.raises(UnconfirmedBatchError, match=r"batch 2 .*\(200 readings\)") as err:
