@@ -50,7 +50,7 @@ def test_postgres_stopped_predictions_go_on_and_fits_503_without_half_writes(
         series += [known, unseen]
         # Readings of fitted series published all through the outage, the worker running.
         plan = Plan(fit_series(base_url), 3000)
-        feeder = Feeder(s.redis_port, s.stream_readings, plan, chunk=20, pause=0.05)
+        feeder = Feeder(s.redis_connection_url(), s.stream_readings, plan, chunk=20, pause=0.05)
         feeder.start()
         with httpx.Client(base_url=base_url, timeout=60) as http:
             answer = http.post(f"/predict/{known}", json={"timestamp": 1, "value": 1})

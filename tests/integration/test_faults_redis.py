@@ -13,6 +13,7 @@ import redis
 
 from detector.settings import Settings
 from detector.wire.readings import reading_fields
+from embedded.credentials import Credentials
 from embedded.processes import free_port
 from embedded.servers import PostgresServer, RedisServer
 from tests.support.faults import (
@@ -207,11 +208,19 @@ def test_redis_read_only_is_a_503_naming_redis_and_the_worker_waits(
     fault_postgres: PostgresServer, tmp_path: Path
 ) -> None:
     # Servers of this test's own: turning Redis into a replica replaces its data.
-    replica = RedisServer(tmp_path / "replica", free_port(), appendonly=False).start()
-    primary = RedisServer(tmp_path / "primary", free_port(), appendonly=False).start()
-    client = redis.Redis(port=replica.port, decode_responses=True, socket_timeout=10)
+    # One set of passwords for both, so the replica can log in to its primary.
+    credentials = Credentials.generate()
+    replica = RedisServer(
+        tmp_path / "replica", free_port(), appendonly=False, credentials=credentials
+    ).start()
+    primary = RedisServer(
+        tmp_path / "primary", free_port(), appendonly=False, credentials=credentials
+    ).start()
+    client = redis.Redis.from_url(replica.admin_url(), decode_responses=True, socket_timeout=10)
+    client.config_set("masteruser", "default")
+    client.config_set("masterauth", credentials.redis_admin_password)
     s = stream_settings(
-        Settings(redis_port=replica.port, postgres_port=fault_postgres.port),
+        Settings(**replica.settings_fields(), **fault_postgres.settings_fields()),
         stream_batch_count=100,
     )
     api, base_url = start_api(s)

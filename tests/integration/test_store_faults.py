@@ -186,7 +186,7 @@ def test_redis_stall_during_fits_leaves_no_phantom_version(
 ) -> None:
     url, other = two_apis
     assert fit_via(url, sid, LOW).status_code == 200
-    sleeper_client = redis.Redis(port=own_redis.port, socket_timeout=90)
+    sleeper_client = redis.Redis.from_url(own_redis.admin_url(), socket_timeout=90)
     sleeper = Background(sleeper_client.execute_command, "DEBUG", "SLEEP", "35")
     sleeper.start()
     time.sleep(0.3)  # the server is asleep: every fit below meets a stalled Redis
@@ -198,7 +198,7 @@ def test_redis_stall_during_fits_leaves_no_phantom_version(
     answers = [thread.value(180) for thread in fits]
     statuses = [a.status_code for a in answers]
     assert set(statuses) <= {200, 503}, statuses
-    with redis.Redis(port=own_redis.port, decode_responses=True) as rclient:
+    with redis.Redis.from_url(own_redis.admin_url(), decode_responses=True) as rclient:
         assert_redis_only_has_committed(rclient, own_settings, sid)
     for base in (url, other):
         answer = predict(base, sid)

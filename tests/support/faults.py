@@ -310,7 +310,7 @@ def resumed(client: redis.Redis, s: Settings, base_url: str, series_id: str) -> 
         assert answer.status_code == 200, answer.text
     plan = Plan([series_id], 20)
     plan.ids = [f"{int(time.time() * 1000)}-{n + 1}" for n in range(plan.count)]
-    Feeder(client.connection_pool.connection_kwargs["port"], s.stream_readings, plan).run()
+    Feeder(s.redis_connection_url(), s.stream_readings, plan).run()
     wait_for(lambda: drained(client, s, plan), "the worker to resume", 60)
     events = [f["source_id"] for _, f in client.xrange(s.stream_anomalies)]  # type: ignore[union-attr]
     assert sorted(events) == sorted(plan.ids[n] for n in plan.anomalous)
