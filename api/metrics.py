@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from detector.metrics import LATENCY_BUCKETS
+from detector.metrics import LATENCY_BUCKETS, anomalies_counter
 
 
 class ApiMetrics:
@@ -42,12 +42,7 @@ class ApiMetrics:
             "Points scored over REST (a batch counts each point).",
             registry=registry,
         )
-        self.anomalies = Counter(
-            "anomalies_detected",
-            "Anomalous readings found, by source (rest or stream).",
-            ["source"],
-            registry=registry,
-        )
+        self.anomalies = anomalies_counter(registry)
         self.request_errors = Counter(
             "request_errors",
             "Requests answered with an error, by kind.",

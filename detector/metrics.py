@@ -34,6 +34,17 @@ LATENCY_BUCKETS = (
 )
 
 
+def anomalies_counter(registry: CollectorRegistry) -> Counter:
+    """``anomalies_detected_total{source}``: the one series the API (``rest``) and the workers
+    (``stream``) both export, so a dashboard sums them."""
+    return Counter(
+        "anomalies_detected",
+        "Anomalous readings found, by source (rest or stream).",
+        ["source"],
+        registry=registry,
+    )
+
+
 class WorkerMetrics:
     """Everything a stream worker exports on its own /metrics port (names fixed: dashboards)."""
 
@@ -46,12 +57,7 @@ class WorkerMetrics:
             ["transport", "outcome"],
             registry=registry,
         )
-        self.anomalies = Counter(
-            "anomalies_detected",
-            "Anomalous readings found, by source (rest or stream).",
-            ["source"],
-            registry=registry,
-        )
+        self.anomalies = anomalies_counter(registry)
         self.dead_letters = Counter(
             "stream_dead_letters",
             "Readings sent to the dead-letter stream, by reason.",

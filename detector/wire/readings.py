@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, cast
+from typing import Final, Literal, cast, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -27,17 +27,7 @@ DeadReason = Literal[
     "too_many_deliveries",
     "processing_failed",
 ]
-DEAD_REASONS: Final[tuple[str, ...]] = (
-    "bad_encoding",
-    "missing_field",
-    "bad_series_id",
-    "bad_value",
-    "bad_timestamp",
-    "bad_version",
-    "unknown_version",
-    "too_many_deliveries",
-    "processing_failed",
-)
+DEAD_REASONS: Final[tuple[str, ...]] = get_args(DeadReason)
 
 READING_FIELDS: Final = ("series_id", "timestamp", "value")
 _DEAD_OWN_FIELDS: Final = frozenset({"source_id", "reason", "detail"})

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -15,30 +14,18 @@ import psycopg
 import pytest
 
 from detector.settings import Settings
-from detector.store.connections import apply_schema_sync, postgres_pool
+from detector.store.connections import postgres_pool
 from detector.store.retention import RetentionPass, run_retention
-from embedded.processes import free_port
 from embedded.servers import PostgresServer, RedisServer
-from tests.support.services import postgres_data_dir, start_api
+from tests.support.services import start_api
 
 
 @pytest.fixture(scope="module")
-def retention_postgres() -> Iterator[PostgresServer]:
-    data_dir = postgres_data_dir()
-    server = PostgresServer(data_dir, free_port(), durable=False)
-    server.start()
-    apply_schema_sync(server.conninfo())
-    yield server
-    server.stop()
-    shutil.rmtree(data_dir.parent, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def rs(redis_server: RedisServer, retention_postgres: PostgresServer) -> Settings:
+def rs(redis_server: RedisServer, fault_postgres: PostgresServer) -> Settings:
     # The job's own timer never fires during a test: passes are run by the tests.
     return Settings(
         **redis_server.settings_fields(),
-        **retention_postgres.settings_fields(),
+        **fault_postgres.settings_fields(),
         retention_interval_seconds=0,
     )
 

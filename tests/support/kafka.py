@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from detector.settings import Settings
 from embedded.processes import free_port
+from tests.support.processes import stop_process
 from tests.support.services import ROOT, service_env
 
 PARTITIONS = 4
@@ -136,13 +137,7 @@ class KafkaWorker:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 

@@ -17,7 +17,7 @@ import redis
 from detector.settings import Settings
 from ingest.kafka import KafkaPublisher
 from tests.support.kafka import KafkaNames, KafkaWorker, create_topics, group_caught_up, read_topic
-from tests.support.processes import start_worker
+from tests.support.processes import start_worker, stop_process
 from tests.support.streams import publish, stream_settings
 
 Row = tuple[str, int, float]
@@ -79,13 +79,8 @@ class RedisTransport:
         self.proc.wait(30)
 
     def stop_worker(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc)
         self.client.close()
 
     def drained(self) -> bool:
