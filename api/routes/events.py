@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import SeriesIdQueryDep, ServicesDep
 from api.event_feed import EventFeed, Subscriber, parse_stream_id
-from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, StoreUnavailableError
+from detector.errors import REDIS_ERRORS, StoreUnavailableError
 from detector.identifiers import SERIES_ID_RULE, SERIES_ID_SCHEMA, validate_series_id
 from detector.store.history import query_anomalies, query_episodes
 
@@ -128,15 +128,12 @@ async def anomalies(
 ) -> dict[str, Any]:
     """Anomalies the stream workers recorded, oldest first, ``since <= timestamp <= until``;
     with ``episodes=true`` their episodes instead (``{"series_id", "episodes": [...]}``)."""
-    try:
-        if episodes:
-            found = await query_episodes(
-                services.store.pool, series_id, since=since, until=until, limit=limit
-            )
-            return {"series_id": series_id, "episodes": found}
-        items = await query_anomalies(
+    if episodes:
+        found = await query_episodes(
             services.store.pool, series_id, since=since, until=until, limit=limit
         )
-    except POSTGRES_ERRORS as exc:
-        raise StoreUnavailableError("postgres", f"PostgreSQL is unavailable: {exc}") from exc
+        return {"series_id": series_id, "episodes": found}
+    items = await query_anomalies(
+        services.store.pool, series_id, since=since, until=until, limit=limit
+    )
     return {"series_id": series_id, "anomalies": items}

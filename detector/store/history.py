@@ -9,6 +9,7 @@ from typing import Any
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from detector.errors import POSTGRES_ERRORS, StoreUnavailableError
 from detector.identifiers import format_version, parse_version
 from detector.kinds.training import MAX_TIMESTAMP
 
@@ -71,20 +72,18 @@ async def query_anomalies(
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     """A series' recorded anomalies with since <= timestamp <= until, oldest first."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            """
-            SELECT series_id, ts, value, model_version, mean, std, lower_bound, upper_bound,
-                   score, source, source_id, detected_at, episode_id, onset
-            FROM anomalies
-            WHERE series_id = %s AND ts >= %s AND ts <= %s
-            ORDER BY ts, id
-            LIMIT %s
-            """,
-            (series_id, *_time_range(since, until), limit),
-        )
-        rows = await cur.fetchall()
+    rows = await _fetch(
+        pool,
+        """
+        SELECT series_id, ts, value, model_version, mean, std, lower_bound, upper_bound,
+               score, source, source_id, detected_at, episode_id, onset
+        FROM anomalies
+        WHERE series_id = %s AND ts >= %s AND ts <= %s
+        ORDER BY ts, id
+        LIMIT %s
+        """,
+        (series_id, *_time_range(since, until), limit),
+    )
     return [
         {
             "series_id": r["series_id"],
@@ -117,22 +116,20 @@ async def query_episodes(
     """A series' recorded episodes with an anomaly in since <= timestamp <= until, oldest
     first: id, first and last anomaly timestamp, count and max |score| of their anomalies in
     that range (anomalies recorded without an episode are left out)."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            """
-            SELECT episode_id, min(ts) AS first_ts, max(ts) AS last_ts, count(*) AS n,
-                   max(abs(score)) AS max_abs_score,
-                   min(ts) FILTER (WHERE onset) AS onset_ts
-            FROM anomalies
-            WHERE series_id = %s AND ts >= %s AND ts <= %s AND episode_id IS NOT NULL
-            GROUP BY episode_id
-            ORDER BY min(ts), episode_id
-            LIMIT %s
-            """,
-            (series_id, *_time_range(since, until), limit),
-        )
-        rows = await cur.fetchall()
+    rows = await _fetch(
+        pool,
+        """
+        SELECT episode_id, min(ts) AS first_ts, max(ts) AS last_ts, count(*) AS n,
+               max(abs(score)) AS max_abs_score,
+               min(ts) FILTER (WHERE onset) AS onset_ts
+        FROM anomalies
+        WHERE series_id = %s AND ts >= %s AND ts <= %s AND episode_id IS NOT NULL
+        GROUP BY episode_id
+        ORDER BY min(ts), episode_id
+        LIMIT %s
+        """,
+        (series_id, *_time_range(since, until), limit),
+    )
     return [
         {
             "episode_id": r["episode_id"],
@@ -144,6 +141,19 @@ async def query_episodes(
         }
         for r in rows
     ]
+
+
+async def _fetch(
+    pool: AsyncConnectionPool, sql: str, params: tuple[Any, ...]
+) -> list[dict[str, Any]]:
+    """Rows of a history query; PostgreSQL unreachable is StoreUnavailableError (a 503)."""
+    try:
+        async with pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql, params)
+            return await cur.fetchall()
+    except POSTGRES_ERRORS as exc:
+        raise StoreUnavailableError("postgres", f"PostgreSQL is unavailable: {exc}") from exc
 
 
 def _time_range(since: int | None, until: int | None) -> tuple[int, int]:
