@@ -22,7 +22,8 @@ import redis
 
 from detector.settings import Settings
 from embedded.processes import free_port
-from embedded.servers import PostgresServer, RedisServer
+from embedded.run import postgres_folder
+from embedded.servers import PostgresServer, RedisServer, blocking_folder
 from tests.support.services import ROOT, wait_serving
 
 
@@ -153,3 +154,25 @@ def test_make_run_servers_are_closed_and_nothing_outside_changes_mode(
     )
     assert fit.status_code == 200, fit.text
     assert ancestor_modes(data_dir) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as nobody under root only")
+def test_a_project_below_a_closed_folder_gets_its_cluster_elsewhere_without_mode_changes():
+    closed = Path(tempfile.mkdtemp(prefix="anomaly-closed-"))  # 0700, as a home folder
+    data_dir = closed / "project" / ".data"
+    data_dir.mkdir(parents=True)
+    before = ancestor_modes(data_dir)
+    folder = postgres_folder(data_dir)
+    try:
+        assert blocking_folder(data_dir / "postgres") == closed
+        assert folder.name == "postgres" and folder.parent.parent in (
+            Path("/var/tmp"),
+            Path(tempfile.gettempdir()),
+        )
+        assert blocking_folder(folder) is None  # nobody can walk down to it
+        own = folder.parent.stat()
+        assert own.st_uid == 0 and stat.S_IMODE(own.st_mode) == 0o711
+        assert postgres_folder(data_dir) == folder  # the next `make run` finds it again
+        assert ancestor_modes(data_dir) == before  # no folder above the project changed
+    finally:
+        subprocess.run(["rm", "-rf", str(folder.parent), str(closed)], check=False)
