@@ -19,7 +19,7 @@ from types import FrameType
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
 from embedded.credentials import Credentials
-from embedded.processes import port_in_use
+from embedded.processes import child_setup, port_in_use
 from embedded.servers import PostgresServer, RedisServer, blocking_folder
 
 log = logging.getLogger("anomaly-run")
@@ -72,7 +72,11 @@ class Child:
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL)
+        # The child gets SIGTERM should this supervisor die without stopping it (no orphan
+        # keeps a port or consumes the stream).
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=child_setup()
+        )
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 
@@ -165,6 +169,8 @@ def main() -> None:
         )
         while not stopping:
             for child in children:
+                if stopping:  # a stop signal during the round: restart nothing more
+                    break
                 child.check()
             time.sleep(0.2)
         log.info("stopping")
