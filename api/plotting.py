@@ -92,6 +92,15 @@ def render_plot(
     """
     model = found.model
     ts, values = points.timestamps, points.values
+    # Matplotlib's dates end with year 9999; timestamps (up to 2^62 s) beyond it are drawn as
+    # plain Unix seconds rather than failing the request.
+    latest = max(
+        [int(t.max()) for t in (ts, points.outside_timestamps) if t.size]
+        + [int(d["timestamp"]) for d in detected],
+        default=0,
+    )
+    as_dates = latest <= _LAST_DATE
+    _dates = _days if as_dates else _seconds
     dates = _dates(ts)
 
     fig = Figure(figsize=(11, 5.2), dpi=100, layout="constrained")
@@ -164,10 +173,13 @@ def render_plot(
     pad = 0.06 * (high - low) or 1.0
     ax.set_ylim(low - pad, high + pad)  # both bounds and every point inside the frame
     ax.margins(x=0.01)
-    locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]
-    ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
-    ax.set_xlabel("time (UTC)")
+    if as_dates:
+        locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+        ax.set_xlabel("time (UTC)")
+    else:
+        ax.set_xlabel("time (Unix seconds)")
     ax.set_ylabel("value")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize="small", framealpha=0.85)
@@ -176,6 +188,14 @@ def render_plot(
     return buffer.getvalue()
 
 
-def _dates(timestamps: IntArray) -> npt.NDArray[np.float64]:
+# 9999-12-31T23:59:59Z, the last instant matplotlib's dates can show.
+_LAST_DATE = 253_402_300_799
+
+
+def _days(timestamps: Any) -> npt.NDArray[np.float64]:
     """Unix seconds as matplotlib date numbers (days since the epoch), vectorised."""
     return np.asarray(timestamps, dtype=np.float64) / 86400.0
+
+
+def _seconds(timestamps: Any) -> npt.NDArray[np.float64]:
+    return np.asarray(timestamps, dtype=np.float64)

@@ -255,3 +255,11 @@ def test_plot_is_a_png(client, series_id):
     assert client.get("/plot", params={"series_id": series_id, "version": "v9"}).status_code == 404
     assert client.get("/plot", params={"series_id": "unknown-series"}).status_code == 404
     assert client.get("/plot", params={"series_id": "../../etc/passwd"}).status_code == 422
+
+
+def test_plot_of_timestamps_beyond_year_9999_is_a_png(client, series_id):
+    """Timestamps go up to 2^62 s; matplotlib's dates stop at year 9999 (found by schemathesis)."""
+    body = {"timestamps": [3321, 70_876_291, 2**62 - 1], "values": [1.0, 2.0, 4.0]}
+    assert client.post(f"/fit/{series_id}", json=body).status_code == 200
+    answer = client.get("/plot", params={"series_id": series_id})
+    assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG")
