@@ -23,7 +23,6 @@ from detector.errors import (
 )
 from detector.metrics import WorkerMetrics
 from detector.pipeline import Outcome, Pipeline
-from detector.redis_keys import heartbeat_key
 from detector.settings import Settings
 from detector.state.multiscale import MultiscaleStreams
 from detector.store.models import ModelStore
@@ -99,7 +98,6 @@ class Worker:
             anomalies_maxlen=settings.stream_anomalies_maxlen,
             dead_maxlen=settings.stream_dead_maxlen,
         )
-        self.heartbeat_key = heartbeat_key(settings.stream_readings, self.consumer)
         self.processed = 0
         self._stopping = False
         self._recovering = True  # first re-read our own pending entries (id 0)
