@@ -6,12 +6,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints
 
+from detector.kinds.registry import ModelKind
 from detector.kinds.static import MAX_SIGMA
 from detector.kinds.training import MAX_TIMESTAMP
 from detector.settings import Settings
 
 Direction = Literal["above", "below", "both"]
-Kind = Literal["static", "multiscale"]
+Kind = ModelKind
 # A JSON number that is finite; booleans and strings are refused (strict).
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # Fit timestamps: JSON numbers; 1.0 counts as 1, 1.5 is refused by the model's rules.
@@ -36,10 +37,11 @@ class FitOptions(_Body):
     kind: Kind | None = Field(
         default=None,
         description=(
-            "Detector kind (default static). multiscale: the stream keeps a per-series state "
-            "(point, short-window shift and histogram-change tests, one alert per excursion); "
-            "POST /predict and the batch endpoint still apply the static μ ± kσ rule of the "
-            "training data."
+            "Detector kind (default: the server's DEFAULT_KIND). seasonal and multiscale: the "
+            "stream keeps a per-series state (seasonal: a daily and weekly profile learned "
+            "online; point, short-window shift and distribution tests; one alert per "
+            "excursion); POST /predict and the batch endpoint apply the μ ± kσ rule of the "
+            "training data whatever the kind."
         ),
     )
 

@@ -18,11 +18,13 @@ import numpy as np
 import psycopg
 
 from detector.errors import POSTGRES_ERRORS, ModelNotFoundError, StoreUnavailableError
+from detector.kinds.base import severity
+from detector.kinds.registry import STATEFUL
 from detector.kinds.static import ABOVE, StaticModel, flag
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
 from detector.state.episodes import EpisodeTracker
-from detector.state.multiscale import Acknowledged, MultiscaleStreams, StreamReading
+from detector.state.series import Acknowledged, SeriesStates, StreamReading
 from detector.store.history import record_anomalies
 from detector.store.latest import LatestVersions
 from detector.store.models import ModelStore
@@ -70,7 +72,7 @@ class Pipeline:
         *,
         source: str,
         metrics: WorkerMetrics,
-        streams: MultiscaleStreams,
+        streams: SeriesStates,
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
@@ -157,7 +159,7 @@ async def score_batch(
     batch: ReadingBatch,
     store: ModelStore,
     latest: LatestVersions,
-    streams: MultiscaleStreams | None = None,
+    streams: SeriesStates | None = None,
     *,
     acknowledged: Acknowledged | None = None,
 ) -> ScoredBatch:
@@ -169,7 +171,7 @@ async def score_batch(
     only for the anomalous ones, in batch order.
 
     With ``streams``, readings whose latest model is of a stateful kind (and that pin no
-    version) are folded into their series' state instead (``detector.state.multiscale``);
+    version) are folded into their series' state instead (``detector.state.series``);
     their events carry the kind's own episode fields. Pinned readings are scored by their
     version's stateless rule, as ``POST /predict`` does.
     """
@@ -223,8 +225,8 @@ async def score_batch(
     rule = params[index]
     anomaly = np.asarray(flag(values, rule[:, 2], rule[:, 3], rule[:, 4].astype(np.int8)))
     stream_rows: list[int] = []
-    if streams is not None and any(m is not None and m[1].kind != "static" for m in models):
-        stateful = np.array([m is not None and m[1].kind != "static" for m in models])
+    if streams is not None and any(m is not None and m[1].kind in STATEFUL for m in models):
+        stateful = np.array([m is not None and m[1].kind in STATEFUL for m in models])
         in_stream = stateful[index]
         if versions is not None:
             in_stream &= np.array([v is None for v in versions], dtype=bool)
@@ -241,6 +243,8 @@ async def score_batch(
     for i in np.flatnonzero(anomaly).tolist():
         row = int(index[i])
         version, model = models[row]  # type: ignore[misc]
+        z = float((values[i] - params[row, 0]) / params[row, 1])
+        ratio = abs(z) / model.sigma
         scored.events[batch.source_ids[i]] = event_fields(
             batch.reading(i),
             version=version,
@@ -248,9 +252,15 @@ async def score_batch(
             std=model.std,
             lower=model.lower,
             upper=model.upper,
-            score=float((values[i] - params[row, 0]) / params[row, 1]),
+            score=z,
             detected_at=detected_at,
-            extra=_STATIC_EXTRA,
+            extra={
+                "kind": model.kind,
+                "test": "threshold",
+                "expected": repr(model.mean),
+                "severity": f"{float(severity(ratio)):.1f}",
+                "detector_score": repr(ratio),
+            },
         )
     if stream_rows and streams is not None:
         folded, scored.opened = await streams.fold(
@@ -261,6 +271,7 @@ async def score_batch(
                     int(batch.timestamps[i]),
                     float(values[i]),
                     models[int(index[i])][0],  # type: ignore[index]
+                    models[int(index[i])][1].kind,  # type: ignore[index]
                 )
                 for i in stream_rows
             ],
@@ -272,6 +283,3 @@ async def score_batch(
             scored.events = {i: merged[i] for i in batch.source_ids if i in merged}
     return scored
 
-
-# The explanation fields of a static kind's event (its expected value is μ).
-_STATIC_EXTRA = {"kind": "static", "test": "threshold"}

@@ -11,6 +11,7 @@ from urllib.parse import quote
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from detector.kinds.registry import ModelKind
 from detector.kinds.static import MAX_SIGMA
 
 Direction = Literal["above", "below", "both"]
@@ -64,8 +65,9 @@ class Settings(BaseSettings):
     # The model.
     default_sigma: float = Field(default=3.0, gt=0, le=MAX_SIGMA)
     default_direction: Direction = "above"
-    # The kind a fit without a `kind` option makes (static: the seed's μ + kσ rule).
-    default_kind: Literal["static", "multiscale"] = "static"
+    # The kind a fit without a `kind` option makes: what the stream uses for it. REST predict
+    # and the batch endpoint apply every version's μ ± kσ rule, whatever its kind.
+    default_kind: ModelKind = "static"
     min_training_points: int = Field(default=3, ge=2)
     max_training_points: int = Field(default=5_000_000, ge=3)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

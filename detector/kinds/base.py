@@ -8,6 +8,7 @@ transports (``detector.pipeline``) and the offline evaluation. A kind is one mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from detector.kinds.static import StaticModel
 
 BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.intp]
 Direction = Literal["above", "below", "both"]
 DIRECTIONS: tuple[str, ...] = get_args(Direction)
 
@@ -72,26 +74,50 @@ class DetectorKind(Protocol):
 
 class StatefulKind(DetectorKind, Protocol):
     """A kind whose stream verdicts depend on the series' history: its state lives per series
-    (``detector.state.series``), starts from the version's fitted ``params`` and is folded
-    one reading at a time, in event-time order."""
+    (``detector.state.series``), starts from the version's fitted ``params`` and is folded in
+    event-time order, many series at once."""
 
     def initial_state(self, params: dict[str, Any]) -> Any: ...
 
-    def fold(self, state: Any, timestamp: float, value: float) -> StreamVerdict: ...
+    def fold(
+        self, states: Sequence[Any], rows: IntArray, timestamps: FloatArray, values: FloatArray
+    ) -> tuple[list[Any], Folded]:
+        """Fold readings into copies of ``states``: reading i belongs to ``states[rows[i]]``;
+        each series' readings come in the order they are to be folded. Returns the new
+        states and the verdicts, in the order the readings were given."""
+        ...
 
-    def merge(self, a: Any, b: Any) -> Any: ...
+    def encode_state(self, state: Any) -> Any:
+        """The state as a JSON-ready value."""
+        ...
+
+    def decode_state(self, data: Any) -> Any: ...
+
+
+# The tests a stateful kind's reading can fail, by ``Folded.test`` code (0: none fired).
+TESTS: tuple[str, ...] = ("", "point", "shift", "divergence")
 
 
 @dataclass(frozen=True, slots=True)
-class StreamVerdict:
-    """One reading folded into a stateful kind's state."""
+class Folded:
+    """Per folded reading, in the order given to ``StatefulKind.fold``: the verdict and its
+    explanation. ``expected`` and ``lower``/``upper`` are the value and bounds the kind used
+    at that instant, ``score`` the signed z against its baseline, ``ratio`` the kind's largest
+    statistic relative to its threshold (> 1: anomalous), ``test`` an index into TESTS."""
 
-    anomaly: bool
-    alert: bool  # opens an alert of the kind's own grouping (an episode onset)
-    expected: float
-    std: float
-    lower: float
-    upper: float
-    score: float  # signed z against the baseline the reading was judged by
-    severity: float  # the kind's own statistic relative to its threshold (> 1: anomalous)
-    test: str
+    anomaly: BoolArray
+    alert: BoolArray  # opens an alert of the kind's own grouping (an episode onset)
+    expected: FloatArray
+    std: FloatArray
+    lower: FloatArray
+    upper: FloatArray
+    score: FloatArray
+    ratio: FloatArray
+    test: IntArray
+
+
+def severity(ratio: Any) -> Any:
+    """0–100 from a statistic relative to its threshold, for every kind: 50 at the threshold,
+    approaching 100 as the statistic grows (100·r/(1 + r)); 0 for no deviation."""
+    r = np.maximum(np.asarray(ratio, dtype=np.float64), 0.0)
+    return 100.0 * r / (1.0 + r)

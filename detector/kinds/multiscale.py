@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
-from detector.kinds.base import FitOptions, Fitted, StreamVerdict, Verdicts
+from detector.kinds.base import FitOptions, Fitted, Folded, Verdicts
 from detector.kinds.moments import Moments
 from detector.kinds.static import StaticModel, fit_static
 from detector.kinds.training import FloatArray, TrainingData
@@ -313,23 +314,39 @@ class MultiscaleKind:
     def initial_state(self, params: dict[str, Any]) -> MultiscaleState:
         return MultiscaleState.from_dict(params["state"])
 
-    def fold(self, state: MultiscaleState, timestamp: float, value: float) -> StreamVerdict:
-        """Judge the reading against the baseline as it stood before it, then learn it."""
-        slow = state.slow
-        score, alert, test = state.judge(timestamp, value)
-        mean, std = slow.mean, slow.std
-        k = state.params.k_point
-        return StreamVerdict(
-            anomaly=score > 1.0,
-            alert=alert,
-            expected=mean,
-            std=std,
-            lower=mean - k * std,
-            upper=mean + k * std,
-            score=signed_z(value, mean, std),
-            severity=score,
-            test=test,
-        )
+    def fold(
+        self,
+        states: Sequence[MultiscaleState],
+        rows: npt.NDArray[np.intp],
+        timestamps: FloatArray,
+        values: FloatArray,
+    ) -> tuple[list[MultiscaleState], Folded]:
+        """Each reading judged against its series' baseline as it stood before it, then
+        learned (one reading at a time: this kind's state is not vectorised)."""
+        new = [s.copy() for s in states]
+        n = len(rows)
+        cols = {k: np.zeros(n) for k in ("expected", "std", "lower", "upper", "score", "ratio")}
+        anomaly, alert = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        test = np.zeros(n, dtype=np.intp)
+        for i in range(n):
+            state = new[int(rows[i])]
+            slow = state.slow
+            value = float(values[i])
+            ratio, alert[i], fired = state.judge(float(timestamps[i]), value)
+            mean, std = slow.mean, slow.std
+            band = state.params.k_point * std
+            cols["expected"][i], cols["std"][i] = mean, std
+            cols["lower"][i], cols["upper"][i] = mean - band, mean + band
+            cols["score"][i], cols["ratio"][i] = signed_z(value, mean, std), ratio
+            anomaly[i] = ratio > 1.0
+            test[i] = TESTS.index(fired) + 1 if fired else 0
+        return new, Folded(anomaly, alert, **cols, test=test)
+
+    def encode_state(self, state: MultiscaleState) -> dict[str, Any]:
+        return state.to_dict()
+
+    def decode_state(self, data: dict[str, Any]) -> MultiscaleState:
+        return MultiscaleState.from_dict(data)
 
     def merge(self, a: MultiscaleState, b: MultiscaleState) -> MultiscaleState:
         return a.merge(b)

@@ -7,14 +7,22 @@ from typing import Any, Final, Literal
 from detector.errors import InvalidInputError
 from detector.kinds.base import DetectorKind, StatefulKind
 from detector.kinds.multiscale import MultiscaleKind, MultiscaleModel
+from detector.kinds.seasonal import SeasonalKind, SeasonalModel
 from detector.kinds.static import StaticKind, StaticModel
 
-KINDS: Final[dict[str, DetectorKind]] = {"static": StaticKind(), "multiscale": MultiscaleKind()}
+KINDS: Final[dict[str, DetectorKind]] = {
+    "static": StaticKind(),
+    "seasonal": SeasonalKind(),
+    "multiscale": MultiscaleKind(),
+}
 MODEL_CLASSES: Final[dict[str, type[StaticModel]]] = {
     "static": StaticModel,
+    "seasonal": SeasonalModel,
     "multiscale": MultiscaleModel,
 }
-ModelKind = Literal["static", "multiscale"]
+# The kinds whose stream verdicts depend on the series' history (``detector.state.series``).
+STATEFUL: Final = frozenset(name for name, kind in KINDS.items() if kind.stateful)
+ModelKind = Literal["static", "seasonal", "multiscale"]
 
 
 def get_kind(name: str) -> DetectorKind:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from detector.metrics import WorkerMetrics
 from detector.redis_keys import model_key, state_key
 from detector.settings import Settings
-from detector.state.multiscale import SeriesState, read_state
+from detector.state.series import SeriesState, read_state
 from detector.store.connections import postgres_pool
 from detector.store.connections import redis_client as async_redis_client
 from detector.transports.redis.worker import Worker

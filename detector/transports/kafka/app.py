@@ -19,7 +19,7 @@ from detector.errors import POSTGRES_ERRORS, is_unavailable
 from detector.metrics import WorkerMetrics
 from detector.pipeline import Pipeline
 from detector.settings import Settings
-from detector.state.multiscale import Acknowledged, MultiscaleStreams
+from detector.state.series import Acknowledged, SeriesStates
 from detector.store.connections import apply_schema, postgres_pool, redis_client
 from detector.store.models import ModelStore
 from detector.wire.kafka import dead_value, event_value, fields_from_json, source_id
@@ -147,7 +147,7 @@ class KafkaScorer:
             store,
             source=f"kafka:{anomalies.get_topic_name()}",
             metrics=metrics,
-            streams=MultiscaleStreams(self.redis, store),
+            streams=SeriesStates(self.redis, store),
         )
         self.processed = 0
 

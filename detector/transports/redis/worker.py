@@ -24,7 +24,7 @@ from detector.errors import (
 from detector.metrics import WorkerMetrics
 from detector.pipeline import Outcome, Pipeline
 from detector.settings import Settings
-from detector.state.multiscale import MultiscaleStreams
+from detector.state.series import SeriesStates
 from detector.store.models import ModelStore
 from detector.transports.redis.consumer_group import Output, StreamOps, is_nogroup
 from detector.transports.redis.health import clear_health, record_health
@@ -80,7 +80,7 @@ class Worker:
             metrics=metrics,
             # Per-series state of stateful kinds (compare-and-set in Redis, see the module);
             # the group's oldest pending entry bounds its redelivery bookkeeping.
-            streams=MultiscaleStreams(
+            streams=SeriesStates(
                 redis_client,
                 self.store,
                 readings_stream=settings.stream_readings,

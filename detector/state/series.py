@@ -1,13 +1,15 @@
-"""The multiscale kind in the stream: one state per series in Redis, updated with compare-and-set.
+"""Stateful kinds in the stream: one state per series in Redis, updated with compare-and-set.
 
-Each series whose latest model is ``multiscale`` has a hash ``state:{<series_id>}`` with two
-fields: ``seq`` (a sequence number, bumped by every write) and ``data`` (``SeriesState`` as
-JSON, ~1 KB: the version it belongs to, the ``MultiscaleState``, the count of readings folded,
-the current episode and the bookkeeping that makes redelivery safe).
+Each series whose latest model is of a stateful kind (``seasonal``, ``multiscale``) has a hash
+``state:{<series_id>}`` with two fields: ``seq`` (a sequence number, bumped by every write) and
+``data`` (``SeriesState`` as JSON, about 1 KB: the kind and version it belongs to, the kind's
+state, the count of readings folded, the current episode and the bookkeeping that makes
+redelivery safe).
 
-Per batch, the worker loads the states of the batch's multiscale series in one pipeline (with
-the group's oldest pending entry id), runs ``MultiscaleState.update`` over each series'
-readings in timestamp order, and writes all the states back with one Lua compare-and-set: a
+Per batch, the worker loads the states of the batch's stateful series in one pipeline (with
+the group's oldest pending entry id), folds every series' readings in timestamp order with one
+call of its kind's ``fold`` (vectorised across series for ``seasonal``), and writes all the
+states back with one Lua compare-and-set: a
 state is written only if its ``seq`` is still the one read. A series whose state another worker
 changed meanwhile is loaded and folded again (its readings onto the other worker's result), so
 two workers never lose each other's updates; the other series of the batch are kept.
@@ -35,11 +37,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 from redis.asyncio import Redis
 
 from detector.errors import ModelNotFoundError
-from detector.kinds.multiscale import MultiscaleKind, MultiscaleState
+from detector.kinds.base import TESTS, Folded, StatefulKind, severity
+from detector.kinds.registry import stateful_kind
 from detector.redis_keys import state_key
 from detector.scripts import lua
 from detector.store.models import ModelStore
@@ -47,9 +51,6 @@ from detector.wire.events import event_fields
 from detector.wire.readings import Reading
 
 log = logging.getLogger(__name__)
-
-MULTISCALE = MultiscaleKind()
-
 
 # A conflict means another worker wrote the series meanwhile; each retry makes progress for
 # somebody, so running out means something is badly wrong.
@@ -60,50 +61,64 @@ MAX_TRACKED = 100_000
 
 @dataclass(frozen=True, slots=True)
 class StreamReading:
-    """A reading whose resolved (latest) model is multiscale."""
+    """A reading whose resolved (latest) model is of a stateful kind."""
 
     source_id: str
     series_id: str
     timestamp: int
     value: float
     version: int
+    kind: str
 
 
 @dataclass(slots=True)
 class SeriesState:
     """What ``state:{<series_id>}`` holds."""
 
+    kind: str
     version: int
-    state: MultiscaleState
+    state: Any  # the kind's own state (``StatefulKind.decode_state``)
     count: int = 0  # readings folded into this version's state
     episode_id: str | None = None  # the source id of the latest alert
     ids: list[str] = field(default_factory=list)  # folded ids that may still be redelivered
-    # Anomalous outcomes for re-emission: [source_id, mean, std, z, score, onset, episode_id]
+    # Anomalous outcomes for re-emission:
+    # [source_id, expected, std, z, ratio, onset, episode_id, test, lower, upper]
     recent: list[list[Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
+        plugin = _plugin(self.kind)
         return orjson.dumps(
             {
+                "kind": self.kind,
                 "version": self.version,
                 "count": self.count,
                 "episode_id": self.episode_id,
                 "ids": self.ids,
                 "recent": self.recent,
-                "state": self.state.to_dict(),
+                "state": plugin.encode_state(self.state),
             }
         ).decode()
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> SeriesState:
         data = orjson.loads(raw)
+        kind = data.get("kind", "multiscale")  # states written before kinds were named
         return cls(
+            kind=kind,
             version=int(data["version"]),
-            state=MultiscaleState.from_dict(data["state"]),
+            state=_plugin(kind).decode_state(data["state"]),
             count=int(data["count"]),
             episode_id=data["episode_id"],
             ids=list(data["ids"]),
             recent=list(data["recent"]),
         )
+
+
+def _plugin(kind: str) -> StatefulKind:
+    plugin = stateful_kind(kind)
+    if plugin is None:
+        raise ValueError(f"{kind!r} is not a stateful kind")
+    return plugin
 
 
 def entry_order(source_id: str) -> tuple[int, int]:
@@ -131,98 +146,125 @@ def below(watermark: tuple[int, int]) -> Acknowledged:
     return lambda source_id: entry_order(source_id) < watermark
 
 
-def fold_series(
-    current: SeriesState,
-    readings: Sequence[StreamReading],
+def fold_states(
+    currents: Sequence[SeriesState],
+    readings: Sequence[Sequence[StreamReading]],
     *,
     acknowledged: Acknowledged | None,
     detected_at: float,
-) -> tuple[SeriesState, dict[str, dict[str, str]], int]:
-    """Fold one series' readings (in timestamp order) into a copy of its state, through the
-    kind's ``fold`` (``detector.kinds.multiscale.MultiscaleKind``).
+) -> list[tuple[SeriesState, dict[str, dict[str, str]], int]]:
+    """Fold each series' readings into a copy of its state: ``readings[i]`` belong to
+    ``currents[i]``. All series of one kind are folded by one call of the kind's ``fold``.
 
-    Returns the new state, the anomaly events (source id → fields) and how many alerts were
-    raised for the first time. ``acknowledged`` (None: unknown) tells which source ids were
-    committed for good: they are skipped and forgotten.
+    Returns, per series, the new state, the anomaly events (source id → fields) and how many
+    alerts were raised for the first time. A reading already folded (a redelivery) is not
+    folded again: its event, if it had one, is emitted again, the same. ``acknowledged``
+    (None: unknown) tells which source ids were committed for good: they are skipped and
+    forgotten.
     """
-    new = SeriesState(
-        current.version,
-        current.state.copy(),
-        current.count,
-        current.episode_id,
-        list(current.ids),
-        [list(r) for r in current.recent],
-    )
-    folded = set(new.ids)
-    outcomes = {r[0]: r for r in new.recent}
-    events: dict[str, dict[str, str]] = {}
-    opened = 0
-    state = new.state
-    k_point = state.params.k_point
-    kind = MULTISCALE
-    for r in sorted(readings, key=lambda r: (r.timestamp, entry_order(r.source_id))):
-        if r.source_id in folded:  # redelivered: emit its event again, do not fold again
-            again = outcomes.get(r.source_id)
-            if again is not None:
-                events[r.source_id] = _event(r, new.version, again, k_point, detected_at)
-            continue
-        if acknowledged is not None and acknowledged(r.source_id):
-            continue  # already acknowledged: another consumer committed (and folded) it
-        verdict = kind.fold(state, r.timestamp, r.value)
-        new.count += 1
-        new.ids.append(r.source_id)
-        folded.add(r.source_id)
-        if verdict.anomaly:
-            if verdict.alert:
+    news = [
+        SeriesState(c.kind, c.version, c.state, c.count, c.episode_id, list(c.ids), list(c.recent))
+        for c in currents
+    ]
+    events: list[dict[str, dict[str, str]]] = [{} for _ in news]
+    opened = [0] * len(news)
+    todo: list[list[StreamReading]] = []
+    for new, group, found in zip(news, readings, events, strict=True):
+        folded = set(new.ids)
+        outcomes = {r[0]: r for r in new.recent}
+        fresh = []
+        for r in sorted(group, key=lambda r: (r.timestamp, entry_order(r.source_id))):
+            if r.source_id in folded:  # redelivered: emit its event again, do not fold again
+                again = outcomes.get(r.source_id)
+                if again is not None:
+                    found[r.source_id] = _event(r, new, again, detected_at)
+                continue
+            if acknowledged is not None and acknowledged(r.source_id):
+                continue  # already acknowledged: another consumer committed (and folded) it
+            folded.add(r.source_id)
+            fresh.append(r)
+        todo.append(fresh)
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for i, new in enumerate(news):
+        if todo[i]:
+            by_kind[new.kind].append(i)
+    for kind, members in by_kind.items():
+        flat = [(slot, r) for slot, i in enumerate(members) for r in todo[i]]
+        rows = np.fromiter((slot for slot, _ in flat), dtype=np.intp, count=len(flat))
+        timestamps = np.fromiter((r.timestamp for _, r in flat), dtype=np.float64, count=len(flat))
+        values = np.fromiter((r.value for _, r in flat), dtype=np.float64, count=len(flat))
+        states, verdicts = _plugin(kind).fold(
+            [news[i].state for i in members], rows, timestamps, values
+        )
+        for slot, i in enumerate(members):
+            news[i].state = states[slot]
+        for j in np.flatnonzero(verdicts.anomaly).tolist():
+            slot, r = flat[j]
+            i = members[slot]
+            new = news[i]
+            if verdicts.alert[j]:
                 new.episode_id = r.source_id
-                opened += 1
-            episode = new.episode_id or r.source_id
-            outcome = [
-                r.source_id,
-                verdict.expected,
-                verdict.std,
-                verdict.score,
-                verdict.severity,
-                int(verdict.alert),
-                episode,
-                verdict.test,
-            ]
+                opened[i] += 1
+            outcome = _outcome(r, new.episode_id or r.source_id, verdicts, j)
             new.recent.append(outcome)
-            outcomes[r.source_id] = outcome
-            events[r.source_id] = _event(r, new.version, outcome, k_point, detected_at)
-    if acknowledged is not None:
-        new.ids = [i for i in new.ids if not acknowledged(i)]
-        new.recent = [o for o in new.recent if not acknowledged(o[0])]
-    new.ids = new.ids[-MAX_TRACKED:]
-    new.recent = new.recent[-MAX_TRACKED:]
-    return new, events, opened
+            events[i][r.source_id] = _event(r, new, outcome, detected_at)
+        for i in members:
+            new = news[i]
+            new.count += len(todo[i])
+            new.ids += [r.source_id for r in todo[i]]
+    for new in news:
+        if acknowledged is not None:
+            new.ids = [i for i in new.ids if not acknowledged(i)]
+            new.recent = [o for o in new.recent if not acknowledged(o[0])]
+        new.ids = new.ids[-MAX_TRACKED:]
+        new.recent = new.recent[-MAX_TRACKED:]
+    return list(zip(news, events, opened, strict=True))
+
+
+def _outcome(r: StreamReading, episode: str, v: Folded, j: int) -> list[Any]:
+    return [
+        r.source_id,
+        float(v.expected[j]),
+        float(v.std[j]),
+        float(v.score[j]),
+        float(v.ratio[j]),
+        int(v.alert[j]),
+        episode,
+        TESTS[int(v.test[j])],
+        float(v.lower[j]),
+        float(v.upper[j]),
+    ]
 
 
 def _event(
-    r: StreamReading, version: int, outcome: list[Any], k_point: float, detected_at: float
+    r: StreamReading, state: SeriesState, outcome: list[Any], detected_at: float
 ) -> dict[str, str]:
-    _, mean, std, z, score, onset, episode, *test = outcome
+    _, expected, std, z, ratio, onset, episode, *rest = outcome
+    # Outcomes recorded before bounds were kept have no lower and upper: NaN says unknown.
+    test, lower, upper = (rest + ["", float("nan"), float("nan")][len(rest) :])[:3]
     return event_fields(
         Reading(r.source_id, r.series_id, r.timestamp, r.value),
-        version=version,
-        mean=mean,
+        version=state.version,
+        mean=expected,
         std=std,
-        lower=mean - k_point * std,
-        upper=mean + k_point * std,
+        lower=lower,
+        upper=upper,
         score=z,
         detected_at=detected_at,
         extra={
             "episode_id": str(episode),
             "onset": "1" if onset else "0",
-            "kind": "multiscale",
-            "test": test[0] if test else "",
-            "detector_score": repr(float(score)),
+            "kind": state.kind,
+            "test": test,
+            "expected": repr(float(expected)),
+            "severity": f"{float(severity(ratio)):.1f}",
+            "detector_score": repr(float(ratio)),
         },
     )
 
 
-class MultiscaleStreams:
-    """Folds a batch's multiscale readings into their series' states in Redis.
+class SeriesStates:
+    """Folds a batch's readings of stateful kinds into their series' states in Redis.
 
     ``readings_stream`` and ``group`` name the consumer group the readings come from: its
     oldest pending id bounds the redelivery bookkeeping (None: bounded by ``MAX_TRACKED``).
@@ -271,26 +313,30 @@ class MultiscaleStreams:
                 summary = replies.pop()
                 if summary and summary.get("pending") and summary.get("min"):
                     done = below(entry_order(str(summary["min"])))
-            results = []
-            args: list[str] = []
+            currents: list[SeriesState] = []
+            seqs: list[str] = []
             written: list[str] = []
             for series_id, (seq, raw) in zip(todo, replies, strict=True):
                 group = by_series[series_id]
-                current = await self._current(series_id, raw, max(r.version for r in group))
+                newest = max(group, key=lambda r: r.version)
+                current = await self._current(series_id, raw, newest.version, newest.kind)
                 if current is None:
                     continue
-                new, found, n = fold_series(
-                    current, group, acknowledged=done, detected_at=detected_at
-                )
-                results.append((found, n))
+                currents.append(current)
+                seqs.append(str(seq or "0"))
                 written.append(series_id)
-                args += [str(seq or "0"), new.to_json()]
             todo = written
             if not todo:
                 return events, opened
+            results = fold_states(
+                currents, [by_series[s] for s in todo], acknowledged=done, detected_at=detected_at
+            )
+            args: list[str] = []
+            for seq, (new, _, _) in zip(seqs, results, strict=True):
+                args += [seq, new.to_json()]
             reply = await self._cas(keys=[state_key(s) for s in todo], args=args)
             conflicted = {int(i) - 1 for i in reply}
-            for i, (found, n) in enumerate(results):
+            for i, (_, found, n) in enumerate(results):
                 if i not in conflicted:
                     events.update(found)
                     opened += n
@@ -298,26 +344,27 @@ class MultiscaleStreams:
             todo = [s for i, s in enumerate(todo) if i in conflicted]
             if not todo:
                 return events, opened
-        raise RuntimeError(f"multiscale state of {todo} kept changing under {MAX_ATTEMPTS} tries")
+        raise RuntimeError(f"stream state of {todo} kept changing under {MAX_ATTEMPTS} tries")
 
     async def _current(
-        self, series_id: str, raw: str | bytes | None, version: int
+        self, series_id: str, raw: str | bytes | None, version: int, kind: str
     ) -> SeriesState | None:
         """The stored state, or the initial state of ``version`` if that is newer (a refit);
         None if PostgreSQL has no initial state for it (a fit withdrawn after a failed commit:
         its readings are acknowledged without events, as for a series without a model)."""
+        stored = None
         if raw is not None:
             stored = SeriesState.from_json(raw)
             if stored.version >= version:
                 return stored
         try:
             params = await self.store.params(series_id, version)
-            initial = MULTISCALE.initial_state(params)
-        except (ModelNotFoundError, KeyError):
-            log.warning("no initial multiscale state for %s v%d: skipped", series_id, version)
+            initial = _plugin(kind).initial_state(params)
+        except (ModelNotFoundError, KeyError, ValueError):
+            log.warning("no initial %s state for %s v%d: skipped", kind, series_id, version)
             return None
-        fresh = SeriesState(version, initial)
-        if raw is not None:  # keep the redelivery bookkeeping across the refit
+        fresh = SeriesState(kind, version, initial)
+        if stored is not None:  # keep the redelivery bookkeeping across the refit
             fresh.ids, fresh.recent = stored.ids, stored.recent
         return fresh
 

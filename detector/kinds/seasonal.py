@@ -1,0 +1,521 @@
+"""The ``seasonal`` kind: a daily and weekly profile learned online, with the multiscale tests
+run on what the profile does not explain, and time scales that fit the series' cadence.
+
+**Model.** A reading ``x`` at time ``t`` is ``level + daily[hour(t)] + weekly[weekday(t)] +
+noise`` (hours and weekdays in UTC). The level is a slow exponentially decaying mean of the
+deseasonalised values ``y = x − daily − weekly``; each profile slot is an exponentially
+weighted mean of the residuals that fell into it (re-centred to sum to zero, so the level stays
+the level). Each profile is switched on at fit only when the training data covers one whole
+period of it (a day, a week) and the profile explains at least ``season_strength`` of the
+variance it is fitted on; a series without a season keeps both off and is scored exactly as a
+non-seasonal series would be.
+
+**Tests**, on ``y`` against the slow baseline as it stood before the reading: the point z
+``|y − μ|/σ``, the shift z of a short window ``|μ_fast − μ|·√w_fast/σ`` (a level change no
+single reading shows), and the histogram change ``2·w_fast·KL(fast ‖ slow)`` over bins fixed at
+fit (changed shape or variance, a flat line inside the usual range). A reading is anomalous when
+a statistic passes its threshold; it alerts (opens an episode) when the previous alert is older
+than the quiet period. With ``exclude_anomalies`` a reading that fails the point test is
+learned clipped to the band (μ ± k_point·σ): a spike does not widen the baseline or bend the
+profile, while a lasting level change is still learned, a band's width at a time.
+
+**Time scales** (``TimeScale``): a wall-clock duration bounded to a range of readings of the
+series' cadence (the fit's median interval). The quiet period is 12 hours, but at least 12 and
+at most 144 readings: 12 h for a 5-minute or an hourly series, 144 s for a 1 Hz sensor. A count
+alone gives an hourly series one alert per 6 days; a duration alone gives a 1 Hz sensor one
+alert per 43,200 readings.
+
+**State** is one row of ``WIDTH`` float64 (``STATE_BYTES``, 616 bytes) per series, with every
+threshold and time scale resolved into it at fit. Rows stack into a bank, and ``fold`` updates
+many series at once with a handful of numpy operations per reading *rank* (the first reading of
+every series in the batch, then the second, …): a batch spread over many series costs a few
+vectorised steps, whatever its size. The same function replays one series or a corpus offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from detector.kinds.base import FitOptions, Fitted, Folded, Verdicts
+from detector.kinds.static import StaticModel, fit_static
+from detector.kinds.training import FloatArray, TrainingData
+
+IntArray = npt.NDArray[np.intp]
+
+DAY: Final = 86_400.0
+HOUR: Final = 3_600.0
+WEEK: Final = 7 * DAY
+HOURS: Final = 24
+WEEKDAYS: Final = 7
+BINS: Final = 10  # equal-width bins over the fit's residual range, plus one below, one above
+# A statistic for "infinitely surprising" (a change on a flat baseline) that fits in JSON.
+MAX_SCORE: Final = 1e9
+# Laplace-style pseudo-count spread over the slow histogram: an unseen bin is rare, not
+# impossible, so the divergence stays finite.
+PSEUDO_COUNT: Final = 0.5
+# Fast-histogram shares below this are rounding leftovers of decay, not readings.
+MIN_SHARE: Final = 1e-12
+
+_SCALARS: Final = (
+    "step",
+    "low",
+    "width",
+    "time",
+    "slow_w",
+    "slow_mean",
+    "slow_m2",
+    "fast_w",
+    "fast_mean",
+    "fast_m2",
+    "last_alert",
+    "slow_hl",
+    "fast_hl",
+    "quiet",
+    "k_point",
+    "k_shift",
+    "k_divergence",
+    "exclude",
+    "daily_on",
+    "weekly_on",
+    "daily_rate",
+    "weekly_rate",
+)
+_COL: Final = {name: i for i, name in enumerate(_SCALARS)}
+(
+    STEP,
+    LOW,
+    BIN_WIDTH,
+    TIME,
+    SLOW_W,
+    SLOW_MEAN,
+    SLOW_M2,
+    FAST_W,
+    FAST_MEAN,
+    FAST_M2,
+    LAST_ALERT,
+    SLOW_HL,
+    FAST_HL,
+    QUIET,
+    K_POINT,
+    K_SHIFT,
+    K_DIVERGENCE,
+    EXCLUDE,
+    DAILY_ON,
+    WEEKLY_ON,
+    DAILY_RATE,
+    WEEKLY_RATE,
+) = range(len(_SCALARS))
+DAILY: Final = len(_SCALARS)
+WEEKLY: Final = DAILY + HOURS
+SLOW_HIST: Final = WEEKLY + WEEKDAYS
+FAST_HIST: Final = SLOW_HIST + BINS + 2
+WIDTH: Final = FAST_HIST + BINS + 2
+STATE_BYTES: Final = WIDTH * 8
+
+
+@dataclass(frozen=True, slots=True)
+class TimeScale:
+    """A duration that fits the series: ``seconds``, bounded to [``min_readings``,
+    ``max_readings``] readings of its cadence."""
+
+    seconds: float
+    min_readings: float
+    max_readings: float
+
+    def __post_init__(self) -> None:
+        if not (0 < self.min_readings <= self.max_readings < math.inf and self.seconds > 0):
+            raise ValueError("need seconds > 0 and 0 < min_readings <= max_readings < inf")
+
+    def resolve(self, step: float) -> float:
+        """Seconds, for a series whose readings are ``step`` seconds apart."""
+        return min(max(self.seconds, self.min_readings * step), self.max_readings * step)
+
+
+@dataclass(frozen=True, slots=True)
+class SeasonalParams:
+    """Corpus-wide settings; each version resolves them into its state at fit."""
+
+    slow: TimeScale = field(default_factory=lambda: TimeScale(7 * DAY, 100.0, 2016.0))
+    fast: TimeScale = field(default_factory=lambda: TimeScale(1800.0, 3.0, 6.0))
+    quiet: TimeScale = field(default_factory=lambda: TimeScale(12 * HOUR, 12.0, 144.0))
+    k_point: float = 8.0
+    k_shift: float = 5.0
+    k_divergence: float = 60.0
+    season: bool = True  # detect daily and weekly profiles at fit (False: never)
+    season_strength: float = 0.2  # share of variance a profile must explain to be used
+    season_half_life: float = 14.0  # memory of a profile slot, in periods of that profile
+    exclude_anomalies: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.k_point, self.k_shift, self.k_divergence) <= 0:
+            raise ValueError("thresholds must be positive")
+        if self.slow.min_readings <= self.fast.max_readings:
+            raise ValueError("the slow baseline must be longer than the fast window")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SeasonalParams:
+        fields: dict[str, Any] = dict(data)
+        for name in ("slow", "fast", "quiet"):
+            if name in fields:
+                fields[name] = TimeScale(**fields[name])
+        return cls(**fields)
+
+
+def hour_of_day(t: Any) -> Any:
+    return (np.floor_divide(t, HOUR) % HOURS).astype(np.intp)
+
+
+def day_of_week(t: Any) -> Any:
+    """0 is Monday (1970-01-01, day 0, was a Thursday)."""
+    return ((np.floor_divide(t, DAY) + 3) % WEEKDAYS).astype(np.intp)
+
+
+def _profile(slots: IntArray, residuals: FloatArray, size: int) -> tuple[FloatArray, float]:
+    """Per-slot means of the residuals, centred over the slots seen, and the share of the
+    residuals' variance they explain."""
+    counts = np.bincount(slots, minlength=size).astype(np.float64)
+    sums = np.bincount(slots, weights=residuals, minlength=size)
+    seen = counts > 0
+    profile = np.zeros(size)
+    profile[seen] = sums[seen] / counts[seen]
+    profile[seen] -= np.sum(profile[seen] * counts[seen]) / np.sum(counts[seen])
+    total = float(np.var(residuals))
+    explained = float(np.var(profile[slots])) / total if total > 0 else 0.0
+    return profile, explained
+
+
+def _decay_weights(ts: FloatArray, anchor: float, half_life: float) -> FloatArray:
+    return np.exp2(-(anchor - ts) / half_life)
+
+
+def _moments(values: FloatArray, weights: FloatArray) -> tuple[float, float, float]:
+    total = float(np.sum(weights))
+    if total == 0.0:
+        return 0.0, 0.0, 0.0
+    mean = float(np.sum(weights * values) / total)
+    mean += float(np.sum(weights * (values - mean)) / total)
+    return total, mean, float(np.sum(weights * (values - mean) ** 2))
+
+
+def fit_state(timestamps: Any, values: Any, params: SeasonalParams | None = None) -> FloatArray:
+    """The state row after the fit's readings, in closed form (no per-reading loop)."""
+    params = params or SeasonalParams()
+    ts = np.asarray(timestamps, dtype=np.float64).ravel()
+    xs = np.asarray(values, dtype=np.float64).ravel()
+    if ts.size != xs.size or ts.size < 2:
+        raise ValueError("fit needs at least two readings with one timestamp each")
+    if not (np.all(np.isfinite(ts)) and np.all(np.isfinite(xs))):
+        raise ValueError("timestamps and values must be finite")
+    order = np.argsort(ts, kind="stable")
+    ts, xs = ts[order], xs[order]
+    gaps = np.diff(ts)
+    positive = gaps[gaps > 0]
+    step = float(np.median(positive)) if positive.size else 1.0
+    span = float(ts[-1] - ts[0])
+    row = np.zeros(WIDTH)
+    row[STEP] = step
+    row[SLOW_HL] = params.slow.resolve(step)
+    row[FAST_HL] = params.fast.resolve(step)
+    row[QUIET] = params.quiet.resolve(step)
+    row[K_POINT], row[K_SHIFT], row[K_DIVERGENCE] = (
+        params.k_point,
+        params.k_shift,
+        params.k_divergence,
+    )
+    row[EXCLUDE] = float(params.exclude_anomalies)
+    # The profiles, fitted on the residuals around the fit's slow level.
+    level = xs - np.mean(xs)
+    seasonal = np.zeros_like(xs)
+    if params.season and span >= DAY:
+        hours = hour_of_day(ts)
+        daily, share = _profile(hours, level, HOURS)
+        if share >= params.season_strength:
+            row[DAILY_ON] = 1.0
+            row[DAILY : DAILY + HOURS] = daily
+            seasonal += daily[hours]
+    if params.season and span >= WEEK:
+        days = day_of_week(ts)
+        weekly, share = _profile(days, level - seasonal, WEEKDAYS)
+        if share >= params.season_strength:
+            row[WEEKLY_ON] = 1.0
+            row[WEEKLY : WEEKLY + WEEKDAYS] = weekly
+            seasonal += weekly[days]
+    # Per-reading learning rates: a slot's memory is season_half_life periods' worth of the
+    # readings that fall into it.
+    per_hour = max(1.0, HOUR / step)
+    per_day = max(1.0, DAY / step)
+    row[DAILY_RATE] = 1.0 - 2.0 ** (-1.0 / (params.season_half_life * per_hour))
+    row[WEEKLY_RATE] = 1.0 - 2.0 ** (-1.0 / (params.season_half_life * per_day))
+    ys = xs - seasonal
+    low, high = float(np.min(ys)), float(np.max(ys))
+    # A flat fit has no range: unit-wide bins still tell "same value" from "moved".
+    width = (high - low) / BINS if high > low else 1.0 / BINS
+    row[LOW], row[BIN_WIDTH] = low, width
+    anchor = float(ts[-1])
+    bins = _bins(ys, low, width)
+    for w_col, hist, hl in ((SLOW_W, SLOW_HIST, row[SLOW_HL]), (FAST_W, FAST_HIST, row[FAST_HL])):
+        weights = _decay_weights(ts, anchor, hl)
+        row[w_col : w_col + 3] = _moments(ys, weights)
+        row[hist : hist + BINS + 2] = np.bincount(bins, weights=weights, minlength=BINS + 2)
+    row[TIME] = anchor
+    row[LAST_ALERT] = -math.inf
+    return row
+
+
+def _bins(y: Any, low: Any, width: Any) -> Any:
+    with np.errstate(invalid="ignore", over="ignore"):
+        b = np.floor((y - low) / width) + 1
+    return np.clip(np.nan_to_num(b, nan=0.0, posinf=BINS + 1, neginf=0.0), 0, BINS + 1).astype(
+        np.intp
+    )
+
+
+def _ratio(deviation: FloatArray, std: FloatArray) -> FloatArray:
+    """deviation/σ, capped; on a flat baseline any change is infinitely surprising."""
+    ok = (std > 0.0) & np.isfinite(std)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(ok, deviation / np.where(ok, std, 1.0), np.where(deviation == 0, 0, MAX_SCORE))
+    return np.minimum(z, MAX_SCORE)
+
+
+def fold(bank: FloatArray, rows: IntArray, timestamps: FloatArray, values: FloatArray) -> Folded:
+    """Fold readings into the bank's rows, in place; ``rows[i]`` is reading i's series row.
+
+    Each series' readings must be given in the order they are to be folded (event time). The
+    readings are processed by rank: every series' first reading at once, then every second, …
+    """
+    n = len(rows)
+    out = {name: np.zeros(n) for name in ("expected", "std", "lower", "upper", "score", "ratio")}
+    anomaly = np.zeros(n, dtype=bool)
+    alert = np.zeros(n, dtype=bool)
+    test = np.zeros(n, dtype=np.intp)
+    if n == 0:
+        return Folded(anomaly, alert, **out, test=test)
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    by_rank = np.lexsort((sorted_rows, rank))
+    picks = order[by_rank]
+    bounds = np.flatnonzero(np.r_[True, rank[by_rank][1:] != rank[by_rank][:-1], True])
+    for a, b in itertools.pairwise(bounds):
+        i = picks[a:b]
+        r = rows[i]
+        sub = bank[r]
+        v = _step(sub, timestamps[i].astype(np.float64), values[i].astype(np.float64))
+        bank[r] = sub
+        for name in out:
+            out[name][i] = v[name]
+        anomaly[i], alert[i], test[i] = v["anomaly"], v["alert"], v["test"]
+    return Folded(anomaly, alert, **out, test=test)
+
+
+def _step(s: FloatArray, t: FloatArray, x: FloatArray) -> dict[str, Any]:
+    """One reading per row of ``s`` (modified in place)."""
+    m = len(s)
+    idx = np.arange(m)
+    dt = t - s[:, TIME]
+    with np.errstate(invalid="ignore"):
+        ahead = np.where(dt > 0, dt, 0.0)  # -inf anchor (never fed): dt is inf
+    a = np.exp2(-ahead / s[:, SLOW_HL])
+    b = np.exp2(-ahead / s[:, FAST_HL])
+    s[:, SLOW_W] *= a
+    s[:, SLOW_M2] *= a
+    s[:, SLOW_HIST : SLOW_HIST + BINS + 2] *= a[:, None]
+    s[:, FAST_W] *= b
+    s[:, FAST_M2] *= b
+    s[:, FAST_HIST : FAST_HIST + BINS + 2] *= b[:, None]
+    s[:, TIME] = np.maximum(s[:, TIME], t)
+    # A late reading arrives already decayed, exactly as a merge would weigh it.
+    late = np.minimum(dt, 0.0)
+    w_slow = np.exp2(late / s[:, SLOW_HL])
+    w_fast = np.exp2(late / s[:, FAST_HL])
+    hours, days = hour_of_day(t), day_of_week(t)
+    season = s[idx, DAILY + hours] * s[:, DAILY_ON] + s[idx, WEEKLY + days] * s[:, WEEKLY_ON]
+    y = x - season
+    weight = s[:, SLOW_W]
+    known = weight > 0.0  # else nothing is remembered: learn, do not judge
+    mean = s[:, SLOW_MEAN].copy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(np.maximum(np.where(known, s[:, SLOW_M2] / np.where(known, weight, 1), 0), 0))
+    deviation = np.abs(y - mean)
+    point = _ratio(deviation, std)
+    # The fast window includes the reading.
+    fw = s[:, FAST_W]
+    total = fw + w_fast
+    safe = np.where(total > 0, total, 1.0)
+    delta = y - s[:, FAST_MEAN]
+    s[:, FAST_M2] += delta * delta * fw * w_fast / safe
+    s[:, FAST_MEAN] += delta * w_fast / safe
+    s[:, FAST_W] = total
+    k = _bins(y, s[:, LOW], s[:, BIN_WIDTH])
+    s[idx, FAST_HIST + k] += w_fast
+    shift = _ratio(np.abs(s[:, FAST_MEAN] - mean) * np.sqrt(total), std)
+    # G statistic 2·n·KL(fast ‖ slow): ~χ² with BINS + 1 degrees of freedom if the short
+    # window were drawn from the long-run distribution (n = the fast window's weight).
+    fast_hist = s[:, FAST_HIST : FAST_HIST + BINS + 2]
+    slow_hist = s[:, SLOW_HIST : SLOW_HIST + BINS + 2]
+    p = fast_hist / safe[:, None]
+    prior = PSEUDO_COUNT / (BINS + 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(
+            p > MIN_SHARE,
+            p * np.log(p * (weight + PSEUDO_COUNT)[:, None] / (slow_hist + prior)),
+            0.0,
+        )
+    divergence = np.minimum(2.0 * total * np.maximum(terms.sum(axis=1), 0.0), MAX_SCORE)
+    ratios = np.stack(
+        (point / s[:, K_POINT], shift / s[:, K_SHIFT], divergence / s[:, K_DIVERGENCE]), axis=1
+    )
+    ratio = np.where(known, np.minimum(ratios.max(axis=1), MAX_SCORE), 0.0)
+    anomaly = ratio > 1.0
+    test = np.where(anomaly, ratios.argmax(axis=1) + 1, 0)
+    alert = anomaly & (t - s[:, LAST_ALERT] > s[:, QUIET])
+    s[:, LAST_ALERT] = np.where(alert, t, s[:, LAST_ALERT])
+    band = s[:, K_POINT] * std
+    # Learn: a reading that failed the point test is learned clipped to the band.
+    clip = known & (s[:, EXCLUDE] > 0) & (point > s[:, K_POINT]) & np.isfinite(band)
+    learned = np.where(clip, np.clip(y, mean - band, mean + band), y)
+    sw = s[:, SLOW_W]
+    total = sw + w_slow
+    safe = np.where(total > 0, total, 1.0)
+    delta = learned - s[:, SLOW_MEAN]
+    s[:, SLOW_M2] += delta * delta * sw * w_slow / safe
+    s[:, SLOW_MEAN] += delta * w_slow / safe
+    s[:, SLOW_W] = total
+    s[idx, SLOW_HIST + _bins(learned, s[:, LOW], s[:, BIN_WIDTH])] += w_slow
+    # The profiles learn the residual the level does not explain, re-centred to sum to zero.
+    residual = np.where(known, learned - mean, 0.0)
+    for on, rate, start, size, slot in (
+        (DAILY_ON, DAILY_RATE, DAILY, HOURS, hours),
+        (WEEKLY_ON, WEEKLY_RATE, WEEKLY, WEEKDAYS, days),
+    ):
+        gain = s[:, on] * s[:, rate] * residual * w_slow
+        if np.any(gain):
+            s[idx, start + slot] += gain
+            s[:, start : start + size] -= (gain / size)[:, None]
+    expected = mean + season
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(
+            (std > 0) & np.isfinite(std),
+            (y - mean) / np.where(std > 0, std, 1.0),
+            np.sign(y - mean) * MAX_SCORE,
+        )
+    return {
+        "anomaly": anomaly,
+        "alert": alert,
+        "expected": expected,
+        "std": std,
+        "lower": expected - band,
+        "upper": expected + band,
+        "score": np.clip(np.nan_to_num(z), -MAX_SCORE, MAX_SCORE),
+        "ratio": ratio,
+        "test": test,
+    }
+
+
+def encode_state(row: FloatArray) -> str:
+    """A state row as text (base64 of its float64 bytes)."""
+    return base64.b64encode(np.ascontiguousarray(row, dtype="<f8").tobytes()).decode()
+
+
+def decode_state(text: str) -> FloatArray:
+    raw = base64.b64decode(text)
+    if len(raw) != STATE_BYTES:
+        raise ValueError(f"a seasonal state is {STATE_BYTES} bytes, not {len(raw)}")
+    return np.frombuffer(raw, dtype="<f8").copy()
+
+
+def describe(row: FloatArray) -> dict[str, Any]:
+    """The state in words (for tools and docs): scales in seconds, profiles, baseline."""
+    return {
+        **{name: float(row[i]) for name, i in _COL.items()},
+        "daily": row[DAILY : DAILY + HOURS].tolist(),
+        "weekly": row[WEEKLY : WEEKLY + WEEKDAYS].tolist(),
+    }
+
+
+def replay(
+    series: Sequence[tuple[FloatArray, FloatArray, int]], params: SeasonalParams | None = None
+) -> list[Folded]:
+    """Offline: fit each series on its first ``n_fit`` readings and fold the rest, all series
+    at once through ``fold`` (the stream's own function), in timestamp order per series."""
+    bank = np.stack([fit_state(ts[:n], xs[:n], params) for ts, xs, n in series])
+    rows = np.concatenate(
+        [np.full(len(ts) - n, r, dtype=np.intp) for r, (ts, _, n) in enumerate(series)]
+    )
+    ts_all = np.concatenate([ts[n:] for ts, _, n in series]).astype(np.float64)
+    xs_all = np.concatenate([xs[n:] for _, xs, n in series]).astype(np.float64)
+    folded = fold(bank, rows, ts_all, xs_all)
+    cuts = np.cumsum([0] + [len(ts) - n for ts, _, n in series])
+    return [
+        Folded(
+            **{
+                name: getattr(folded, name)[a:b]
+                for name in ("anomaly", "alert", "expected", "std", "lower", "upper", "score")
+            },
+            ratio=folded.ratio[a:b],
+            test=folded.test[a:b],
+        )
+        for a, b in itertools.pairwise(cuts)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class SeasonalModel(StaticModel):
+    """A seasonal version's stateless rule (μ, σ of the training data, the fit's k and
+    direction) for REST predict, batch predict and pinned readings; its stream state starts
+    from the row fitted into the version's params."""
+
+    kind: ClassVar[str] = "seasonal"
+
+
+class SeasonalKind:
+    """Seasonal baseline with point, shift and distribution tests, alerts a quiet period
+    apart; state vectorised across series (``fold``)."""
+
+    name: ClassVar[str] = "seasonal"
+    stateful: ClassVar[bool] = True
+
+    def __init__(self, params: SeasonalParams | None = None) -> None:
+        self.params = params or SeasonalParams()
+
+    def fit(self, data: TrainingData, options: FitOptions) -> Fitted:
+        rule = fit_static(data, sigma=options.sigma, direction=options.direction)
+        row = fit_state(data.timestamps, data.values, self.params)
+        model = SeasonalModel(rule.mean, rule.std, rule.sigma, rule.direction)
+        return Fitted(model, {"state": encode_state(row), "params": self.params.to_dict()})
+
+    def score(self, model: StaticModel, values: Any) -> Verdicts:
+        return model.score(values)
+
+    def initial_state(self, params: dict[str, Any]) -> FloatArray:
+        return decode_state(params["state"])
+
+    def fold(
+        self,
+        states: Sequence[FloatArray],
+        rows: IntArray,
+        timestamps: FloatArray,
+        values: FloatArray,
+    ) -> tuple[list[FloatArray], Folded]:
+        bank = np.stack(states) if len(states) else np.zeros((0, WIDTH))
+        folded = fold(bank, rows, timestamps, values)
+        return list(bank), folded
+
+    def encode_state(self, state: FloatArray) -> str:
+        return encode_state(state)
+
+    def decode_state(self, data: str) -> FloatArray:
+        return decode_state(data)
