@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from detector.kinds.registry import STATEFUL
 from detector.settings import Settings
 from detector.wire.events import EVENT_FIELDS
 from tests.support.polling import wait_for
@@ -56,7 +57,7 @@ def run_to_end(transport: Transport) -> None:
 
 def test_events_carry_the_contract_fields_and_one_episode_per_burst(client, transport):
     series_id = fresh()
-    fit(client, series_id)
+    fit(client, series_id, kind="static")
     values = [100.0] * 20 + [150.0, 151.0, 152.0] + [100.0] * 20
     rows = [(series_id, START + i, v) for i, v in enumerate(values)]
     transport.publish(rows)
@@ -72,13 +73,18 @@ def test_events_carry_the_contract_fields_and_one_episode_per_burst(client, tran
         assert float(event["lower"]) == 70.0 and float(event["upper"]) == 130.0
         assert float(event["score"]) == pytest.approx((value - 100.0) / 10.0)
         assert event["kind"] == "static" and event["test"] == "threshold"
+        # The explanation: expected value, and severity 0–100 (50 at the bound).
+        assert float(event["expected"]) == 100.0
+        ratio = abs(value - 100.0) / 30.0
+        assert float(event["severity"]) == pytest.approx(100 * ratio / (1 + ratio), abs=0.05)
     # One burst, one episode: the first reading opens it, the others join.
     assert len({e["episode_id"] for e in found}) == 1
     assert [e["onset"] for e in found] == ["1", "0", "0"]
     assert found[0]["episode_id"] == found[0]["source_id"]
 
 
-def test_a_stateful_kind_flags_a_level_shift_with_its_own_episodes(client, transport):
+@pytest.mark.parametrize("kind", sorted(STATEFUL))
+def test_a_stateful_kind_flags_a_level_shift_with_its_own_episodes(client, transport, kind):
     series_id = fresh("ms")
     rng = np.random.default_rng(3)
     step = 300
@@ -89,7 +95,7 @@ def test_a_stateful_kind_flags_a_level_shift_with_its_own_episodes(client, trans
         json={
             "timestamps": [START + step * i for i in range(fit_points)],
             "values": training,
-            "kind": "multiscale",
+            "kind": kind,
         },
     )
     assert answer.status_code == 200, answer.text
@@ -101,7 +107,14 @@ def test_a_stateful_kind_flags_a_level_shift_with_its_own_episodes(client, trans
 
     found = transport.events()
     assert found, "a 25σ level shift raised no event"
-    assert all(e["kind"] == "multiscale" for e in found)
+    assert all(e["kind"] == kind for e in found)
+    for e in found:  # every event explained: expected value, bounds, severity, test
+        assert float(e["lower"]) <= float(e["expected"]) <= float(e["upper"])
+        assert not float(e["lower"]) <= float(e["value"]) <= float(e["upper"]) or (
+            e["test"] != "point"
+        )
+        assert 50.0 < float(e["severity"]) <= 100.0
+        assert e["test"] in ("point", "shift", "divergence")
     assert all(int(e["timestamp"]) >= first + step * 100 for e in found)
     onsets = [e for e in found if e["onset"] == "1"]
     assert len(onsets) == 1  # one alert for one excursion

@@ -1,4 +1,5 @@
-"""The multiscale kind end to end: REST fit, the worker's per-series state, redelivery, races."""
+"""Stateful kinds end to end (seasonal, multiscale): REST fit, the worker's per-series state,
+redelivery, races."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import httpx
 import numpy as np
 import orjson
 import psycopg
+import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
+from detector.kinds.registry import STATEFUL
 from detector.metrics import WorkerMetrics
 from detector.redis_keys import model_key, state_key
 from detector.settings import Settings
@@ -37,13 +40,20 @@ def noise(n: int, seed: int) -> list[float]:
     return [round(float(x), 6) for x in 100.0 + rng.normal(0.0, 1.0, n)]
 
 
-def fit_multiscale(client: httpx.Client, series_id: str, seed: int = 1) -> dict[str, Any]:
+@pytest.fixture(params=sorted(STATEFUL))
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def fit_stateful(
+    client: httpx.Client, series_id: str, kind: str, seed: int = 1
+) -> dict[str, Any]:
     answer = client.post(
         f"/fit/{series_id}",
         json={
             "timestamps": [START + STEP * i for i in range(FIT_POINTS)],
             "values": noise(FIT_POINTS, seed),
-            "kind": "multiscale",
+            "kind": kind,
         },
     )
     assert answer.status_code == 200, answer.text
@@ -67,8 +77,8 @@ def state_of(settings: Settings, series_id: str) -> SeriesState:
     return found
 
 
-def test_fit_multiscale_over_rest(
-    client: httpx.Client, redis_client: redis.Redis, pg: psycopg.Connection
+def test_fit_a_stateful_kind_over_rest(
+    client: httpx.Client, redis_client: redis.Redis, pg: psycopg.Connection, kind: str
 ) -> None:
     series_id = fresh_series()
     bad = client.post(
@@ -77,34 +87,36 @@ def test_fit_multiscale_over_rest(
     assert bad.status_code == 422 and "kind" in bad.text
     assert client.get(f"/models/{series_id}").status_code == 404  # nothing was stored
 
-    fitted = fit_multiscale(client, series_id)
+    fitted = fit_stateful(client, series_id, kind)
     assert {k: fitted[k] for k in ("series_id", "version", "points_used", "kind")} == {
         "series_id": series_id,
         "version": "v1.0.0",
         "points_used": FIT_POINTS,
-        "kind": "multiscale",
+        "kind": kind,
     }
     static = client.post(
-        f"/fit/{series_id}", json={"timestamps": [1, 2, 3], "values": [1.0, 2.0, 4.0]}
+        f"/fit/{series_id}",
+        json={"timestamps": [1, 2, 3], "values": [1.0, 2.0, 4.0], "kind": "static"},
     )
-    assert static.json()["kind"] == "static"  # the default
+    assert static.json()["kind"] == "static"
 
     def listed_kind() -> str:
         page = client.get("/models", params={"after": series_id[:-1], "limit": 1000}).json()
         return str({i["series_id"]: i["kind"] for i in page["items"]}[series_id])
 
     assert listed_kind() == "static"  # GET /models shows the latest version's kind
-    fit_multiscale(client, series_id)
-    assert listed_kind() == "multiscale"
+    fit_stateful(client, series_id, kind)
+    assert listed_kind() == kind
 
     # PostgreSQL keeps the kind and the initial state; Redis' compact entry carries the kind.
     row = pg.execute(
         "SELECT kind, params FROM model_versions WHERE series_id = %s AND version = 1",
         (series_id,),
     ).fetchone()
-    assert row is not None and row[0] == "multiscale"
-    assert row[1]["state"]["params"]["k_point"] == 8.0
-    assert orjson.loads(redis_client.hget(model_key(series_id), "1"))[-1] == "multiscale"  # type: ignore[arg-type]
+    assert row is not None and row[0] == kind
+    stored = row[1]["state"]["params"] if kind == "multiscale" else row[1]["params"]
+    assert stored["k_point"] == 8.0
+    assert orjson.loads(redis_client.hget(model_key(series_id), "1"))[-1] == kind  # type: ignore[arg-type]
 
     # Predict keeps its two keys and applies the training data's μ + kσ (k = 3, above).
     for value, expected in ((fitted["upper"] + 0.5, True), (fitted["upper"] - 0.5, False)):
@@ -115,11 +127,11 @@ def test_fit_multiscale_over_rest(
 
 
 def test_worker_alerts_on_a_level_shift_and_resets_on_refit(
-    settings: Settings, client: httpx.Client, redis_client: redis.Redis
+    settings: Settings, client: httpx.Client, redis_client: redis.Redis, kind: str
 ) -> None:
     s = stream_settings(settings, stream_batch_count=50)
     series_id = fresh_series()
-    fit_multiscale(client, series_id)
+    fit_stateful(client, series_id, kind)
     values = noise(400, seed=2)
     values[200:] = [v + 15.0 for v in values[200:]]  # a level shift of 15 σ at reading 200
     rows = stream_rows(series_id, values)
@@ -129,7 +141,7 @@ def test_worker_alerts_on_a_level_shift_and_resets_on_refit(
     got = [f for _, f in events(redis_client, s.stream_anomalies)]
     assert got, "the shift raised no event"
     assert all(list(f)[: len(EVENT_FIELDS)] == list(EVENT_FIELDS) for f in got)
-    assert all(f["kind"] == "multiscale" and f["model_version"] == "v1.0.0" for f in got)
+    assert all(f["kind"] == kind and f["model_version"] == "v1.0.0" for f in got)
     onsets = [f for f in got if f["onset"] == "1"]
     assert int(onsets[0]["timestamp"]) == rows[200][1]  # alerted at the onset
     assert onsets[0]["source_id"] == onsets[0]["episode_id"] == ids[200]
@@ -143,7 +155,7 @@ def test_worker_alerts_on_a_level_shift_and_resets_on_refit(
     assert 0 < len(state.ids) <= 50
 
     # A refit starts the series' state again from the new version's initial state.
-    fit_multiscale(client, series_id, seed=3)
+    fit_stateful(client, series_id, kind, seed=3)
     s2 = s.model_copy(update={"model_refresh_seconds": 0.0})
     publish(redis_client, s2.stream_readings, stream_rows(series_id, noise(10, 4), first=400))
     asyncio.run(run_worker_async(s2))
@@ -152,12 +164,12 @@ def test_worker_alerts_on_a_level_shift_and_resets_on_refit(
 
 
 def test_two_workers_never_lose_a_state_update(
-    settings: Settings, client: httpx.Client, redis_client: redis.Redis
+    settings: Settings, client: httpx.Client, redis_client: redis.Redis, kind: str
 ) -> None:
     s = stream_settings(settings, stream_batch_count=7)
     series = [fresh_series() for _ in range(2)]
     for i, series_id in enumerate(series):
-        fit_multiscale(client, series_id, seed=10 + i)
+        fit_stateful(client, series_id, kind, seed=10 + i)
     rows = [
         row for i in range(300) for row in stream_rows(series[i % 2], noise(1, i), FIT_POINTS + i)
     ]
@@ -176,11 +188,11 @@ def test_two_workers_never_lose_a_state_update(
 
 
 def test_redelivery_does_not_fold_twice(
-    settings: Settings, client: httpx.Client, redis_client: redis.Redis
+    settings: Settings, client: httpx.Client, redis_client: redis.Redis, kind: str
 ) -> None:
     s = stream_settings(settings, stream_batch_count=1000)
     series_id = fresh_series()
-    fit_multiscale(client, series_id)
+    fit_stateful(client, series_id, kind)
     values = noise(100, seed=5)
     values[60:] = [v + 20.0 for v in values[60:]]
     publish(redis_client, s.stream_readings, stream_rows(series_id, values))
