@@ -90,9 +90,19 @@ class BatchPredictResponse(BaseModel):
     direction: Direction
     lower: float = Field(description="μ − kσ")
     upper: float = Field(description="μ + kσ")
+    expected: float = Field(description="The expected value: μ for every point.")
+    test: str = Field(
+        description="The test that judges the points: threshold (μ ± kσ) for every kind."
+    )
     anomalies: int = Field(description="How many points are anomalous.")
     anomaly: list[bool] = Field(description="Per point, in request order.")
     score: list[float] = Field(description="Per point: the signed z score (value − μ) / σ.")
+    severity: list[float] = Field(
+        description=(
+            "Per point, 0–100: 100·r/(1 + r) with r = |z|/k, so 50 at the bound, approaching "
+            "100 far beyond it (the stream's events use the same scale)."
+        )
+    )
 
 
 class VersionInfo(BaseModel):

@@ -44,6 +44,7 @@ from detector.identifiers import (
     format_version,
     validate_series_id,
 )
+from detector.kinds.base import severity
 from detector.kinds.training import MAX_TIMESTAMP, FloatArray, as_timestamps
 from detector.store.codec import ModelVersion
 
@@ -205,7 +206,8 @@ async def predict_batch(
 
 
 def _batch_payload(found: ModelVersion, values: FloatArray) -> dict[str, object]:
-    scores = found.model.score(np.asarray(values, dtype=np.float64))
+    model = found.model
+    scores = model.score(np.asarray(values, dtype=np.float64))
     return {
         "series_id": found.series_id,
         "model_version": found.name,
@@ -215,9 +217,12 @@ def _batch_payload(found: ModelVersion, values: FloatArray) -> dict[str, object]
         "direction": found.model.direction,
         "lower": found.model.lower,
         "upper": found.model.upper,
+        "expected": model.mean,
+        "test": "threshold",
         "anomalies": int(scores.anomaly.sum()),
         "anomaly": scores.anomaly,
         "score": scores.score,
+        "severity": np.round(severity(np.abs(scores.score) / model.sigma), 1),
     }
 
 

@@ -204,6 +204,11 @@ def test_batch_predict_scores_every_point(client, series_id):
     assert out["score"] == pytest.approx([(v - body["mean"]) / body["std"] for v in values])
     assert out["lower"] == pytest.approx(body["mean"] - 3 * body["std"])
     assert out["upper"] == pytest.approx(body["mean"] + 3 * body["std"])
+    # Every point explained: expected value, the test, a 0–100 severity (50 at the bound).
+    assert out["expected"] == body["mean"] and out["test"] == "threshold"
+    ratios = [abs(v - body["mean"]) / (3 * body["std"]) for v in values]
+    assert out["severity"] == pytest.approx([100 * r / (1 + r) for r in ratios], abs=0.05)
+    assert all(s > 50 for s, a in zip(out["severity"], out["anomaly"], strict=True) if a)
     bad = client.post(f"/predict/{series_id}/batch", json={"timestamps": [1], "values": [1, 2]})
     assert bad.status_code == 422
 
