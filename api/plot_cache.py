@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.concurrency import run_in_threadpool
 
 from api.plotting import PlotPoints, plot_points
+from detector.kinds.registry import STATEFUL
 from detector.store.codec import ModelVersion
 from detector.store.models import ModelStore
 
@@ -44,7 +45,12 @@ class PlotCache:
         self._loading[key] = loading
         try:
             data = await store.training_data(found.series_id, found.version)
-            points = await run_in_threadpool(plot_points, found, data, self.max_points)
+            params = (
+                await store.params(found.series_id, found.version)
+                if found.model.kind in STATEFUL
+                else None
+            )
+            points = await run_in_threadpool(plot_points, found, data, self.max_points, params)
         except asyncio.CancelledError:
             loading.cancel()
             raise

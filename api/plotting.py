@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib
@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.figure import Figure
 
+from detector.kinds.registry import stateful_kind
 from detector.kinds.training import FloatArray, IntArray, TrainingData
 from detector.store.codec import ModelVersion
 
@@ -60,13 +61,28 @@ class PlotPoints:
     count: int
     low: float
     high: float
+    # A stateful kind's expected value and bounds at ``timestamps`` (empty for static).
+    stream_expected: FloatArray = field(default_factory=lambda: np.zeros(0))
+    stream_lower: FloatArray = field(default_factory=lambda: np.zeros(0))
+    stream_upper: FloatArray = field(default_factory=lambda: np.zeros(0))
 
 
-def plot_points(found: ModelVersion, data: TrainingData, max_points: int = 4000) -> PlotPoints:
-    """The points of ``data`` the plot of ``found`` draws."""
+def plot_points(
+    found: ModelVersion,
+    data: TrainingData,
+    max_points: int = 4000,
+    params: dict[str, Any] | None = None,
+) -> PlotPoints:
+    """The points of ``data`` the plot of ``found`` draws; ``params`` (a stateful kind's
+    fitted parameters) add the expected value and bounds its stream judges by."""
     ts, values = decimate(data.timestamps, data.values, max_points)
     flags = found.model.score(data.values).anomaly
     outside_ts, outside_values = data.timestamps[flags], data.values[flags]
+    kind = stateful_kind(found.model.kind)
+    band: dict[str, FloatArray] = {}
+    if kind is not None and params is not None:
+        expected, lower, upper = kind.baseline(params, ts.astype(np.float64))
+        band = {"stream_expected": expected, "stream_lower": lower, "stream_upper": upper}
     return PlotPoints(
         timestamps=ts.copy(),  # not views: the training data itself is let go
         values=values.copy(),
@@ -76,6 +92,7 @@ def plot_points(found: ModelVersion, data: TrainingData, max_points: int = 4000)
         count=len(data),
         low=float(data.values.min()),
         high=float(data.values.max()),
+        **band,
     )
 
 
@@ -131,6 +148,23 @@ def render_plot(
             linewidth=1.6 if active else 0.9,
             label=f"threshold ({side}) {bound:.4g}" if active else None,
         )
+    if points.stream_expected.size:
+        ax.fill_between(
+            dates,
+            points.stream_lower,
+            points.stream_upper,
+            color="tab:green",
+            alpha=0.12,
+            step="mid",
+            label=f"{model.kind} stream bounds",
+        )
+        ax.plot(
+            dates,
+            points.stream_expected,
+            color="tab:green",
+            linewidth=1.0,
+            label=f"{model.kind} expected value",
+        )
     if points.outside_count:
         ax.scatter(
             _dates(points.outside_timestamps),
@@ -166,6 +200,9 @@ def render_plot(
     else:
         low = min(model.lower, points.low)
         high = max(model.upper, points.high)
+    if points.stream_expected.size:
+        low = min(low, float(points.stream_lower.min()))
+        high = max(high, float(points.stream_upper.max()))
     ax.set_title(
         f"{found.series_id} · {found.name} · μ={model.mean:.4g} σ={model.std:.4g} "
         f"k={model.sigma:g} ({model.direction}) · n={points.count:,}"

@@ -87,6 +87,13 @@ class StatefulKind(DetectorKind, Protocol):
         states and the verdicts, in the order the readings were given."""
         ...
 
+    def baseline(
+        self, params: dict[str, Any], timestamps: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """The expected value and the lower and upper bounds the stream judges by at these
+        instants, from the version's fitted state (what ``/plot`` draws)."""
+        ...
+
     def encode_state(self, state: Any) -> Any:
         """The state as a JSON-ready value."""
         ...

@@ -342,6 +342,14 @@ class MultiscaleKind:
             test[i] = TESTS.index(fired) + 1 if fired else 0
         return new, Folded(anomaly, alert, **cols, test=test)
 
+    def baseline(
+        self, params: dict[str, Any], timestamps: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        state = self.initial_state(params)
+        shape = np.shape(timestamps)
+        mean, band = state.slow.mean, state.params.k_point * state.slow.std
+        return np.full(shape, mean), np.full(shape, mean - band), np.full(shape, mean + band)
+
     def encode_state(self, state: MultiscaleState) -> dict[str, Any]:
         return state.to_dict()
 

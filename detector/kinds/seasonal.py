@@ -425,6 +425,20 @@ def _step(s: FloatArray, t: FloatArray, x: FloatArray) -> dict[str, Any]:
     }
 
 
+def expected_band(
+    row: FloatArray, timestamps: Any
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """A state's expected value and point-test bounds at these instants (without learning)."""
+    t = np.asarray(timestamps, dtype=np.float64)
+    season = row[DAILY + hour_of_day(t)] * row[DAILY_ON] + row[WEEKLY + day_of_week(t)] * row[
+        WEEKLY_ON
+    ]
+    expected = row[SLOW_MEAN] + season
+    std = math.sqrt(max(row[SLOW_M2] / row[SLOW_W], 0.0)) if row[SLOW_W] > 0 else 0.0
+    band = row[K_POINT] * std
+    return expected, expected - band, expected + band
+
+
 def encode_state(row: FloatArray) -> str:
     """A state row as text (base64 of its float64 bytes)."""
     return base64.b64encode(np.ascontiguousarray(row, dtype="<f8").tobytes()).decode()
@@ -513,6 +527,11 @@ class SeasonalKind:
         bank = np.stack(states) if len(states) else np.zeros((0, WIDTH))
         folded = fold(bank, rows, timestamps, values)
         return list(bank), folded
+
+    def baseline(
+        self, params: dict[str, Any], timestamps: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        return expected_band(decode_state(params["state"]), timestamps)
 
     def encode_state(self, state: FloatArray) -> str:
         return encode_state(state)

@@ -268,3 +268,17 @@ def test_plot_of_timestamps_beyond_year_9999_is_a_png(client, series_id):
     assert client.post(f"/fit/{series_id}", json=body).status_code == 200
     answer = client.get("/plot", params={"series_id": series_id})
     assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG")
+
+
+def test_plot_of_a_seasonal_version_draws_the_bounds_its_stream_uses(client, series_id):
+    """The expected value follows the learned daily profile; its bounds are the point test's."""
+    rng = np.random.default_rng(7)
+    ts = 1_700_000_000 + 300 * np.arange(3 * 288)
+    hours = (ts // 3600) % 24
+    values = 100.0 + 20.0 * (hours == 2) + rng.normal(0.0, 1.0, ts.size)
+    body = {"timestamps": ts.tolist(), "values": values.round(6).tolist(), "kind": "seasonal"}
+    assert client.post(f"/fit/{series_id}", json=body).status_code == 200
+    answer = client.get("/plot", params={"series_id": series_id})
+    assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG")
+    static = client.get("/plot", params={"series_id": series_id, "version": "v1"})
+    assert static.content == answer.content  # the same version, the same drawing

@@ -148,3 +148,21 @@ def test_severity_is_fifty_at_the_threshold_and_bounded() -> None:
     assert severity(1.0) == 50.0
     assert severity(0.0) == 0.0
     assert 99.0 < float(severity(1e9)) <= 100.0
+
+
+def test_the_baseline_drawn_is_the_one_the_stream_starts_from() -> None:
+    rng = np.random.default_rng(8)
+    ts = np.arange(3 * 288, dtype=np.float64) * STEP + 1_700_000_000.0
+    peak = S.hour_of_day(ts) == 2
+    xs = 100.0 + 20.0 * peak + rng.normal(0.0, 1.0, ts.size)
+    kind = S.SeasonalKind()
+    params = kind.fit(prepare_training_data(ts, xs), FitOptions()).params
+    expected, lower, upper = kind.baseline(params, ts)
+    np.testing.assert_allclose(expected, 100.0 + 20.0 * peak, atol=1.0)
+    assert np.all(lower < expected) and np.all(expected < upper)
+    # The stream's first reading is judged against exactly these bounds.
+    row = kind.initial_state(params)
+    t = np.array([ts[-1] + STEP])
+    got = S.fold(row[None, :].copy(), np.array([0]), t, np.array([100.0]))
+    e, lo, hi = kind.baseline(params, t)
+    assert (got.expected[0], got.lower[0], got.upper[0]) == (e[0], lo[0], hi[0])
