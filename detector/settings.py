@@ -65,9 +65,10 @@ class Settings(BaseSettings):
     # The model.
     default_sigma: float = Field(default=3.0, gt=0, le=MAX_SIGMA)
     default_direction: Direction = "above"
-    # The kind a fit without a `kind` option makes: what the stream uses for it. REST predict
+    # The kind a fit without a `kind` option makes: what the stream judges its readings by.
+    # seasonal generalises best of the kinds measured (docs/detection-quality.md); REST predict
     # and the batch endpoint apply every version's μ ± kσ rule, whatever its kind.
-    default_kind: ModelKind = "static"
+    default_kind: ModelKind = "seasonal"
     min_training_points: int = Field(default=3, ge=2)
     max_training_points: int = Field(default=5_000_000, ge=3)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

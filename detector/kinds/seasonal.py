@@ -16,8 +16,10 @@ single reading shows), and the histogram change ``2·w_fast·KL(fast ‖ slow)``
 fit (changed shape or variance, a flat line inside the usual range). A reading is anomalous when
 a statistic passes its threshold; it alerts (opens an episode) when the previous alert is older
 than the quiet period. With ``exclude_anomalies`` a reading that fails the point test is
-learned clipped to the band (μ ± k_point·σ): a spike does not widen the baseline or bend the
-profile, while a lasting level change is still learned, a band's width at a time.
+learned clipped to the band (μ ± k_point·σ), by the short window and the baseline alike: a
+spike is the point test's alone, it does not widen the baseline, bend the profile or keep the
+window's tests firing after it, while a lasting level change is still learned, a band's width
+at a time.
 
 **Time scales** (``TimeScale``): a wall-clock duration bounded to a range of readings of the
 series' cadence (the fit's median interval). The quiet period is 12 hours, but at least 12 and
@@ -351,15 +353,20 @@ def _step(s: FloatArray, t: FloatArray, x: FloatArray) -> dict[str, Any]:
         std = np.sqrt(np.maximum(np.where(known, s[:, SLOW_M2] / np.where(known, weight, 1), 0), 0))
     deviation = np.abs(y - mean)
     point = _ratio(deviation, std)
+    band = s[:, K_POINT] * std
+    # A reading that failed the point test is learned clipped to the band (fast window and
+    # baseline alike): a spike is the point test's, not the window's, and bends nothing.
+    clip = known & (s[:, EXCLUDE] > 0) & (point > s[:, K_POINT]) & np.isfinite(band)
+    learned = np.where(clip, np.clip(y, mean - band, mean + band), y)
     # The fast window includes the reading.
     fw = s[:, FAST_W]
     total = fw + w_fast
     safe = np.where(total > 0, total, 1.0)
-    delta = y - s[:, FAST_MEAN]
+    delta = learned - s[:, FAST_MEAN]
     s[:, FAST_M2] += delta * delta * fw * w_fast / safe
     s[:, FAST_MEAN] += delta * w_fast / safe
     s[:, FAST_W] = total
-    k = _bins(y, s[:, LOW], s[:, BIN_WIDTH])
+    k = _bins(learned, s[:, LOW], s[:, BIN_WIDTH])
     s[idx, FAST_HIST + k] += w_fast
     shift = _ratio(np.abs(s[:, FAST_MEAN] - mean) * np.sqrt(total), std)
     # G statistic 2·n·KL(fast ‖ slow): ~χ² with BINS + 1 degrees of freedom if the short
@@ -383,10 +390,6 @@ def _step(s: FloatArray, t: FloatArray, x: FloatArray) -> dict[str, Any]:
     test = np.where(anomaly, ratios.argmax(axis=1) + 1, 0)
     alert = anomaly & (t - s[:, LAST_ALERT] > s[:, QUIET])
     s[:, LAST_ALERT] = np.where(alert, t, s[:, LAST_ALERT])
-    band = s[:, K_POINT] * std
-    # Learn: a reading that failed the point test is learned clipped to the band.
-    clip = known & (s[:, EXCLUDE] > 0) & (point > s[:, K_POINT]) & np.isfinite(band)
-    learned = np.where(clip, np.clip(y, mean - band, mean + band), y)
     sw = s[:, SLOW_W]
     total = sw + w_slow
     safe = np.where(total > 0, total, 1.0)
@@ -394,7 +397,7 @@ def _step(s: FloatArray, t: FloatArray, x: FloatArray) -> dict[str, Any]:
     s[:, SLOW_M2] += delta * delta * sw * w_slow / safe
     s[:, SLOW_MEAN] += delta * w_slow / safe
     s[:, SLOW_W] = total
-    s[idx, SLOW_HIST + _bins(learned, s[:, LOW], s[:, BIN_WIDTH])] += w_slow
+    s[idx, SLOW_HIST + k] += w_slow
     # The profiles learn the residual the level does not explain, re-centred to sum to zero.
     residual = np.where(known, learned - mean, 0.0)
     for on, rate, start, size, slot in (
@@ -425,14 +428,12 @@ def _step(s: FloatArray, t: FloatArray, x: FloatArray) -> dict[str, Any]:
     }
 
 
-def expected_band(
-    row: FloatArray, timestamps: Any
-) -> tuple[FloatArray, FloatArray, FloatArray]:
+def expected_band(row: FloatArray, timestamps: Any) -> tuple[FloatArray, FloatArray, FloatArray]:
     """A state's expected value and point-test bounds at these instants (without learning)."""
     t = np.asarray(timestamps, dtype=np.float64)
-    season = row[DAILY + hour_of_day(t)] * row[DAILY_ON] + row[WEEKLY + day_of_week(t)] * row[
-        WEEKLY_ON
-    ]
+    season = (
+        row[DAILY + hour_of_day(t)] * row[DAILY_ON] + row[WEEKLY + day_of_week(t)] * row[WEEKLY_ON]
+    )
     expected = row[SLOW_MEAN] + season
     std = math.sqrt(max(row[SLOW_M2] / row[SLOW_W], 0.0)) if row[SLOW_W] > 0 else 0.0
     band = row[K_POINT] * std

@@ -30,9 +30,14 @@ def postgres_data_dir() -> Path:
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """Environment for a service subprocess pointed at the test servers."""
-    return {
+    """Environment for a service subprocess pointed at the test servers.
+
+    The suites written against the μ ± kσ rule in the stream fit without a ``kind`` and expect
+    ``static``: they pin ``DEFAULT_KIND=static``. ``DEFAULT_KIND=""`` in ``extra`` leaves the
+    service its own default (``tests/integration/test_default_kind.py``)."""
+    env = {
         **os.environ,
+        "DEFAULT_KIND": "static",
         "REDIS_HOST": settings.redis_host,
         "REDIS_PORT": str(settings.redis_port),
         "REDIS_USERNAME": settings.redis_username or "",
@@ -44,6 +49,9 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "POSTGRES_PASSWORD": settings.postgres_password,
         **extra,
     }
+    if not env["DEFAULT_KIND"]:
+        del env["DEFAULT_KIND"]
+    return env
 
 
 def wait_serving(
