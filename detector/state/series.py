@@ -32,9 +32,10 @@ state. Readings that pin a version are scored by that version's stateless rule i
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,7 @@ def _plugin(kind: str) -> StatefulKind:
     return plugin
 
 
+@lru_cache(maxsize=1 << 17)
 def entry_order(source_id: str) -> tuple[int, int]:
     """A source id's place in its series' delivery order: a `readings` entry id as (ms, seq),
     a Kafka record (``topic/partition/offset``; a series keeps to one partition) as
@@ -173,7 +175,12 @@ def fold_states(
         folded = set(new.ids)
         outcomes = {r[0]: r for r in new.recent}
         fresh = []
-        for r in sorted(group, key=lambda r: (r.timestamp, entry_order(r.source_id))):
+        ordered = (
+            group
+            if len(group) == 1
+            else sorted(group, key=lambda r: (r.timestamp, entry_order(r.source_id)))
+        )
+        for r in ordered:
             if r.source_id in folded:  # redelivered: emit its event again, do not fold again
                 again = outcomes.get(r.source_id)
                 if again is not None:
@@ -277,12 +284,17 @@ class SeriesStates:
         *,
         readings_stream: str | None = None,
         group: str | None = None,
+        cache_size: int = 50_000,
     ) -> None:
         self.redis = client
         self.store = store
         self.readings_stream, self.group = readings_stream, group
         self._cas = client.register_script(lua("compare_and_set_states"))
         self.conflicts = 0  # series folded again because another worker wrote first
+        # The states this process wrote last, with their seq: folded again without a read.
+        # A state another process wrote since fails the compare-and-set and is read again.
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[str, SeriesState]] = OrderedDict()
 
     async def fold(
         self,
@@ -301,25 +313,36 @@ class SeriesStates:
         events: dict[str, dict[str, str]] = {}
         opened = 0
         todo = list(by_series)
+        cache = self._cache
         for _ in range(MAX_ATTEMPTS):
+            misses = [series_id for series_id in todo if series_id not in cache]
             async with self.redis.pipeline(transaction=False) as pipe:
-                for series_id in todo:
+                for series_id in misses:
                     pipe.hmget(state_key(series_id), "seq", "data")
                 if self.readings_stream and self.group:
                     pipe.xpending(self.readings_stream, self.group)
-                replies = await pipe.execute()
+                replies = await pipe.execute() if len(pipe) else []
             done = acknowledged
             if self.readings_stream and self.group:
                 summary = replies.pop()
                 if summary and summary.get("pending") and summary.get("min"):
                     done = below(entry_order(str(summary["min"])))
+            read = dict(zip(misses, replies, strict=True))
             currents: list[SeriesState] = []
             seqs: list[str] = []
             written: list[str] = []
-            for series_id, (seq, raw) in zip(todo, replies, strict=True):
+            for series_id in todo:
                 group = by_series[series_id]
                 newest = max(group, key=lambda r: r.version)
-                current = await self._current(series_id, raw, newest.version, newest.kind)
+                if series_id in read:
+                    seq, raw = read[series_id]
+                    stored = None if raw is None else SeriesState.from_json(raw)
+                else:
+                    seq, stored = cache[series_id]
+                if stored is None or stored.version < newest.version:
+                    current = await self._initial(series_id, stored, newest.version, newest.kind)
+                else:
+                    current = stored
                 if current is None:
                     continue
                 currents.append(current)
@@ -336,27 +359,30 @@ class SeriesStates:
                 args += [seq, new.to_json()]
             reply = await self._cas(keys=[state_key(s) for s in todo], args=args)
             conflicted = {int(i) - 1 for i in reply}
-            for i, (_, found, n) in enumerate(results):
-                if i not in conflicted:
-                    events.update(found)
-                    opened += n
+            for i, (new, found, n) in enumerate(results):
+                if i in conflicted:
+                    cache.pop(todo[i], None)  # another process wrote it: read it again
+                    continue
+                events.update(found)
+                opened += n
+                if self.cache_size:
+                    cache[todo[i]] = (str(int(seqs[i]) + 1), new)
+                    cache.move_to_end(todo[i])
+            while len(cache) > self.cache_size:
+                cache.popitem(last=False)
             self.conflicts += len(conflicted)
             todo = [s for i, s in enumerate(todo) if i in conflicted]
             if not todo:
                 return events, opened
         raise RuntimeError(f"stream state of {todo} kept changing under {MAX_ATTEMPTS} tries")
 
-    async def _current(
-        self, series_id: str, raw: str | bytes | None, version: int, kind: str
+    async def _initial(
+        self, series_id: str, stored: SeriesState | None, version: int, kind: str
     ) -> SeriesState | None:
-        """The stored state, or the initial state of ``version`` if that is newer (a refit);
-        None if PostgreSQL has no initial state for it (a fit withdrawn after a failed commit:
-        its readings are acknowledged without events, as for a series without a model)."""
-        stored = None
-        if raw is not None:
-            stored = SeriesState.from_json(raw)
-            if stored.version >= version:
-                return stored
+        """The initial state of ``version``, newer than the stored one (a refit), keeping the
+        stored redelivery bookkeeping; None if PostgreSQL has no initial state for it (a fit
+        withdrawn after a failed commit: its readings are acknowledged without events, as for
+        a series without a model)."""
         try:
             params = await self.store.params(series_id, version)
             initial = _plugin(kind).initial_state(params)
