@@ -291,11 +291,19 @@ def _ratio(deviation: FloatArray, std: FloatArray) -> FloatArray:
     return np.minimum(z, MAX_SCORE)
 
 
-def fold(bank: FloatArray, rows: IntArray, timestamps: FloatArray, values: FloatArray) -> Folded:
+def fold(
+    bank: FloatArray,
+    rows: IntArray,
+    timestamps: FloatArray,
+    values: FloatArray,
+    statistics: FloatArray | None = None,
+) -> Folded:
     """Fold readings into the bank's rows, in place; ``rows[i]`` is reading i's series row.
 
     Each series' readings must be given in the order they are to be folded (event time). The
     readings are processed by rank: every series' first reading at once, then every second, …
+    ``statistics`` (n × 3, optional) receives each reading's point, shift and divergence
+    statistics (the evaluation sweeps thresholds over them).
     """
     n = len(rows)
     out = {name: np.zeros(n) for name in ("expected", "std", "lower", "upper", "score", "ratio")}
@@ -320,6 +328,8 @@ def fold(bank: FloatArray, rows: IntArray, timestamps: FloatArray, values: Float
         for name in out:
             out[name][i] = v[name]
         anomaly[i], alert[i], test[i] = v["anomaly"], v["alert"], v["test"]
+        if statistics is not None:
+            statistics[i] = v["statistics"]
     return Folded(anomaly, alert, **out, test=test)
 
 
@@ -425,6 +435,7 @@ def _step(s: FloatArray, t: FloatArray, x: FloatArray) -> dict[str, Any]:
         "score": np.clip(np.nan_to_num(z), -MAX_SCORE, MAX_SCORE),
         "ratio": ratio,
         "test": test,
+        "statistics": np.stack((point, shift, divergence), axis=1),
     }
 
 
