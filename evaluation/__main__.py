@@ -301,7 +301,9 @@ def lofo(
         ]
     combined, chosen = leave_one_folder_out(corpus, root, kind_name, jobs)
     return combined, [
-        f"  {folder:24s} k={p.k} half-life={p.half_life_days}d quiet={p.quiet_days}d"
+        f"  {folder:24s} k={p.k}"
+        + (f" half-life={p.half_life_days}d" if p.half_life_days is not None else "")
+        + (f" quiet={p.quiet_days}d" if p.quiet_days is not None else "")
         for folder, p in chosen.items()
     ]
 
