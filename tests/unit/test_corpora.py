@@ -96,7 +96,7 @@ def test_the_held_out_corpus_never_chooses_a_parameter() -> None:
 
 
 def test_every_registered_kind_has_an_entry_in_the_kind_table() -> None:
-    missing = sorted(set(KINDS) - set(KIND_TABLE) - {"static"})
+    missing = sorted(set(KINDS) - set(KIND_TABLE))
     assert missing == [], f"add one entry per kind to evaluation.replay.KIND_TABLE: {missing}"
     assert KIND_TABLE["rolling-z"].reference
 
