@@ -55,5 +55,9 @@ nab-offline: $(STAMP) ## NAB score of the multiscale detector replayed offline (
 	$(BIN)/python -m evaluation --detector multiscale --lofo $(NAB_ARGS)
 
 .PHONY: nab
-nab: $(STAMP) ## NAB through the real stream: REST fits, publisher, one worker, episode onsets scored
+nab: $(STAMP) ## NAB through the real stream, beside in-sample, leave-one-folder-out and SKAB figures
 	$(BIN)/python -m bench.nab_stream $(NAB_ARGS)
+
+.PHONY: corpus
+corpus: $(STAMP) ## Score every kind and the rolling-z reference on the held-out SKAB corpus (offline)
+	$(BIN)/python -m evaluation --corpus skab --all $(CORPUS_ARGS)

@@ -1,4 +1,9 @@
-"""``python -m evaluation``: replay a detector kind over NAB offline, score it, print the table."""
+"""``python -m evaluation``: replay detector kinds over a corpus offline, score them, print tables.
+
+Parameters are only ever chosen on NAB (in-sample, or leave-one-folder-out). The second corpus
+(``--corpus skab``) is held out by construction: it is only scored, and every selection
+function here calls ``Corpus.require_tunable`` first, which refuses it.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,11 @@ from typing import TypeVar
 import numpy as np
 
 from detector.kinds.multiscale import MultiscaleParams
-from evaluation.corpus import DEFAULT_NAB_ROOT, Corpus, load_corpus
+from evaluation.corpus import BENCH, CORPORA, Corpus, load_corpus, load_named
 from evaluation.nab import PROFILES, CorpusScore, FloatArray, NabScorer
 from evaluation.replay import (
     KIND_DEFAULTS,
+    KIND_TABLE,
     detector_kind,
     multiscale_alerts,
     multiscale_components,
@@ -40,7 +46,10 @@ SCOREBOARD: tuple[tuple[str, float], ...] = (
     ("random", 16.8),
     ("null", 0.0),
 )
-DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "nab"
+RESULTS_ROOT = BENCH / "results"
+DEFAULT_RESULTS = RESULTS_ROOT / "nab"
+# The corpus scored beside NAB, held out: it never chooses a parameter.
+HELD_OUT_CORPUS = "skab"
 # Our detectors emit alerts (1.0) or nothing (0.0): scored as flagged, not re-thresholded.
 FLAG_THRESHOLD = 0.5
 
@@ -90,14 +99,25 @@ def _grid_point(args: tuple[Path, str, Params]) -> tuple[Params, dict[str, Float
     return params, run_detector(load_corpus(root), kind_name, params)
 
 
+def lofo_grid(kind_name: str) -> list[Params]:
+    """LOFO_GRID restricted to the parameters the kind takes (one point per distinct kind)."""
+    takes = KIND_TABLE[kind_name].takes
+    axes = [v if name in takes else (None,) for name, v in LOFO_GRID.items()]
+    return [Params(k=k, half_life_days=h, quiet_days=q) for k, h, q in itertools.product(*axes)]
+
+
+def has_lofo(kind_name: str) -> bool:
+    """Whether the kind has a declared grid to choose from (references are fixed)."""
+    spec = KIND_TABLE[kind_name]
+    return kind_name == "multiscale" or (not spec.reference and "k" in spec.takes)
+
+
 def leave_one_folder_out(
     corpus: Corpus, root: Path, kind_name: str, jobs: int
 ) -> tuple[dict[str, FloatArray], dict[str, Params]]:
     """Outputs where each folder's files come from parameters chosen without that folder."""
-    grid = [
-        Params(k=k, half_life_days=h, quiet_days=q)
-        for k, h, q in itertools.product(*LOFO_GRID.values())
-    ]
+    corpus.require_tunable()
+    grid = lofo_grid(kind_name)
     scorer = NabScorer(corpus)
     raw_by_folder: list[dict[str, float]] = []
     outputs: list[dict[str, FloatArray]] = []
@@ -129,6 +149,7 @@ def _choose_without_each_folder(
     outputs: list[dict[str, FloatArray]],
 ) -> tuple[dict[str, FloatArray], dict[str, P]]:
     """For each folder, the grid point best on the *other* folders; its outputs for that one."""
+    corpus.require_tunable()
     folder_of = {s.name: s.folder for s in corpus}
     combined: dict[str, FloatArray] = {}
     chosen: dict[str, P] = {}
@@ -156,6 +177,7 @@ def multiscale_leave_one_folder_out(
     corpus: Corpus, root: Path, jobs: int
 ) -> tuple[dict[str, FloatArray], dict[str, MultiscaleParams]]:
     """``leave_one_folder_out`` for the multiscale kind over MULTISCALE_GRID."""
+    corpus.require_tunable()
     scorer = NabScorer(corpus)
     fasts = MULTISCALE_GRID["fast_readings"]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -184,7 +206,14 @@ def multiscale_leave_one_folder_out(
     return _choose_without_each_folder(corpus, grid, raw_by_folder, outputs)
 
 
-def format_table(rows: Sequence[tuple[str, dict[str, CorpusScore] | float]]) -> str:
+Scores = dict[str, CorpusScore]
+
+
+def score_profiles(scorer: NabScorer, outputs: dict[str, FloatArray]) -> Scores:
+    return {p.name: scorer.score(outputs, p, FLAG_THRESHOLD) for p in PROFILES.values()}
+
+
+def format_table(rows: Sequence[tuple[str, Scores | float]]) -> str:
     header = f"{'detector':58s} {'standard':>9s} {'low FP':>9s} {'low FN':>9s}"
     lines = [header, "-" * len(header)]
     for label, value in sorted(rows, key=_standard, reverse=True):
@@ -196,9 +225,155 @@ def format_table(rows: Sequence[tuple[str, dict[str, CorpusScore] | float]]) -> 
     return "\n".join(lines)
 
 
-def _standard(row: tuple[str, dict[str, CorpusScore] | float]) -> float:
+def format_columns(
+    groups: Sequence[str], rows: Sequence[tuple[str, Sequence[Scores | None]]]
+) -> str:
+    """One row per kind, one group of three profile columns per corpus or method, side by
+    side (standard / low FP / low FN); "-" where a kind has no such figure."""
+    width = max([20, *(len(g) for g in groups)])
+    first = max([4, *(len(label) for label, _ in rows)])
+    head = f"{'kind':{first}s}" + "".join(f" | {g:^{width}s}" for g in groups)
+    sub = f"{'':{first}s}" + f" | {'std  lowFP  lowFN':^{width}s}" * len(groups)
+    lines = [head, sub, "-" * len(head)]
+    for label, cells in rows:
+        parts = []
+        for scores in cells:
+            if scores is None:
+                parts.append(f" | {'-':^{width}s}")
+            else:
+                values = " ".join(f"{scores[p].normalized:6.1f}" for p in PROFILES)
+                parts.append(f" | {values:>{width}s}")
+        lines.append(f"{label:{first}s}" + "".join(parts))
+    return "\n".join(lines)
+
+
+def _standard(row: tuple[str, Scores | float]) -> float:
     value = row[1]
     return value["standard"].normalized if isinstance(value, dict) else value
+
+
+def describe(name: str, params: Params) -> str:
+    """A kind's label with the settings it ran with."""
+    d = KIND_DEFAULTS[name]
+    takes = KIND_TABLE[name].takes
+    shown: dict[str, object] = {}
+    if name == "multiscale":
+        m = MultiscaleParams()
+        shown = {
+            "half-lives": f"{m.slow_readings:g}/{m.fast_readings:g}",
+            "k": f"{m.k_point:g}/{m.k_shift:g}/{m.k_divergence:g}",
+            "quiet": f"{m.quiet_readings:g}",
+        }
+    if "k" in takes:
+        shown["k"] = params.k or d.k
+    if "direction" in takes:
+        shown["dir"] = params.direction or d.direction
+    if "quiet_days" in takes:
+        shown["quiet"] = f"{params.quiet_days or d.quiet_days}d"
+    if "half_life_days" in takes:
+        shown["half-life"] = f"{params.half_life_days or d.half_life_days}d"
+    tag = "reference" if KIND_TABLE[name].reference else "ours"
+    return f"{name} ({tag}) " + " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def write_outputs(
+    corpus: Corpus, scorer: NabScorer, results: Path, name: str, outputs: dict[str, FloatArray]
+) -> None:
+    """NAB-format per-file outputs (with NAB's S(t) columns) under ``results/name``."""
+    for index, series in enumerate(corpus):
+        extra = {f"S(t)_{p.name}": scorer.sweeps(p)[index].weight for p in PROFILES.values()}
+        write_results(results_path(results, name, series.name), series, outputs[series.name], extra)
+
+
+def lofo(
+    corpus: Corpus, root: Path, kind_name: str, jobs: int
+) -> tuple[dict[str, FloatArray], list[str]] | None:
+    """A kind's leave-one-folder-out outputs and its per-folder choices, or None when the
+    kind has no grid to choose from."""
+    if not has_lofo(kind_name):
+        return None
+    if kind_name == "multiscale":
+        combined, chosen_ms = multiscale_leave_one_folder_out(corpus, root, jobs)
+        return combined, [
+            f"  {folder:24s} fast={m.fast_readings:g} k={m.k_point:g}/{m.k_shift:g}/"
+            f"{m.k_divergence:g} quiet={m.quiet_readings:g} readings"
+            for folder, m in chosen_ms.items()
+        ]
+    combined, chosen = leave_one_folder_out(corpus, root, kind_name, jobs)
+    return combined, [
+        f"  {folder:24s} k={p.k}"
+        + (f" half-life={p.half_life_days}d" if p.half_life_days is not None else "")
+        + (f" quiet={p.quiet_days}d" if p.quiet_days is not None else "")
+        for folder, p in chosen.items()
+    ]
+
+
+def _kind_outputs(args: tuple[str, Path | None, str]) -> tuple[str, dict[str, FloatArray]]:
+    corpus_name, root, kind_name = args
+    return kind_name, run_detector(load_named(corpus_name, root), kind_name, Params())
+
+
+def run_all(
+    corpus_name: str, root: Path | None, with_lofo: bool, results: Path | None, jobs: int
+) -> int:
+    """Every kind of KIND_TABLE at its defaults: NAB in-sample and (``with_lofo``)
+    leave-one-folder-out beside the held-out corpus, or the one corpus asked for."""
+    names = [corpus_name] if corpus_name != "nab" else ["nab", HELD_OUT_CORPUS]
+    kinds = list(KIND_TABLE)
+    started = time.perf_counter()
+    scores: dict[str, dict[str, Scores]] = {}
+    notes: list[str] = []
+    for name in names:
+        corpus_root = root if name == corpus_name else None
+        corpus = load_named(name, corpus_root)
+        scorer = NabScorer(corpus)
+        out_dir = results if results is not None and name == corpus_name else RESULTS_ROOT / name
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            outputs = dict(pool.map(_kind_outputs, [(name, corpus_root, k) for k in kinds]))
+        scores[name] = {}
+        for kind_name in kinds:
+            write_outputs(corpus, scorer, out_dir, kind_name, outputs[kind_name])
+            scores[name][kind_name] = score_profiles(scorer, outputs[kind_name])
+        notes.append(
+            f"{name}: {len(corpus)} series, {sum(len(s) for s in corpus)} rows,"
+            f" {corpus.window_count} windows; outputs in {out_dir}/<kind>/"
+        )
+    groups: list[str] = []
+    columns: list[dict[str, Scores | None]] = []
+    choices: list[str] = []
+    for name in names:
+        if name == "nab":
+            groups.append("NAB in-sample")
+            columns.append(dict(scores["nab"].items()))
+            if with_lofo:
+                nab = load_named("nab", root)
+                nab_scorer = NabScorer(nab)
+                held: dict[str, Scores | None] = {}
+                for kind_name in kinds:
+                    found = lofo(nab, root or CORPORA["nab"][1], kind_name, jobs)
+                    held[kind_name] = (
+                        None if found is None else score_profiles(nab_scorer, found[0])
+                    )
+                    if found is not None:
+                        choices.append(f"{kind_name}:")
+                        choices.extend(found[1])
+                groups.append("NAB leave-one-folder-out")
+                columns.append(held)
+        else:
+            groups.append(f"{name.upper()} (held out)")
+            columns.append(dict(scores[name].items()))
+    rows = [(describe(k, Params()), [c[k] for c in columns]) for k in kinds]
+    print(format_columns(groups, rows))
+    print()
+    print("\n".join(notes))
+    print(
+        f"{time.perf_counter() - started:.0f} s;"
+        f" alerts scored as flagged (threshold {FLAG_THRESHOLD})."
+    )
+    if choices:
+        print("leave-one-folder-out choices per held-out NAB folder:")
+        print("\n".join(choices))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,9 +383,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--direction", choices=("above", "below", "both"))
     parser.add_argument("--quiet-days", type=float, help="episode quiet period, event time")
     parser.add_argument("--half-life-days", type=float, help="adaptive baseline half-life")
-    parser.add_argument("--nab-root", type=Path, default=DEFAULT_NAB_ROOT)
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument(
+        "--corpus",
+        choices=sorted(CORPORA),
+        default="nab",
+        help=f"nab (default) or the held-out {HELD_OUT_CORPUS} (scored only, never tuned on)",
+    )
+    parser.add_argument(
+        "--root", "--nab-root", dest="root", type=Path, help="the corpus' folder (shipped copy)"
+    )
+    parser.add_argument(
+        "--results", type=Path, help="outputs folder (default bench/results/<corpus>)"
+    )
     parser.add_argument("--lofo", action="store_true", help="add the leave-one-folder-out row")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every kind at its defaults, one row each (on nab: beside the held-out corpus)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
         "--score-only",
@@ -218,77 +408,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="score existing NAB-format outputs under --results/NAME (e.g. from the stream)",
     )
     args = parser.parse_args(argv)
+    if args.lofo and args.corpus != "nab":
+        parser.error(f"the {args.corpus} corpus is held out: no parameter may be chosen on it")
+    if args.all:
+        return run_all(args.corpus, args.root, args.lofo, args.results, args.jobs)
 
-    corpus = load_corpus(args.nab_root)
+    corpus = load_named(args.corpus, args.root)
+    root = args.root or CORPORA[args.corpus][1]
+    results_dir: Path = args.results or RESULTS_ROOT / corpus.name
     scorer = NabScorer(corpus)
     started = time.perf_counter()
     if args.score_only:
         name = args.score_only
-        outputs = read_results_dir(args.results, name, corpus)
-        label = f"{name} (ours, from {args.results / name})"
+        outputs = read_results_dir(results_dir, name, corpus)
+        label = f"{name} (ours, from {results_dir / name})"
     else:
         params = Params(args.k, args.quiet_days, args.half_life_days, args.direction)
         outputs = run_detector(corpus, args.detector, params)
         name = args.detector
-        d = KIND_DEFAULTS[name]
-        shown: dict[str, object] = {
-            "k": params.k or d.k,
-            "dir": params.direction or d.direction,
-        }
-        if name == "multiscale":
-            m = MultiscaleParams()
-            shown = {
-                "half-lives": f"{m.slow_readings:g}/{m.fast_readings:g}",
-                "k": f"{m.k_point:g}/{m.k_shift:g}/{m.k_divergence:g}",
-                "quiet": f"{m.quiet_readings:g}",
-            }
-        elif name != "static" and name != "refit-daily":
-            shown["quiet"] = f"{params.quiet_days or d.quiet_days}d"
-        if name == "adaptive":
-            shown["half-life"] = f"{params.half_life_days or d.half_life_days}d"
-        label = f"{name} (ours) " + " ".join(f"{k}={v}" for k, v in shown.items())
+        label = describe(name, params)
     elapsed = time.perf_counter() - started
 
-    results = {p.name: scorer.score(outputs, p, FLAG_THRESHOLD) for p in PROFILES.values()}
+    results = score_profiles(scorer, outputs)
     if not args.score_only:
-        for series in corpus:
-            extra = {}
-            for profile in PROFILES.values():
-                sweep = scorer.sweeps(profile)[list(corpus.series).index(series.name)]
-                extra[f"S(t)_{profile.name}"] = sweep.weight
-            write_results(
-                results_path(args.results, name, series.name),
-                series,
-                outputs[series.name],
-                extra,
-            )
-    rows: list[tuple[str, dict[str, CorpusScore] | float]] = [(label, results)]
-    rows.extend((f"{n} (published)", v) for n, v in SCOREBOARD)
-    chosen_ms: dict[str, MultiscaleParams] = {}
-    chosen: dict[str, Params] = {}
-    if args.lofo and args.detector == "multiscale":
-        combined, chosen_ms = multiscale_leave_one_folder_out(corpus, args.nab_root, args.jobs)
-    elif args.lofo:
-        combined, chosen = leave_one_folder_out(corpus, args.nab_root, args.detector, args.jobs)
+        write_outputs(corpus, scorer, results_dir, name, outputs)
+    rows: list[tuple[str, Scores | float]] = [(label, results)]
+    if corpus.name == "nab":
+        rows.extend((f"{n} (published)", v) for n, v in SCOREBOARD)
+    choices: list[str] = []
     if args.lofo:
-        lofo = {p.name: scorer.score(combined, p, FLAG_THRESHOLD) for p in PROFILES.values()}
-        rows.append((f"{name} (ours) leave-one-folder-out", lofo))
+        found = lofo(corpus, root, args.detector, args.jobs)
+        if found is None:
+            parser.error(f"{args.detector} has no grid to choose from (a fixed reference)")
+        rows.append((f"{name} (ours) leave-one-folder-out", score_profiles(scorer, found[0])))
+        choices = found[1]
     print(format_table(rows))
     print(
-        f"\n{len(corpus)} files, {sum(len(s) for s in corpus)} rows replayed in {elapsed:.1f} s;"
-        f" alerts scored as flagged (threshold {FLAG_THRESHOLD})."
+        f"\n{corpus.name}: {len(corpus)} files, {sum(len(s) for s in corpus)} rows replayed in"
+        f" {elapsed:.1f} s; alerts scored as flagged (threshold {FLAG_THRESHOLD})."
     )
     if not args.score_only:
-        print(f"NAB-format outputs: {args.results / name}/<folder>/{name}_<file>.csv")
-    if args.lofo:
+        print(f"NAB-format outputs: {results_dir / name}/<folder>/{name}_<file>.csv")
+    if choices:
         print("leave-one-folder-out choices (k, half-life days, quiet days) per held-out folder:")
-        for folder, p in chosen.items():
-            print(f"  {folder:24s} k={p.k} half-life={p.half_life_days}d quiet={p.quiet_days}d")
-        for folder, m in chosen_ms.items():
-            print(
-                f"  {folder:24s} fast={m.fast_readings:g} k={m.k_point:g}/{m.k_shift:g}/"
-                f"{m.k_divergence:g} quiet={m.quiet_readings:g} readings"
-            )
+        print("\n".join(choices))
     return 0
 
 

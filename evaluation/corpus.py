@@ -1,10 +1,21 @@
-"""Load the NAB corpus (series and labelled anomaly windows) shipped under ``bench/nab``."""
+"""Labelled corpora shipped under ``bench/``: their series and NAB-style anomaly windows.
+
+Two corpora, one ``Corpus`` type and one scorer (``evaluation.nab``):
+
+- ``nab``: the Numenta Anomaly Benchmark (``bench/nab``), labelled with NAB's own windows. The
+  evaluation's settings are chosen on it (in-sample, and leave-one-folder-out).
+- ``skab``: the Skoltech Anomaly Benchmark (``bench/skab``), a held-out corpus of another
+  source. It must NEVER be used to choose a parameter: ``Corpus.held_out`` is set on it and the
+  evaluation's selection code (``evaluation.__main__``) refuses a held-out corpus. Its labelled
+  ranges become windows with ``nab_windows`` (NAB's width rule, see there).
+"""
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +25,12 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float64]
 TimeArray = npt.NDArray[np.datetime64]
 
-# The repository's own copy of the corpus (bench/nab), so nothing outside the clone is needed.
-DEFAULT_NAB_ROOT = Path(__file__).resolve().parent.parent / "bench" / "nab"
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+# The repository's own copies of the corpora, so nothing outside the clone is needed.
+DEFAULT_NAB_ROOT = BENCH / "nab"
+DEFAULT_SKAB_ROOT = BENCH / "skab"
+# NAB's window rule: the windows of a file take 10 % of its rows, shared among its anomalies.
+WINDOW_FRACTION = 0.10
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +68,14 @@ class Series:
 
 @dataclass(frozen=True, slots=True)
 class Corpus:
-    """Every series of the benchmark, keyed by NAB relative path (sorted)."""
+    """Every series of a benchmark, keyed by relative path ``<folder>/<file>`` (sorted).
+
+    ``held_out``: the corpus only measures; nothing may be chosen on it (``require_tunable``).
+    """
 
     series: Mapping[str, Series]
+    name: str = "nab"
+    held_out: bool = False
 
     def __iter__(self) -> Iterator[Series]:
         return iter(self.series.values())
@@ -72,7 +92,14 @@ class Corpus:
         return sorted({s.folder for s in self})
 
     def subset(self, names: set[str] | list[str]) -> Corpus:
-        return Corpus({n: self.series[n] for n in sorted(names)})
+        return Corpus({n: self.series[n] for n in sorted(names)}, self.name, self.held_out)
+
+    def require_tunable(self) -> None:
+        """Raise unless parameters may be chosen on this corpus (a held-out one never)."""
+        if self.held_out:
+            raise ValueError(
+                f"the {self.name} corpus is held out: no parameter may be chosen on it"
+            )
 
 
 def read_series_csv(path: Path) -> tuple[TimeArray, FloatArray]:
@@ -106,8 +133,76 @@ def window_indices(
     return tuple(out)
 
 
+def nab_windows(n_rows: int, labelled: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """NAB-style windows for a file of ``n_rows`` rows from labelled inclusive row ranges.
+
+    NAB's rule for point labels: each window is ``⌊0.1·n / count⌋`` rows wide, centred on its
+    label. A labelled range (a point is a range of one row) keeps its extent when it is at
+    least that wide, and is otherwise widened symmetrically about its centre to that width;
+    windows are clipped to the file and windows that then touch or overlap are merged.
+    """
+    if not labelled:
+        return ()
+    width = math.floor(WINDOW_FRACTION * n_rows / len(labelled))
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(labelled):
+        if not 0 <= start <= end < n_rows:
+            raise ValueError(f"labelled range {(start, end)} outside rows 0..{n_rows - 1}")
+        missing = width - (end - start + 1)
+        if missing > 0:
+            start, end = start - missing // 2, end + (missing - missing // 2)
+        start, end = max(start, 0), min(end, n_rows - 1)
+        if out and start <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return tuple(out)
+
+
+def labelled_ranges(flags: npt.NDArray[np.float64]) -> list[tuple[int, int]]:
+    """Inclusive row ranges of consecutive non-zero labels."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], (flags != 0).astype(np.int8), [0]))))
+    return [(int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+# SKAB's sensor columns; every other column is the timestamp or a label.
+SKAB_LABEL_COLUMNS = ("anomaly", "changepoint")
+
+
+def load_skab(root: Path = DEFAULT_SKAB_ROOT) -> Corpus:
+    """Load SKAB (``root/data/<folder>/<n>.csv``, ``;``-separated, one experiment a file).
+
+    HELD OUT: this corpus is never used to choose any parameter (see the module docstring);
+    the returned corpus is marked ``held_out`` and parameter selection refuses it.
+
+    Each sensor column of each file is its own series ``<folder>/<n>-<sensor>.csv`` (every
+    sensor, none picked by looking at the labels), carrying its file's windows: the runs of
+    ``anomaly = 1`` through ``nab_windows``. The ``changepoint`` column is not used; the
+    anomaly-free file has no label column and no windows.
+    """
+    series: dict[str, Series] = {}
+    for path in sorted((root / "data").glob("*/*.csv")):
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        header = [cell.strip() for cell in lines[0].split(";")]
+        rows = [line.split(";") for line in lines[1:]]
+        timestamps = np.array([row[0].strip() for row in rows], dtype="datetime64[s]")
+        table = np.array([[float(cell) for cell in row[1:]] for row in rows], dtype=np.float64)
+        columns = header[1:]
+        ranges = labelled_ranges(table[:, columns.index("anomaly")]) if "anomaly" in columns else []
+        windows = nab_windows(len(rows), ranges)
+        for i, column in enumerate(columns):
+            if column in SKAB_LABEL_COLUMNS:
+                continue
+            sensor = "".join(ch for ch in column if ch.isalnum())
+            name = f"{path.parent.name}/{path.stem}-{sensor}.csv"
+            series[name] = Series(name, timestamps, np.ascontiguousarray(table[:, i]), windows)
+    if not series:
+        raise ValueError(f"no SKAB data files under {root / 'data'}")
+    return Corpus(dict(sorted(series.items())), name="skab", held_out=True)
+
+
 def load_corpus(root: Path = DEFAULT_NAB_ROOT) -> Corpus:
-    """Load every file listed in ``labels/combined_windows.json`` from ``root/data``."""
+    """Load every file listed in ``labels/combined_windows.json`` from ``root/data`` (NAB)."""
     windows = json.loads((root / "labels" / "combined_windows.json").read_text(encoding="utf-8"))
     series: dict[str, Series] = {}
     for name in sorted(windows):
@@ -118,4 +213,19 @@ def load_corpus(root: Path = DEFAULT_NAB_ROOT) -> Corpus:
             values=values,
             windows=window_indices(timestamps, windows[name], name),
         )
-    return Corpus(series)
+    return Corpus(series, name="nab")
+
+
+# The corpora by name: the loader and its shipped root.
+CORPORA: dict[str, tuple[Callable[[Path], Corpus], Path]] = {
+    "nab": (load_corpus, DEFAULT_NAB_ROOT),
+    "skab": (load_skab, DEFAULT_SKAB_ROOT),
+}
+
+
+def load_named(name: str, root: Path | None = None) -> Corpus:
+    """Load a corpus by name from ``root`` (its shipped copy by default)."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}: one of {', '.join(CORPORA)}")
+    loader, default_root = CORPORA[name]
+    return loader(root or default_root)

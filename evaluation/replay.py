@@ -1,19 +1,30 @@
-"""Offline, event-time replay of pluggable detector kinds over one series (no Redis)."""
+"""Offline, event-time replay of pluggable detector kinds over one series (no Redis).
+
+The evaluation's kinds are one table, ``KIND_TABLE``: the service's registered kinds (replayed
+through their ``detector.kinds.registry`` plugin, as the stream worker runs them), the
+offline-only variants of the seed's rule, and references the service does not ship. A kind
+registered in the registry is added with one entry: ``"name": KindSpec(registry_kind("name"))``.
+"""
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from detector.errors import InvalidInputError
+from detector.fitting import fit_training_data
 from detector.kinds.base import Direction
 from detector.kinds.moments import DecayingMoments, Moments
 from detector.kinds.multiscale import MultiscaleParams, MultiscaleState, group_alerts
-from detector.kinds.static import DIRECTION_CODES, flag
+from detector.kinds.registry import get_kind, stateful_kind
+from detector.kinds.static import DIRECTION_CODES, StaticModel, flag
+from detector.settings import Settings
 from evaluation.nab import probationary_length
 
 FloatArray = npt.NDArray[np.float64]
@@ -122,6 +133,50 @@ class AdaptiveBaseline:
         return z
 
 
+@dataclass
+class RollingBaseline:
+    """μ, σ of the ``window`` readings before this one (a sliding window; a reference the
+    service does not ship). Seeded with the last ``window`` fitted readings."""
+
+    window: int = 288
+    _values: deque[float] = field(default_factory=deque)
+    _mean: float = 0.0
+    _m2: float = 0.0
+    _since_exact: int = 0
+
+    def fit(self, timestamps: FloatArray, values: FloatArray) -> None:
+        self._values = deque(float(v) for v in values[-self.window :])
+        self._recompute()
+
+    def _recompute(self) -> None:
+        # Exact moments of the window now and then, so the sliding updates cannot drift.
+        xs = np.fromiter(self._values, dtype=np.float64)
+        self._mean = float(np.mean(xs)) if xs.size else 0.0
+        self._m2 = float(np.sum((xs - self._mean) ** 2)) if xs.size else 0.0
+        self._since_exact = 0
+
+    def observe(self, timestamp: float, value: float) -> float:
+        n = len(self._values)
+        z = _z(value, self._mean, math.sqrt(max(self._m2, 0.0) / n) if n else math.nan)
+        if n == self.window:  # Welford's update, removing the oldest reading
+            old = self._values.popleft()
+            if n == 1:
+                self._mean, self._m2 = 0.0, 0.0
+            else:
+                delta = old - self._mean
+                self._mean -= delta / (n - 1)
+                self._m2 -= delta * (old - self._mean)
+        self._values.append(value)
+        n = len(self._values)
+        delta = value - self._mean
+        self._mean += delta / n
+        self._m2 += delta * (value - self._mean)
+        self._since_exact += 1
+        if self._since_exact >= self.window:
+            self._recompute()
+        return z
+
+
 class Alerting(Protocol):
     """Turns per-reading anomalies into alerts."""
 
@@ -156,6 +211,106 @@ class Episodes:
         return onset
 
 
+@dataclass
+class QuietReadings:
+    """At most one alert per ``readings`` readings: an anomalous reading alerts unless an
+    alert was raised fewer than ``readings`` readings before it (counted in readings)."""
+
+    readings: int = 288
+    _since: int = 1 << 62
+
+    def alert(self, timestamp: float, anomalous: bool) -> bool:
+        self._since += 1
+        if anomalous and self._since >= self.readings:
+            self._since = 0
+            return True
+        return False
+
+
+class Streaming(Protocol):
+    """A self-contained per-series detector: its own rule and alert grouping."""
+
+    def step(self, timestamp: float, value: float) -> tuple[float, bool, bool]:
+        """(score, anomalous, alert) of one reading judged before it is learnt."""
+        ...
+
+
+@dataclass
+class MultiscaleStreaming:
+    """The multiscale state with explicit parameters (the threshold sweeps' path)."""
+
+    state: MultiscaleState
+
+    def step(self, timestamp: float, value: float) -> tuple[float, bool, bool]:
+        score, alert = self.state.update(timestamp, value)
+        return score, score > 1.0, alert
+
+
+@dataclass
+class RegistryStreaming:
+    """A stateful registered kind, folded through its plugin as the stream worker folds it."""
+
+    plugin: Any  # a detector.kinds.base.StatefulKind
+    state: Any
+
+    def step(self, timestamp: float, value: float) -> tuple[float, bool, bool]:
+        verdict = self.plugin.fold(self.state, timestamp, value)
+        return float(verdict.severity), bool(verdict.anomaly), bool(verdict.alert)
+
+
+@dataclass
+class VersionRule:
+    """A stateless registered kind in the stream: the version's rule on every reading, its
+    anomalies grouped by the worker's episodes (``EPISODES``) or every one an event."""
+
+    model: StaticModel
+    alerting: Alerting
+
+    def step(self, timestamp: float, value: float) -> tuple[float, bool, bool]:
+        anomalous = self.model.is_anomaly(value)
+        z = _z(value, self.model.mean, self.model.std)
+        return z, anomalous, self.alerting.alert(timestamp, anomalous)
+
+
+@dataclass
+class NoModel:
+    """A series whose fit was refused (a 422, e.g. a constant training period): no model, so
+    its readings raise nothing, as for a user."""
+
+    def step(self, timestamp: float, value: float) -> tuple[float, bool, bool]:
+        return 0.0, False, False
+
+
+def fit_as_service(
+    kind: str, settings: Settings, timestamps: FloatArray, values: FloatArray
+) -> Streaming:
+    """Fit ``kind`` as ``POST /fit`` does (``detector.fitting``, the service's defaults) and
+    return what the stream then runs for the series."""
+    try:
+        _, fitted = fit_training_data(
+            np.asarray(timestamps).astype(np.int64), values, settings, kind=kind
+        )
+    except InvalidInputError:
+        return NoModel()
+    plugin = stateful_kind(kind)
+    if plugin is not None:
+        return RegistryStreaming(plugin, plugin.initial_state(fitted.params))
+    alerting: Alerting = (
+        Episodes(quiet=float(settings.episode_quiet_seconds))
+        if settings.episodes
+        else EveryReading()
+    )
+    return VersionRule(fitted.model, alerting)
+
+
+def stream_rows(timestamps: npt.ArrayLike) -> BoolArray:
+    """The rows the stream replay publishes: the first row of each timestamp (a few NAB files
+    repeat one); a fit refuses repeated timestamps, and a repeated reading is one reading."""
+    keep = np.zeros(np.asarray(timestamps).size, dtype=bool)
+    keep[np.unique(np.asarray(timestamps), return_index=True)[1]] = True
+    return keep
+
+
 @dataclass(frozen=True, slots=True)
 class DetectorKind:
     """A named combination of baseline, rule and alerting, with its parameters."""
@@ -167,7 +322,10 @@ class DetectorKind:
     direction: Direction = "above"
     # A self-contained streaming detector (its own rule and alert grouping) instead of a
     # baseline + kσ rule + alerting; fitted on the probationary rows.
-    make_streaming: Callable[[FloatArray, FloatArray], MultiscaleState] | None = None
+    make_streaming: Callable[[FloatArray, FloatArray], Streaming] | None = None
+    # Replay only the rows the stream replay publishes (``stream_rows``), as the service
+    # sees them; the offline-only kinds replay every row.
+    as_stream: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,10 +352,11 @@ def replay(kind: DetectorKind, timestamps: FloatArray, values: FloatArray) -> Re
     anomaly = np.zeros(ts.size, dtype=bool)
     alert = np.zeros(ts.size, dtype=bool)
     if kind.make_streaming is not None:
-        state = kind.make_streaming(ts[:n_fit], vals[:n_fit])
-        for i in range(n_fit, ts.size):
-            score, alert[i] = state.update(float(ts[i]), float(vals[i]))
-            z[i], anomaly[i] = score, score > 1.0
+        keep = stream_rows(ts) if kind.as_stream else np.ones(ts.size, dtype=bool)
+        fit_rows = np.flatnonzero(keep[:n_fit])
+        state = kind.make_streaming(ts[fit_rows], vals[fit_rows])
+        for row in (np.flatnonzero(keep[n_fit:]) + n_fit).tolist():
+            z[row], anomaly[row], alert[row] = state.step(float(ts[row]), float(vals[row]))
         return Replay(z, anomaly, alert)
     baseline, alerting = kind.make_baseline(), kind.make_alerting()
     baseline.fit(ts[:n_fit], vals[:n_fit])
@@ -211,6 +370,126 @@ def replay(kind: DetectorKind, timestamps: FloatArray, values: FloatArray) -> Re
     return Replay(z, anomaly, alert)
 
 
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A kind's parameters once its defaults are filled in (seconds, not days)."""
+
+    k: float
+    direction: Direction
+    quiet: float
+    half_life: float
+
+
+@dataclass(frozen=True, slots=True)
+class KindDefaults:
+    k: float = 3.0
+    direction: Direction = "above"
+    quiet_days: float = 1.0
+    half_life_days: float = 7.0
+
+
+@dataclass(frozen=True, slots=True)
+class KindSpec:
+    """One row of the evaluation's kind table: how to build the kind, its defaults, which of
+    the overridable parameters (``k``, ``direction``, ``quiet_days``, ``half_life_days``) it
+    takes, and whether it is a reference the service does not ship."""
+
+    build: Callable[[str, Resolved], DetectorKind]
+    defaults: KindDefaults = KindDefaults()
+    takes: tuple[str, ...] = ()
+    reference: bool = False
+
+
+def rule_kind(
+    baseline: Callable[[Resolved], Baseline], alerting: Callable[[Resolved], Alerting]
+) -> Callable[[str, Resolved], DetectorKind]:
+    """A baseline judged by the kσ rule, its anomalies turned into alerts by ``alerting``."""
+
+    def build(name: str, r: Resolved) -> DetectorKind:
+        return DetectorKind(
+            name, lambda: baseline(r), lambda: alerting(r), k=r.k, direction=r.direction
+        )
+
+    return build
+
+
+def registry_kind(registered: str) -> Callable[[str, Resolved], DetectorKind]:
+    """A kind of ``detector.kinds.registry``, replayed as the service runs it: fitted as
+    ``POST /fit`` fits it (the service's settings), then folded through its plugin (a
+    stateful kind) or judged by the version's rule with the worker's episodes."""
+    get_kind(registered)  # an unknown name fails here, when the table is built
+
+    def build(name: str, r: Resolved) -> DetectorKind:
+        settings = Settings()
+
+        def fit(ts: FloatArray, values: FloatArray) -> Streaming:
+            return fit_as_service(registered, settings, ts, values)
+
+        return DetectorKind(
+            name,
+            StaticBaseline,
+            EveryReading,
+            k=r.k,
+            direction=r.direction,
+            make_streaming=fit,
+            as_stream=True,
+        )
+
+    return build
+
+
+def _every(r: Resolved) -> Alerting:
+    return EveryReading()
+
+
+def _episodes(r: Resolved) -> Alerting:
+    return Episodes(quiet=r.quiet)
+
+
+def _once_per_quiet(r: Resolved) -> Alerting:
+    return Episodes(quiet=r.quiet, extend=False)
+
+
+# The reference's fixed setting (not tuned on any corpus): a day of 5-minute readings.
+ROLLING_READINGS = 288
+
+# The evaluation's kinds. The seed's k = 3 "above" for the seed-like kinds; the adaptive
+# kind's values are the corpus-wide choice described in docs/detection-quality.md.
+KIND_TABLE: dict[str, KindSpec] = {
+    "static": KindSpec(rule_kind(lambda r: StaticBaseline(), _every), takes=("k", "direction")),
+    "static-episodes": KindSpec(
+        rule_kind(lambda r: StaticBaseline(), _episodes),
+        takes=("k", "direction", "quiet_days"),
+    ),
+    "refit-daily": KindSpec(rule_kind(lambda r: RefitBaseline(), _every), takes=("k", "direction")),
+    "refit-daily-episodes": KindSpec(
+        rule_kind(lambda r: RefitBaseline(), _once_per_quiet),
+        takes=("k", "direction", "quiet_days"),
+    ),
+    # Measured on NAB: learning every reading (no outlier gate) and re-alerting at most
+    # once per quiet period beat the gated, extending variants (docs/detection-quality.md).
+    "adaptive": KindSpec(
+        rule_kind(lambda r: AdaptiveBaseline(half_life=r.half_life), _once_per_quiet),
+        KindDefaults(k=4.0, direction="both", quiet_days=0.5, half_life_days=7.0),
+        takes=("k", "direction", "quiet_days", "half_life_days"),
+    ),
+    # Its own parameters live in MultiscaleParams (time scales in readings; see
+    # docs/detection-quality.md).
+    "multiscale": KindSpec(registry_kind("multiscale"), KindDefaults(k=1.0, direction="both")),
+    # Reference: |z| > 4 against the previous 288 readings, at most one alert per 288.
+    "rolling-z": KindSpec(
+        rule_kind(
+            lambda r: RollingBaseline(window=ROLLING_READINGS),
+            lambda r: QuietReadings(readings=ROLLING_READINGS),
+        ),
+        KindDefaults(k=4.0, direction="both"),
+        takes=("k", "direction"),
+        reference=True,
+    ),
+}
+KIND_DEFAULTS: dict[str, KindDefaults] = {n: spec.defaults for n, spec in KIND_TABLE.items()}
+
+
 def detector_kind(
     name: str,
     *,
@@ -220,44 +499,47 @@ def detector_kind(
     half_life_days: float | None = None,
     multiscale: MultiscaleParams | None = None,
 ) -> DetectorKind:
-    """Build a registered kind; unset parameters take the kind's defaults (KIND_DEFAULTS)."""
-    if name not in KIND_DEFAULTS:
-        raise ValueError(f"unknown detector kind {name!r}: one of {', '.join(KIND_DEFAULTS)}")
-    d = KIND_DEFAULTS[name]
-    k = d.k if k is None else k
-    quiet = DAY * (d.quiet_days if quiet_days is None else quiet_days)
-    half_life = DAY * (d.half_life_days if half_life_days is None else half_life_days)
-    chosen_direction: Direction = direction or d.direction
+    """Build a kind of ``KIND_TABLE``; unset parameters take the kind's defaults.
 
-    def every() -> Alerting:
-        return EveryReading()
+    ``multiscale`` replays the multiscale state with explicit parameters (the sweeps' path)
+    instead of the registered kind's fit.
+    """
+    if name not in KIND_TABLE:
+        raise ValueError(f"unknown detector kind {name!r}: one of {', '.join(KIND_TABLE)}")
+    if multiscale is not None:
+        if name != "multiscale":
+            raise ValueError("explicit multiscale parameters need the multiscale kind")
+        params = multiscale
 
-    def episodes() -> Alerting:
-        return Episodes(quiet=quiet)
-
-    def once_a_day() -> Alerting:
-        return Episodes(quiet=quiet, extend=False)
-
-    makers: dict[str, tuple[Callable[[], Baseline], Callable[[], Alerting]]] = {
-        "static": (StaticBaseline, every),
-        "static-episodes": (StaticBaseline, episodes),
-        "refit-daily": (RefitBaseline, every),
-        "refit-daily-episodes": (RefitBaseline, once_a_day),
-        # Measured on NAB: learning every reading (no outlier gate) and re-alerting at most
-        # once per quiet period beat the gated, extending variants (docs/detection-quality.md).
-        "adaptive": (lambda: AdaptiveBaseline(half_life=half_life), once_a_day),
-    }
-    if name == "multiscale":
-        params = multiscale or MultiscaleParams()
-
-        def fit(ts: FloatArray, values: FloatArray) -> MultiscaleState:
-            return MultiscaleState.fit(ts, values, params)
+        def fit(ts: FloatArray, values: FloatArray) -> Streaming:
+            return MultiscaleStreaming(MultiscaleState.fit(ts, values, params))
 
         return DetectorKind(
-            name, StaticBaseline, every, k=1.0, direction="both", make_streaming=fit
+            name, StaticBaseline, EveryReading, k=1.0, direction="both", make_streaming=fit
         )
-    make_baseline, make_alerting = makers[name]
-    return DetectorKind(name, make_baseline, make_alerting, k=k, direction=chosen_direction)
+    spec = KIND_TABLE[name]
+    d = spec.defaults
+    resolved = Resolved(
+        k=d.k if k is None else k,
+        direction=direction or d.direction,
+        quiet=DAY * (d.quiet_days if quiet_days is None else quiet_days),
+        half_life=DAY * (d.half_life_days if half_life_days is None else half_life_days),
+    )
+    return spec.build(name, resolved)
+
+
+def stream_kind(settings: Settings | None = None) -> DetectorKind:
+    """The kind the stream runs for a fit that names no kind (``settings.default_kind``),
+    with the service's alert grouping: what a user gets by default."""
+    settings = settings or Settings()
+    chosen = settings
+
+    def fit(ts: FloatArray, values: FloatArray) -> Streaming:
+        return fit_as_service(chosen.default_kind, chosen, ts, values)
+
+    return DetectorKind(
+        chosen.default_kind, StaticBaseline, EveryReading, make_streaming=fit, as_stream=True
+    )
 
 
 def multiscale_components(
@@ -284,25 +566,3 @@ def multiscale_alerts(
     return group_alerts(
         np.asarray(timestamps, dtype=np.float64), anomalous, params.quiet_readings * step
     )
-
-
-@dataclass(frozen=True, slots=True)
-class KindDefaults:
-    k: float = 3.0
-    direction: Direction = "above"
-    quiet_days: float = 1.0
-    half_life_days: float = 7.0
-
-
-# The seed's k = 3 "above" for the seed-like kinds; the adaptive kind's values are the
-# corpus-wide choice described in docs/detection-quality.md.
-KIND_DEFAULTS: dict[str, KindDefaults] = {
-    "static": KindDefaults(),
-    "static-episodes": KindDefaults(),
-    "refit-daily": KindDefaults(),
-    "refit-daily-episodes": KindDefaults(),
-    "adaptive": KindDefaults(k=4.0, direction="both", quiet_days=0.5, half_life_days=7.0),
-    # Its own parameters live in MultiscaleParams (time scales in readings; see
-    # docs/detection-quality.md).
-    "multiscale": KindDefaults(k=1.0, direction="both"),
-}
