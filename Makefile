@@ -51,8 +51,8 @@ mlflow-ui: $(STAMP) ## Open the MLflow UI on http://127.0.0.1:5000 over make run
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath .data)/mlflow.db --host 127.0.0.1 --port 5000
 
 .PHONY: nab-offline
-nab-offline: $(STAMP) ## NAB score of the multiscale detector replayed offline (no Redis), with leave-one-folder-out
-	$(BIN)/python -m evaluation --detector multiscale --lofo $(NAB_ARGS)
+nab-offline: $(STAMP) ## NAB score of the default (seasonal) kind replayed offline (no Redis), with leave-one-folder-out
+	$(BIN)/python -m evaluation --detector seasonal --lofo $(NAB_ARGS)
 
 .PHONY: nab
 nab: $(STAMP) ## NAB through the real stream, beside in-sample, leave-one-folder-out and SKAB figures

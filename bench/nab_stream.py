@@ -1,8 +1,9 @@
 """``make nab``: replay every NAB file through the real service (REST fit, stream, worker).
 
-``--kind multiscale`` (the default) fits each file with ``"kind": "multiscale"``: the worker
-keeps each series' detector state in Redis and its own grouped alerts are the episode onsets.
-``--kind static`` fits the seed's μ + 3σ and groups anomalies with the worker's episodes.
+``--kind`` (default: the service's default kind, ``seasonal``) is the ``"kind"`` of every fit.
+A stateful kind (``seasonal``, ``multiscale``) keeps each series' detector state in Redis and
+its own grouped alerts are the episode onsets; ``--kind static`` fits the seed's μ + 3σ and
+groups anomalies with the worker's episodes.
 
 The summary puts the same kind's figures side by side: through the stream, its offline replay
 (settings chosen on all of NAB: in-sample; the per-file outputs must be identical to the
@@ -46,6 +47,9 @@ from ingest.publisher import Publisher
 
 DEFAULT_RESULTS = ROOT / "bench" / "results" / "nab"
 log = logging.getLogger("bench.nab")
+
+
+DEFAULT_KIND = str(Settings.model_fields["default_kind"].default)
 
 
 def series_id(series: Series) -> str:
@@ -127,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument(
         "--name",
-        help="results folder under --results (default: stream, or stream-multiscale)",
+        help="results folder under --results (default: stream, or stream-<kind>)",
     )
     parser.add_argument(
         "--kind",
         choices=sorted(KINDS),
-        default="multiscale",
-        help='the "kind" of every fit (default multiscale)',
+        default=DEFAULT_KIND,
+        help=f'the "kind" of every fit (default {DEFAULT_KIND}, the service\'s default)',
     )
     parser.add_argument("--jobs", type=int, default=2, help="processes for the offline figures")
     parser.add_argument(

@@ -16,20 +16,26 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from detector.kinds.multiscale import MultiscaleParams
+from detector.errors import InvalidInputError
+from detector.kinds import seasonal
+from detector.kinds.base import FitOptions
+from detector.kinds.multiscale import MultiscaleParams, group_alerts
+from detector.kinds.seasonal import SeasonalKind, SeasonalParams, TimeScale
+from detector.kinds.training import prepare_training_data
 from evaluation.corpus import BENCH, CORPORA, Corpus, load_corpus, load_named
-from evaluation.nab import PROFILES, CorpusScore, FloatArray, NabScorer
+from evaluation.nab import PROFILES, CorpusScore, FloatArray, NabScorer, probationary_length
 from evaluation.replay import (
     KIND_DEFAULTS,
     KIND_TABLE,
     detector_kind,
     multiscale_alerts,
     multiscale_components,
-    replay,
+    replay_all,
+    stream_rows,
 )
 from evaluation.results import read_results_dir, results_path, write_results
 
@@ -72,6 +78,24 @@ MULTISCALE_GRID: dict[str, tuple[float, ...]] = {
     "quiet_readings": (72.0, 144.0, 288.0),
 }
 
+# The seasonal kind's grid, declared the same way. The point threshold and the short window
+# change what the state learns (a reading beyond k_point is learned clipped), so each pair is
+# one replay; the other thresholds and the quiet period (a duration bounded to 12–144 readings,
+# or 12–288 for a day) only read its statistics and are swept on them.
+SEASONAL_REPLAYS: dict[str, tuple[Any, ...]] = {
+    "k_point": (6.0, 8.0),
+    "fast": (TimeScale(1800.0, 3.0, 6.0), TimeScale(3600.0, 3.0, 12.0)),
+}
+SEASONAL_SWEEP: dict[str, tuple[Any, ...]] = {
+    "k_shift": (4.0, 5.0, 6.0),
+    "k_divergence": (30.0, 60.0, 100.0),
+    "quiet": (
+        TimeScale(6 * 3600.0, 12.0, 144.0),
+        TimeScale(12 * 3600.0, 12.0, 144.0),
+        TimeScale(24 * 3600.0, 12.0, 288.0),
+    ),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Params:
@@ -89,9 +113,9 @@ def run_detector(corpus: Corpus, kind_name: str, params: Params) -> dict[str, Fl
         half_life_days=params.half_life_days,
         direction=params.direction,  # type: ignore[arg-type]
     )
-    return {
-        s.name: replay(kind, s.seconds.astype(np.float64), s.values).anomaly_scores for s in corpus
-    }
+    series = list(corpus)
+    found = replay_all(kind, [(s.seconds.astype(np.float64), s.values) for s in series])
+    return {s.name: r.anomaly_scores for s, r in zip(series, found, strict=True)}
 
 
 def _grid_point(args: tuple[Path, str, Params]) -> tuple[Params, dict[str, FloatArray]]:
@@ -109,7 +133,7 @@ def lofo_grid(kind_name: str) -> list[Params]:
 def has_lofo(kind_name: str) -> bool:
     """Whether the kind has a declared grid to choose from (references are fixed)."""
     spec = KIND_TABLE[kind_name]
-    return kind_name == "multiscale" or (not spec.reference and "k" in spec.takes)
+    return kind_name in ("multiscale", "seasonal") or (not spec.reference and "k" in spec.takes)
 
 
 def leave_one_folder_out(
@@ -206,6 +230,88 @@ def multiscale_leave_one_folder_out(
     return _choose_without_each_folder(corpus, grid, raw_by_folder, outputs)
 
 
+def _seasonal_statistics(
+    args: tuple[str, Path | None, SeasonalParams],
+) -> tuple[SeasonalParams, dict[str, tuple[FloatArray, FloatArray, float, int]]]:
+    """Every series of the corpus fitted as the service fits the seasonal kind with
+    ``params`` and folded at once through ``detector.kinds.seasonal.fold``: per series, the
+    rows scored, their three statistics, the cadence and the first row scored."""
+    corpus_name, root, params = args
+    corpus = load_named(corpus_name, root)
+    kind = SeasonalKind(params)
+    fitted: list[tuple[str, FloatArray, FloatArray, FloatArray]] = []
+    for series in corpus:
+        ts = series.seconds.astype(np.float64)
+        keep = stream_rows(ts)
+        n_fit = probationary_length(ts.size)
+        fit_rows = np.flatnonzero(keep[:n_fit])
+        rows = np.flatnonzero(keep[n_fit:]) + n_fit
+        try:
+            data = prepare_training_data(ts[fit_rows].astype(np.int64), series.values[fit_rows])
+            state = kind.initial_state(kind.fit(data, FitOptions()).params)
+        except (InvalidInputError, ValueError):
+            continue  # refused as POST /fit refuses it: no model, no alerts
+        fitted.append((series.name, state, rows, ts))
+    bank = np.stack([state for _, state, _, _ in fitted])
+    index = np.concatenate(
+        [np.full(rows.size, i, dtype=np.intp) for i, (_, _, rows, _) in enumerate(fitted)]
+    )
+    ts_all = np.concatenate([ts[rows] for _, _, rows, ts in fitted])
+    values = {s.name: s.values for s in corpus}
+    xs_all = np.concatenate([values[name][rows] for name, _, rows, _ in fitted])
+    statistics = np.zeros((index.size, 3))
+    steps = bank[:, seasonal.STEP].copy()
+    seasonal.fold(bank, index, ts_all, xs_all, statistics)
+    cuts = np.cumsum([0] + [rows.size for _, _, rows, _ in fitted])
+    return params, {
+        name: (rows, statistics[a:b], float(steps[i]), 0)
+        for i, ((name, _, rows, _), a, b) in enumerate(
+            zip(fitted, cuts[:-1], cuts[1:], strict=True)
+        )
+    }
+
+
+def seasonal_leave_one_folder_out(
+    corpus: Corpus, root: Path, jobs: int
+) -> tuple[dict[str, FloatArray], dict[str, dict[str, Any]]]:
+    """``leave_one_folder_out`` for the seasonal kind over SEASONAL_REPLAYS × SEASONAL_SWEEP."""
+    corpus.require_tunable()
+    scorer = NabScorer(corpus)
+    replays = [
+        SeasonalParams(k_point=k_point, fast=fast)
+        for k_point, fast in itertools.product(*SEASONAL_REPLAYS.values())
+    ]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        found = list(pool.map(_seasonal_statistics, [(corpus.name, root, p) for p in replays]))
+    seconds = {s.name: s.seconds.astype(np.float64) for s in corpus}
+    grid: list[dict[str, Any]] = []
+    raw_by_folder: list[dict[str, float]] = []
+    outputs: list[dict[str, FloatArray]] = []
+    for params, per_series in found:
+        for k_shift, k_divergence, quiet in itertools.product(*SEASONAL_SWEEP.values()):
+            out = {s.name: np.zeros(len(s)) for s in corpus}
+            for name, (rows, stats, step, _) in per_series.items():
+                anomalous = (
+                    (stats[:, 0] > params.k_point)
+                    | (stats[:, 1] > k_shift)
+                    | (stats[:, 2] > k_divergence)
+                )
+                ts = seconds[name][rows]
+                out[name][rows] = group_alerts(ts, anomalous, quiet.resolve(step))
+            grid.append(
+                {
+                    "k_point": params.k_point,
+                    "fast": params.fast,
+                    "k_shift": k_shift,
+                    "k_divergence": k_divergence,
+                    "quiet": quiet,
+                }
+            )
+            raw_by_folder.append(_score_by_folder(corpus, scorer, out))
+            outputs.append(out)
+    return _choose_without_each_folder(corpus, grid, raw_by_folder, outputs)
+
+
 Scores = dict[str, CorpusScore]
 
 
@@ -257,6 +363,13 @@ def describe(name: str, params: Params) -> str:
     d = KIND_DEFAULTS[name]
     takes = KIND_TABLE[name].takes
     shown: dict[str, object] = {}
+    if name == "seasonal":
+        p = SeasonalParams()
+        shown = {
+            "half-lives": f"{p.slow.seconds / 86400:g}d/{p.fast.seconds / 60:g}min",
+            "k": f"{p.k_point:g}/{p.k_shift:g}/{p.k_divergence:g}",
+            "quiet": f"{p.quiet.seconds / 3600:g}h",
+        }
     if name == "multiscale":
         m = MultiscaleParams()
         shown = {
@@ -292,6 +405,15 @@ def lofo(
     kind has no grid to choose from."""
     if not has_lofo(kind_name):
         return None
+    if kind_name == "seasonal":
+        combined, chosen_s = seasonal_leave_one_folder_out(corpus, root, jobs)
+        return combined, [
+            f"  {folder:24s} k={c['k_point']:g}/{c['k_shift']:g}/{c['k_divergence']:g}"
+            f" fast={c['fast'].seconds:g}s[{c['fast'].min_readings:g}-{c['fast'].max_readings:g}]"
+            f" quiet={c['quiet'].seconds / 3600:g}h[{c['quiet'].min_readings:g}-"
+            f"{c['quiet'].max_readings:g}]"
+            for folder, c in chosen_s.items()
+        ]
     if kind_name == "multiscale":
         combined, chosen_ms = multiscale_leave_one_folder_out(corpus, root, jobs)
         return combined, [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ from evaluation.nab import probationary_length
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.intp]
 
 DAY = 86_400.0
 
@@ -254,8 +255,16 @@ class RegistryStreaming:
     state: Any
 
     def step(self, timestamp: float, value: float) -> tuple[float, bool, bool]:
-        verdict = self.plugin.fold(self.state, timestamp, value)
-        return float(verdict.severity), bool(verdict.anomaly), bool(verdict.alert)
+        score, anomalous, alert = self.run(np.array([timestamp]), np.array([value]))
+        return float(score[0]), bool(anomalous[0]), bool(alert[0])
+
+    def run(
+        self, timestamps: FloatArray, values: FloatArray
+    ) -> tuple[FloatArray, BoolArray, BoolArray]:
+        """A whole series' readings, in order, in one call of the plugin's ``fold``."""
+        rows = np.zeros(len(timestamps), dtype=np.intp)
+        (self.state,), folded = self.plugin.fold([self.state], rows, timestamps, values)
+        return folded.ratio, folded.anomaly, folded.alert
 
 
 @dataclass
@@ -355,7 +364,11 @@ def replay(kind: DetectorKind, timestamps: FloatArray, values: FloatArray) -> Re
         keep = stream_rows(ts) if kind.as_stream else np.ones(ts.size, dtype=bool)
         fit_rows = np.flatnonzero(keep[:n_fit])
         state = kind.make_streaming(ts[fit_rows], vals[fit_rows])
-        for row in (np.flatnonzero(keep[n_fit:]) + n_fit).tolist():
+        rows = np.flatnonzero(keep[n_fit:]) + n_fit
+        if isinstance(state, RegistryStreaming):  # one batch, as the worker folds it
+            z[rows], anomaly[rows], alert[rows] = state.run(ts[rows], vals[rows])
+            return Replay(z, anomaly, alert)
+        for row in rows.tolist():
             z[row], anomaly[row], alert[row] = state.step(float(ts[row]), float(vals[row]))
         return Replay(z, anomaly, alert)
     baseline, alerting = kind.make_baseline(), kind.make_alerting()
@@ -368,6 +381,51 @@ def replay(kind: DetectorKind, timestamps: FloatArray, values: FloatArray) -> Re
         z[i], anomaly[i] = zi, flagged
         alert[i] = alerting.alert(t, flagged)
     return Replay(z, anomaly, alert)
+
+
+def replay_all(kind: DetectorKind, series: Sequence[tuple[FloatArray, FloatArray]]) -> list[Replay]:
+    """``replay`` of many series. The series of a stateful registered kind are folded in one
+    call of its plugin's ``fold``, as the worker folds a batch spread over many series (the
+    seasonal kind then steps through every series at once)."""
+    if kind.make_streaming is None or not kind.as_stream:
+        return [replay(kind, ts, vals) for ts, vals in series]
+    out: list[Replay | None] = []
+    pending: dict[int, tuple[RegistryStreaming, IntArray, FloatArray, FloatArray]] = {}
+    for i, (timestamps, values) in enumerate(series):
+        ts = np.asarray(timestamps, dtype=np.float64)
+        vals = np.asarray(values, dtype=np.float64)
+        keep = stream_rows(ts)
+        n_fit = probationary_length(ts.size)
+        fit_rows = np.flatnonzero(keep[:n_fit])
+        state = kind.make_streaming(ts[fit_rows], vals[fit_rows])
+        if isinstance(state, RegistryStreaming):
+            rows = np.flatnonzero(keep[n_fit:]) + n_fit
+            pending[i] = (state, rows, ts, vals)
+            out.append(None)
+        else:
+            out.append(replay(kind, ts, vals))
+    if pending:
+        members = list(pending)
+        plugin = pending[members[0]][0].plugin
+        index = np.concatenate(
+            [np.full(pending[i][1].size, slot, dtype=np.intp) for slot, i in enumerate(members)]
+        )
+        ts_all = np.concatenate([pending[i][2][pending[i][1]] for i in members])
+        xs_all = np.concatenate([pending[i][3][pending[i][1]] for i in members])
+        _, folded = plugin.fold([pending[i][0].state for i in members], index, ts_all, xs_all)
+        start = 0
+        for i in members:
+            _, rows, ts, _ = pending[i]
+            end = start + rows.size
+            z = np.zeros(ts.size)
+            anomaly = np.zeros(ts.size, dtype=bool)
+            alert = np.zeros(ts.size, dtype=bool)
+            z[rows] = folded.ratio[start:end]
+            anomaly[rows] = folded.anomaly[start:end]
+            alert[rows] = folded.alert[start:end]
+            out[i] = Replay(z, anomaly, alert)
+            start = end
+    return [r for r in out if r is not None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,6 +534,8 @@ KIND_TABLE: dict[str, KindSpec] = {
     # Its own parameters live in MultiscaleParams (time scales in readings; see
     # docs/detection-quality.md).
     "multiscale": KindSpec(registry_kind("multiscale"), KindDefaults(k=1.0, direction="both")),
+    # Its own parameters live in SeasonalParams (time scales bounded to the cadence).
+    "seasonal": KindSpec(registry_kind("seasonal"), KindDefaults(k=1.0, direction="both")),
     # Reference: |z| > 4 against the previous 288 readings, at most one alert per 288.
     "rolling-z": KindSpec(
         rule_kind(
