@@ -155,8 +155,9 @@ def fold_states(
     acknowledged: Acknowledged | None,
     detected_at: float,
 ) -> list[tuple[SeriesState, dict[str, dict[str, str]], int]]:
-    """Fold each series' readings into a copy of its state: ``readings[i]`` belong to
-    ``currents[i]``. All series of one kind are folded by one call of the kind's ``fold``.
+    """Fold each series' readings into its state, in place: ``readings[i]`` belong to
+    ``currents[i]`` (a state whose compare-and-set then fails is discarded and read again).
+    All series of one kind are folded by one call of the kind's ``fold``.
 
     Returns, per series, the new state, the anomaly events (source id → fields) and how many
     alerts were raised for the first time. A reading already folded (a redelivery) is not
@@ -164,16 +165,18 @@ def fold_states(
     (None: unknown) tells which source ids were committed for good: they are skipped and
     forgotten.
     """
-    news = [
-        SeriesState(c.kind, c.version, c.state, c.count, c.episode_id, list(c.ids), list(c.recent))
-        for c in currents
-    ]
+    news = list(currents)
     events: list[dict[str, dict[str, str]]] = [{} for _ in news]
     opened = [0] * len(news)
     todo: list[list[StreamReading]] = []
     for new, group, found in zip(news, readings, events, strict=True):
+        if acknowledged is not None:  # committed for good: never delivered again, forgotten
+            if new.ids:
+                new.ids = [i for i in new.ids if not acknowledged(i)]
+            if new.recent:
+                new.recent = [o for o in new.recent if not acknowledged(o[0])]
         folded = set(new.ids)
-        outcomes = {r[0]: r for r in new.recent}
+        outcomes = {r[0]: r for r in new.recent} if new.recent else {}
         fresh = []
         ordered = (
             group
@@ -220,11 +223,10 @@ def fold_states(
             new.count += len(todo[i])
             new.ids += [r.source_id for r in todo[i]]
     for new in news:
-        if acknowledged is not None:
-            new.ids = [i for i in new.ids if not acknowledged(i)]
-            new.recent = [o for o in new.recent if not acknowledged(o[0])]
-        new.ids = new.ids[-MAX_TRACKED:]
-        new.recent = new.recent[-MAX_TRACKED:]
+        if len(new.ids) > MAX_TRACKED:
+            new.ids = new.ids[-MAX_TRACKED:]
+        if len(new.recent) > MAX_TRACKED:
+            new.recent = new.recent[-MAX_TRACKED:]
     return list(zip(news, events, opened, strict=True))
 
 
