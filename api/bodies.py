@@ -1,6 +1,13 @@
 """Fast parsing of the array bodies (fit, batch predict): orjson and numpy, no per-item
 pydantic objects. The pydantic models in `api.schemas` still document them in OpenAPI.
 
+Two content types: JSON (``application/json``, also the default when a request names none)
+and Apache Arrow IPC streams (``application/vnd.apache.arrow.stream``, decoded by
+`api.arrow`); any other is a 415. An Arrow fit's options (``sigma``, ``direction``,
+``kind``) are query parameters, checked by the same `FitOptions` model as a JSON body's
+fields; a JSON fit keeps them in its body, and the same names as query parameters are a 422
+there rather than silently ignored.
+
 A million-point fit spends most of its time here, so the arrays go straight from JSON lists
 into numpy; only the small option fields go through pydantic. Memory is bounded before
 parsing allocates: the body is streamed into one buffer while its commas are counted, so a
@@ -12,6 +19,7 @@ flat number arrays are parsed a slice at a time into preallocated numpy arrays (
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +30,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.schemas import Direction, FitOptions, Kind
-from detector.errors import TooLargeError
+from api import arrow
+from api.schemas import ARROW_MEDIA_TYPE, Direction, FitOptions, Kind
+from detector.errors import AnomalyError, TooLargeError
 from detector.kinds.training import FloatArray
 
 # Bodies above this size are parsed in a worker thread so the event loop keeps serving.
@@ -37,6 +46,14 @@ _BLANK = re.compile(rb"[ \t\n\r]*")
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _FLAT_ARRAY = re.compile(rb'\[[^\[\]{}"]*\]')
 _SCALAR = re.compile(rb'"(?:[^"\\]|\\.)*"|[^\s,{}\[\]]+')
+
+
+JSON_MEDIA_TYPE = "application/json"
+_OPTION_NAMES = frozenset(FitOptions.model_fields)
+
+
+class UnsupportedMediaTypeError(AnomalyError):
+    """A body of a content type the route does not take (HTTP 415)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,27 +209,102 @@ def _from_body(body: dict[str, Any], *, with_options: bool) -> ArrayBody:
     return ArrayBody(timestamps, values, options.sigma, options.direction, options.kind)
 
 
-async def _receive(request: Request, *, max_items: int, what: str) -> bytearray:
-    """The body in one buffer (no second copy), refused with a 413 as soon as it holds more
-    commas than a body of ``max_items`` points can: two arrays of n items have 2(n - 1)."""
-    limit = 2 * (max_items - 1) + _OPTION_COMMAS
+async def _receive(request: Request, *, max_items: int | None, what: str) -> bytearray:
+    """The body in one buffer (no second copy). A JSON body (``max_items`` given) is refused
+    with a 413 as soon as it holds more commas than a body of ``max_items`` points can: two
+    arrays of n items have 2(n - 1). An Arrow body's rows are counted from its batch headers
+    before any batch is decoded (`api.arrow`); BodyGuard bounds its bytes meanwhile."""
+    limit = None if max_items is None else 2 * (max_items - 1) + _OPTION_COMMAS
     commas = 0
     buffer = bytearray()
     async for chunk in request.stream():
-        commas += chunk.count(b",")
-        if commas > limit:
-            raise TooLargeError(
-                f"{what} takes at most {max_items} points (this body holds more items)"
-            )
+        if limit is not None:
+            commas += chunk.count(b",")
+            if commas > limit:
+                raise TooLargeError(
+                    f"{what} takes at most {max_items} points (this body holds more items)"
+                )
         buffer += chunk
     return buffer
 
 
+def _is_arrow(request: Request) -> bool:
+    """True for an Arrow stream body, False for JSON (also when no content type is given);
+    UnsupportedMediaTypeError (415) for anything else."""
+    header = request.headers.get("content-type", "")
+    media_type = header.split(";", 1)[0].strip().lower()
+    if media_type == ARROW_MEDIA_TYPE:
+        return True
+    if not media_type or media_type == JSON_MEDIA_TYPE or media_type.endswith("+json"):
+        return False
+    raise UnsupportedMediaTypeError(
+        f"unsupported content type {header[:100]!r}: this route takes {JSON_MEDIA_TYPE} "
+        f"or {ARROW_MEDIA_TYPE} (an Arrow IPC stream, not the file format)"
+    )
+
+
+def _query_options(request: Request, *, as_options: bool) -> FitOptions | None:
+    """An Arrow fit's options from its query parameters, validated like a JSON body's fields
+    (unknown names refused); for a JSON fit, a check that none of them is in the query."""
+    items = request.query_params.multi_items()
+    if not as_options:
+        for name, _ in items:
+            if name in _OPTION_NAMES:
+                raise RequestValidationError(
+                    [
+                        {
+                            "loc": ("query", name),
+                            "msg": "a JSON fit takes its options in the body; query "
+                            "parameters carry them for Arrow bodies only",
+                            "type": "extra_forbidden",
+                        }
+                    ]
+                )
+        return None
+    given: dict[str, str] = {}
+    for name, value in items:
+        if name in given:
+            raise RequestValidationError(
+                [{"loc": ("query", name), "msg": "given more than once", "type": "duplicate"}]
+            )
+        given[name] = value
+    try:
+        return FitOptions.model_validate_strings(given)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_input=False)]
+        ) from None
+
+
+def _parse_arrow(
+    raw: bytearray, options: FitOptions | None, *, max_items: int, what: str
+) -> ArrayBody:
+    timestamps, values = arrow.decode(raw, max_points=max_items, what=what)
+    if options is None:
+        return ArrayBody(timestamps, values)
+    return ArrayBody(timestamps, values, options.sigma, options.direction, options.kind)
+
+
 async def _read(request: Request, *, with_options: bool, max_items: int, what: str) -> ArrayBody:
-    raw = await _receive(request, max_items=max_items, what=what)
+    parse: Callable[[], ArrayBody]
+    if _is_arrow(request):
+        options = _query_options(request, as_options=True) if with_options else None
+        raw = await _receive(request, max_items=None, what=what)
+
+        def parse() -> ArrayBody:
+            return _parse_arrow(raw, options, max_items=max_items, what=what)
+
+    else:
+        if with_options:
+            _query_options(request, as_options=False)
+        raw = await _receive(request, max_items=max_items, what=what)
+
+        def parse() -> ArrayBody:
+            return _parse(raw, with_options=with_options)
+
     if len(raw) > THREAD_PARSE_BYTES:
-        return await run_in_threadpool(_parse, raw, with_options=with_options)
-    return _parse(raw, with_options=with_options)
+        return await run_in_threadpool(parse)
+    return parse()
 
 
 async def fit_body(request: Request) -> ArrayBody:
