@@ -19,6 +19,7 @@ flat number arrays are parsed a slice at a time into preallocated numpy arrays (
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,6 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api import arrow
 from api.schemas import ARROW_MEDIA_TYPE, Direction, FitOptions, Kind
 from detector.errors import AnomalyError, TooLargeError
 from detector.kinds.training import FloatArray
@@ -320,6 +320,10 @@ def _query_options(request: Request, *, as_options: bool) -> FitOptions | None:
 def _parse_arrow(
     raw: bytearray, options: FitOptions | None, *, max_items: int, what: str
 ) -> ArrayBody:
+    # Imported with the first Arrow body: pyarrow adds ~26 MiB to the RSS of a process that
+    # may never see one.
+    from api import arrow
+
     timestamps, values = arrow.decode(raw, max_points=max_items, what=what)
     if options is None:
         return ArrayBody(timestamps, values)
@@ -328,7 +332,9 @@ def _parse_arrow(
 
 async def _read(request: Request, *, with_options: bool, max_items: int, what: str) -> ArrayBody:
     parse: Callable[[], ArrayBody]
+    threaded = False
     if _is_arrow(request):
+        threaded = "api.arrow" not in sys.modules  # its first import: off the event loop
         options = _query_options(request, as_options=True) if with_options else None
         raw = await _receive(request, max_items=None, what=what)
 
@@ -343,7 +349,7 @@ async def _read(request: Request, *, with_options: bool, max_items: int, what: s
         def parse() -> ArrayBody:
             return _parse(raw, with_options=with_options)
 
-    if len(raw) > THREAD_PARSE_BYTES:
+    if threaded or len(raw) > THREAD_PARSE_BYTES:
         return await run_in_threadpool(parse)
     return parse()
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from detector.kinds.training import MAX_TIMESTAMP
 from tests.support.api import TS, VALUES, extra_api
+from tests.support.services import start_api
 
 ARROW = {"content-type": "application/vnd.apache.arrow.stream"}
 ROOT = Path(__file__).resolve().parents[2]
@@ -409,3 +410,21 @@ def test_the_documented_client_example_runs_as_printed(api_url):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == shown.replace("sensor-1", series)
+
+
+def test_pyarrow_is_loaded_with_the_first_arrow_body_only(settings):
+    proc, url = start_api(settings)
+
+    def arrow_loaded() -> bool:
+        return "libarrow" in Path(f"/proc/{proc.pid}/maps").read_text()
+
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            series = f"lazy-{uuid.uuid4().hex[:8]}"
+            assert http.post(f"/fit/{series}", json={"timestamps": TS, "values": VALUES}).is_success
+            assert not arrow_loaded()  # a JSON-only process does not carry it (~26 MiB)
+            assert post_arrow(http, f"/fit/{series}", points(TS, VALUES)).status_code == 200
+            assert arrow_loaded()
+    finally:
+        proc.terminate()
+        proc.wait(30)
