@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from api import arrow
 from api.arrow import ArrowBodyError, decode
 from detector.errors import TooLargeError
 
@@ -110,6 +111,14 @@ def test_more_rows_than_the_limit_are_refused_before_decoding(rows):
     table = pa.table({"timestamp": pa.array(range(rows)), "value": pa.array([1.0] * rows)})
     with pytest.raises(TooLargeError, match=f"at most {MAX_POINTS} points"):
         decode(bytearray(_stream(table, 300)), max_points=MAX_POINTS, what="a fit")
+
+
+def test_the_number_of_record_batches_is_bounded(monkeypatch):
+    monkeypatch.setattr(arrow, "MAX_BATCHES", 5)
+    table = pa.table({"timestamp": pa.array(range(6)), "value": pa.array([1.0] * 6)})
+    with pytest.raises(ArrowBodyError, match="more than 5 record batches"):
+        decode(bytearray(_stream(table, 1)), max_points=MAX_POINTS, what="a fit")
+    assert decode(bytearray(_stream(table, 2)), max_points=MAX_POINTS, what="a fit")[1].size == 6
 
 
 def test_one_batch_is_read_in_place_and_several_are_joined():
