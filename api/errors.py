@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.auth import ForbiddenError, UnauthorizedError
+from api.bodies import UnsupportedMediaTypeError
 from api.event_feed import TooManyClientsError
 from api.metrics import ApiMetrics
 from detector.errors import (
@@ -25,6 +26,7 @@ STATUS_BY_ERROR: list[tuple[type[AnomalyError], int, str]] = [
     (ForbiddenError, 403, "forbidden"),
     (InvalidInputError, 422, "invalid"),
     (TooLargeError, 413, "too_large"),
+    (UnsupportedMediaTypeError, 415, "unsupported_media_type"),
     (ModelNotFoundError, 404, "not_found"),
     (TrainingDataDeletedError, 410, "gone"),
     (StoreUnavailableError, 503, "unavailable"),

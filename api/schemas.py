@@ -174,14 +174,35 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI request-body entry for a route that parses its own JSON body."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
+ARROW_MEDIA_TYPE = "application/vnd.apache.arrow.stream"
+
+UNSUPPORTED_MEDIA_TYPE: dict[int | str, dict[str, Any]] = {
+    415: {"model": ErrorBody, "description": "A content type other than JSON or Arrow stream"}
+}
+
+
+def body_schema(model: type[BaseModel], *, arrow_options: bool | None = None) -> dict[str, Any]:
+    """OpenAPI request-body entry for a route that parses its own JSON body; with
+    ``arrow_options`` given, the route also takes an Arrow IPC stream (`api.arrow`), whose
+    options (if ``arrow_options``) are query parameters."""
+    content: dict[str, Any] = {"application/json": {"schema": model.model_json_schema()}}
+    entry: dict[str, Any] = {"required": True, "content": content}
+    if arrow_options is not None:
+        options = (
+            " Fit options go in query parameters `sigma`, `direction` and `kind` (as the JSON "
+            "fields of the same names; with a JSON body they stay in the body)."
+            if arrow_options
+            else ""
+        )
+        entry["description"] = (
+            f"JSON (the default, also when no content type is given), or `{ARROW_MEDIA_TYPE}`: "
+            "an Apache Arrow IPC stream (not the file format), uncompressed, of record batches "
+            "with the columns `timestamp` (int64, or float64 Unix seconds under the JSON rules) "
+            "and `value` (float64), no nulls, nothing else; the same limits and rules as "
+            f"JSON.{options} Any other content type is a 415."
+        )
+        content[ARROW_MEDIA_TYPE] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": entry}
 
 
 MAX_FIT_VALUE = 1e150

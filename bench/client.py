@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
+import pyarrow as pa
 
 from bench.context import Context
 from bench.harness import ROOT
@@ -27,9 +28,16 @@ def run_loadgen(
     connections: int = 16,
     duration: float = 8.0,
     warmup: float = 1.0,
+    content_type: str = "application/json",
 ) -> dict[str, float]:
     """Drive the server from a separate process so client and server do not share a GIL."""
-    spec = json.dumps({"paths": paths, "bodies": [b.decode() for b in bodies]})
+    spec = json.dumps(
+        {
+            "paths": paths,
+            "bodies": [b.decode("latin-1") for b in bodies],  # any bytes, one char each
+            "content_type": content_type,
+        }
+    )
     out = subprocess.run(
         [
             sys.executable,
@@ -95,6 +103,21 @@ def predict_requests(ids: list[str], rng: np.random.Generator) -> tuple[list[str
         for i, v in enumerate(rng.normal(50, 8, len(ids)))
     ]
     return paths, bodies
+
+
+def arrow_stream(timestamps: Any, values: Any) -> bytes:
+    """An Arrow IPC stream body of the points (int64 timestamps, float64 values)."""
+    table = pa.table(
+        {
+            "timestamp": pa.array(np.asarray(timestamps, dtype=np.int64)),
+            "value": pa.array(np.asarray(values, dtype=np.float64)),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    body: bytes = sink.getvalue().to_pybytes()
+    return body
 
 
 def time_it(fn: Callable[[], Any], repeats: int) -> float:

@@ -12,14 +12,21 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 
 
-def build_requests(host: str, port: int, paths: list[str], bodies: list[bytes]) -> list[bytes]:
+def build_requests(
+    host: str,
+    port: int,
+    paths: list[str],
+    bodies: list[bytes],
+    content_type: str = "application/json",
+) -> list[bytes]:
     out = []
     for path, body in zip(paths, bodies, strict=True):
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         out.append(head.encode() + body)
     return out
@@ -57,9 +64,13 @@ async def connection(
         writer.close()
 
 
-async def run(args: argparse.Namespace, spec: dict[str, list[str]]) -> dict[str, float]:
+async def run(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, float]:
     requests = build_requests(
-        args.host, args.port, spec["paths"], [b.encode() for b in spec["bodies"]]
+        args.host,
+        args.port,
+        spec["paths"],
+        [b.encode("latin-1") for b in spec["bodies"]],
+        spec.get("content_type", "application/json"),
     )
     latencies: list[float] = []
     errors: list[int] = []
@@ -100,7 +111,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     args = parser.parse_args()
-    spec = json.load(sys.stdin)  # {"paths": [...], "bodies": [...]}
+    # {"paths": [...], "bodies": [...], "content_type": ...}; bodies are bytes as latin-1 text
+    spec = json.load(sys.stdin)
     result = asyncio.run(run(args, spec))
     json.dump(result, sys.stdout)
 

@@ -24,6 +24,7 @@ from api.deps import (
 )
 from api.errors import classify
 from api.schemas import (
+    UNSUPPORTED_MEDIA_TYPE,
     BatchPredictRequest,
     BatchPredictResponse,
     FitRequest,
@@ -45,7 +46,7 @@ from detector.identifiers import (
     validate_series_id,
 )
 from detector.kinds.base import severity
-from detector.kinds.training import MAX_TIMESTAMP, FloatArray, as_timestamps
+from detector.kinds.training import MAX_TIMESTAMP, FloatArray, as_timestamps, as_values
 from detector.store.codec import ModelVersion
 
 router = APIRouter(tags=["models"])  # reads: predict, batch, models
@@ -66,7 +67,8 @@ def _json(payload: object, status_code: int = 200) -> Response:
 @write_router.post(
     "/fit/{series_id}",
     response_model=FitResponse,
-    openapi_extra=body_schema(FitRequest),
+    openapi_extra=body_schema(FitRequest, arrow_options=True),
+    responses=UNSUPPORTED_MEDIA_TYPE,
     summary="Fit a new model version of a series",
 )
 async def fit(
@@ -167,7 +169,8 @@ def _check_timestamp(timestamp: int | float | str) -> int:
 @router.post(
     "/predict/{series_id}/batch",
     response_model=BatchPredictResponse,
-    openapi_extra=body_schema(BatchPredictRequest),
+    openapi_extra=body_schema(BatchPredictRequest, arrow_options=False),
+    responses=UNSUPPORTED_MEDIA_TYPE,
     summary="Score many readings of one series in one call",
 )
 async def predict_batch(
@@ -186,7 +189,8 @@ async def predict_batch(
         raise TooLargeError(
             f"a batch takes at most {services.settings.max_batch_points} points (got {n})"
         )
-    as_timestamps(body.timestamps)  # the same rule as for training data
+    as_timestamps(body.timestamps)  # the same rules as for training data
+    as_values(body.values)  # (JSON cannot carry NaN or infinity; an Arrow body can)
     start = time.perf_counter()
     try:
         found = await find_model(services.store, series_id, version)

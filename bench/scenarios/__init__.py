@@ -6,15 +6,22 @@ from collections.abc import Callable
 
 from bench.context import Context
 from bench.report import Row
-from bench.scenarios.fit import scenario_fit
+from bench.scenarios.fit import scenario_fit, scenario_fit_arrow
 from bench.scenarios.memory import scenario_memory
-from bench.scenarios.rest import scenario_batch, scenario_predict, scenario_series_scaling
+from bench.scenarios.rest import (
+    scenario_batch,
+    scenario_batch_arrow,
+    scenario_predict,
+    scenario_series_scaling,
+)
 from bench.scenarios.stream import scenario_stream, scenario_stream_scaling
 
 SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "predict": scenario_predict,
     "batch": scenario_batch,
+    "batch-arrow": scenario_batch_arrow,
     "fit": scenario_fit,
+    "fit-arrow": scenario_fit_arrow,
     "scaling": scenario_series_scaling,
     "memory": scenario_memory,
     "stream": scenario_stream,

@@ -51,7 +51,7 @@ def prepare_training_data(
     if n_values < min_points:
         raise InvalidTrainingDataError(f"a fit needs at least {min_points} points (got {n_values})")
     ts = as_timestamps(timestamps)
-    vals = _as_values(values)
+    vals = as_values(values)
     order = np.argsort(ts, kind="stable")
     ts, vals = ts[order], vals[order]
     duplicated = np.flatnonzero(ts[1:] == ts[:-1])
@@ -90,7 +90,8 @@ def as_timestamps(timestamps: Sequence[int | float] | npt.NDArray[Any]) -> IntAr
     return ts
 
 
-def _as_values(values: Sequence[float] | npt.NDArray[Any]) -> FloatArray:
+def as_values(values: Sequence[float] | npt.NDArray[Any]) -> FloatArray:
+    """Values as float64, every one finite."""
     try:
         vals = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError, OverflowError):

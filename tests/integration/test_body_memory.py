@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pyarrow as pa
 import pytest
 
 from tests.support.services import start_api
@@ -127,3 +128,43 @@ def test_a_large_body_beyond_the_budget_gets_503_with_retry_after(settings):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _arrow_body(n: int) -> bytes:
+    table = pa.table(
+        {
+            "timestamp": pa.array(range(1_600_000_000, 1_600_000_000 + n), pa.int64()),
+            "value": pa.array([(i * 7919) % 1000 / 10 for i in range(n)], pa.float64()),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_a_million_point_arrow_fit_is_decoded_in_place(settings):
+    """Decoding costs no Python objects and no copy: what the fit holds beyond the body is
+    the fit's own (sorting, storing), the same as for the same points sent as JSON."""
+    proc, url = start_api(settings)
+    arrow = {"content-type": "application/vnd.apache.arrow.stream"}
+    body, as_json = _arrow_body(1_000_000), _array_body(1_000_000)
+    try:
+        with httpx.Client(base_url=url, timeout=300) as http:
+            for content, headers in ((body, arrow), (as_json, {})):  # warm the allocator up
+                assert http.post("/fit/mem-warm", content=content, headers=headers).is_success
+            growth = {}
+            for name, content, headers in (("arrow", body, arrow), ("json", as_json, {})):
+                before = _reset_peak(proc.pid)
+                answer = http.post(
+                    f"/fit/mem-{uuid.uuid4().hex[:8]}", content=content, headers=headers
+                )
+                assert answer.status_code == 200, answer.text
+                growth[name] = _peak(proc.pid) - before
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"peak RSS growth, MiB: { {k: round(v / MIB) for k, v in growth.items()} }")
+    # ~72 MiB measured (body 15 MiB, sorted copies 24 MiB, the COPY's rows); decoding into
+    # Python lists would add ~70 MiB more.
+    assert growth["arrow"] < 6 * len(body), f"peak RSS grew by {growth['arrow'] / MIB:.0f} MiB"
