@@ -28,15 +28,15 @@ alone gives an hourly series one alert per 6 days; a duration alone gives a 1 Hz
 alert per 43,200 readings.
 
 **State** is one row of ``WIDTH`` float64 (``STATE_BYTES``, 616 bytes) per series, with every
-threshold and time scale resolved into it at fit. Rows stack into a bank, and ``fold`` updates
-many series at once with a handful of numpy operations per reading *rank* (the first reading of
-every series in the batch, then the second, …): a batch spread over many series costs a few
-vectorised steps, whatever its size. The same function replays one series or a corpus offline.
+threshold and time scale resolved into it at fit. Rows stack into a bank, and ``fold`` runs the
+rule over a batch's readings, whatever their mix of series, in one compiled loop (numba, about
+a microsecond a reading); the same function replays one series or a whole corpus offline.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -283,14 +283,6 @@ def _bins(y: Any, low: Any, width: Any) -> Any:
     )
 
 
-def _ratio(deviation: FloatArray, std: FloatArray) -> FloatArray:
-    """deviation/σ, capped; on a flat baseline any change is infinitely surprising."""
-    ok = (std > 0.0) & np.isfinite(std)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(ok, deviation / np.where(ok, std, 1.0), np.where(deviation == 0, 0, MAX_SCORE))
-    return np.minimum(z, MAX_SCORE)
-
-
 def fold(
     bank: FloatArray,
     rows: IntArray,
@@ -300,143 +292,165 @@ def fold(
 ) -> Folded:
     """Fold readings into the bank's rows, in place; ``rows[i]`` is reading i's series row.
 
-    Each series' readings must be given in the order they are to be folded (event time). The
-    readings are processed by rank: every series' first reading at once, then every second, …
+    Each series' readings must be given in the order they are to be folded (event time);
+    readings of different series may interleave in any way, as each updates its own row. The
+    loop is compiled (numba): about a microsecond a reading, for one series or many.
     ``statistics`` (n × 3, optional) receives each reading's point, shift and divergence
     statistics (the evaluation sweeps thresholds over them).
     """
     n = len(rows)
-    out = {name: np.zeros(n) for name in ("expected", "std", "lower", "upper", "score", "ratio")}
-    anomaly = np.zeros(n, dtype=bool)
-    alert = np.zeros(n, dtype=bool)
+    anomaly = np.zeros(n, dtype=np.bool_)
+    alert = np.zeros(n, dtype=np.bool_)
     test = np.zeros(n, dtype=np.intp)
-    if n == 0:
-        return Folded(anomaly, alert, **out, test=test)
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
-    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    by_rank = np.lexsort((sorted_rows, rank))
-    picks = order[by_rank]
-    bounds = np.flatnonzero(np.r_[True, rank[by_rank][1:] != rank[by_rank][:-1], True])
-    for a, b in itertools.pairwise(bounds):
-        i = picks[a:b]
-        r = rows[i]
-        sub = bank[r]
-        v = _step(sub, timestamps[i].astype(np.float64), values[i].astype(np.float64))
-        bank[r] = sub
-        for name in out:
-            out[name][i] = v[name]
-        anomaly[i], alert[i], test[i] = v["anomaly"], v["alert"], v["test"]
-        if statistics is not None:
-            statistics[i] = v["statistics"]
-    return Folded(anomaly, alert, **out, test=test)
+    out = np.zeros((6, n))
+    stats = np.zeros((n, 3)) if statistics is None else statistics
+    if n:
+        _compiled()(
+            bank,
+            np.ascontiguousarray(rows, dtype=np.intp),
+            np.ascontiguousarray(timestamps, dtype=np.float64),
+            np.ascontiguousarray(values, dtype=np.float64),
+            anomaly,
+            alert,
+            test,
+            out,
+            stats,
+        )
+    expected, std, lower, upper, score, ratio = out
+    return Folded(anomaly, alert, expected, std, lower, upper, score, ratio, test)
 
 
-def _step(s: FloatArray, t: FloatArray, x: FloatArray) -> dict[str, Any]:
-    """One reading per row of ``s`` (modified in place)."""
-    m = len(s)
-    idx = np.arange(m)
-    dt = t - s[:, TIME]
-    with np.errstate(invalid="ignore"):
-        ahead = np.where(dt > 0, dt, 0.0)  # -inf anchor (never fed): dt is inf
-    a = np.exp2(-ahead / s[:, SLOW_HL])
-    b = np.exp2(-ahead / s[:, FAST_HL])
-    s[:, SLOW_W] *= a
-    s[:, SLOW_M2] *= a
-    s[:, SLOW_HIST : SLOW_HIST + BINS + 2] *= a[:, None]
-    s[:, FAST_W] *= b
-    s[:, FAST_M2] *= b
-    s[:, FAST_HIST : FAST_HIST + BINS + 2] *= b[:, None]
-    s[:, TIME] = np.maximum(s[:, TIME], t)
-    # A late reading arrives already decayed, exactly as a merge would weigh it.
-    late = np.minimum(dt, 0.0)
-    w_slow = np.exp2(late / s[:, SLOW_HL])
-    w_fast = np.exp2(late / s[:, FAST_HL])
-    hours, days = hour_of_day(t), day_of_week(t)
-    season = s[idx, DAILY + hours] * s[:, DAILY_ON] + s[idx, WEEKLY + days] * s[:, WEEKLY_ON]
-    y = x - season
-    weight = s[:, SLOW_W]
-    known = weight > 0.0  # else nothing is remembered: learn, do not judge
-    mean = s[:, SLOW_MEAN].copy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        std = np.sqrt(np.maximum(np.where(known, s[:, SLOW_M2] / np.where(known, weight, 1), 0), 0))
-    deviation = np.abs(y - mean)
-    point = _ratio(deviation, std)
-    band = s[:, K_POINT] * std
-    # A reading that failed the point test is learned clipped to the band (fast window and
-    # baseline alike): a spike is the point test's, not the window's, and bends nothing.
-    clip = known & (s[:, EXCLUDE] > 0) & (point > s[:, K_POINT]) & np.isfinite(band)
-    learned = np.where(clip, np.clip(y, mean - band, mean + band), y)
-    # The fast window includes the reading.
-    fw = s[:, FAST_W]
-    total = fw + w_fast
-    safe = np.where(total > 0, total, 1.0)
-    delta = learned - s[:, FAST_MEAN]
-    s[:, FAST_M2] += delta * delta * fw * w_fast / safe
-    s[:, FAST_MEAN] += delta * w_fast / safe
-    s[:, FAST_W] = total
-    k = _bins(learned, s[:, LOW], s[:, BIN_WIDTH])
-    s[idx, FAST_HIST + k] += w_fast
-    shift = _ratio(np.abs(s[:, FAST_MEAN] - mean) * np.sqrt(total), std)
-    # G statistic 2·n·KL(fast ‖ slow): ~χ² with BINS + 1 degrees of freedom if the short
-    # window were drawn from the long-run distribution (n = the fast window's weight).
-    fast_hist = s[:, FAST_HIST : FAST_HIST + BINS + 2]
-    slow_hist = s[:, SLOW_HIST : SLOW_HIST + BINS + 2]
-    p = fast_hist / safe[:, None]
+def warm_up() -> None:
+    """Compile (or load from the disk cache) the fold now, not on a stream's first batch."""
+    row = np.zeros((1, WIDTH))
+    row[0, [SLOW_HL, FAST_HL, K_POINT, K_SHIFT, K_DIVERGENCE, BIN_WIDTH]] = 1.0
+    fold(row, np.zeros(1, dtype=np.intp), np.ones(1), np.ones(1))
+
+
+@functools.cache
+def _compiled() -> Any:
+    """``_fold_loop`` compiled by numba, on first use (imported then, and cached on disk):
+    processes that never fold a stream (the API) do not load the compiler."""
+    import numba
+
+    return numba.njit(cache=True, nogil=True)(_fold_loop)
+
+
+def _fold_loop(
+    bank: Any,
+    rows: Any,
+    ts: Any,
+    xs: Any,
+    anomaly: Any,
+    alert: Any,
+    test: Any,
+    out: Any,
+    stats: Any,
+) -> None:
+    """The kind's rule, one reading at a time (see the module's docstring)."""
     prior = PSEUDO_COUNT / (BINS + 2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(
-            p > MIN_SHARE,
-            p * np.log(p * (weight + PSEUDO_COUNT)[:, None] / (slow_hist + prior)),
-            0.0,
+    for i in range(rows.shape[0]):
+        s = bank[rows[i]]
+        t, x = ts[i], xs[i]
+        dt = t - s[TIME]
+        ahead = dt if dt > 0.0 else 0.0  # a never-fed state (-inf anchor): dt is inf
+        a = 2.0 ** (-ahead / s[SLOW_HL])
+        b = 2.0 ** (-ahead / s[FAST_HL])
+        s[SLOW_W] *= a
+        s[SLOW_M2] *= a
+        s[FAST_W] *= b
+        s[FAST_M2] *= b
+        for j in range(BINS + 2):
+            s[SLOW_HIST + j] *= a
+            s[FAST_HIST + j] *= b
+        s[TIME] = max(s[TIME], t)
+        # A late reading arrives already decayed, exactly as a merge would weigh it.
+        late = min(dt, 0.0)
+        w_slow = 2.0 ** (late / s[SLOW_HL])
+        w_fast = 2.0 ** (late / s[FAST_HL])
+        hour = int(np.floor(t / HOUR) % HOURS)
+        day = int((np.floor(t / DAY) + 3.0) % WEEKDAYS)
+        season = s[DAILY + hour] * s[DAILY_ON] + s[WEEKLY + day] * s[WEEKLY_ON]
+        y = x - season
+        weight = s[SLOW_W]
+        known = weight > 0.0  # else nothing is remembered: learn, do not judge
+        mean = s[SLOW_MEAN]
+        std = math.sqrt(max(s[SLOW_M2] / weight, 0.0)) if known else 0.0
+        # On a flat baseline any change is infinitely surprising, no change is not.
+        flat = not (std > 0.0 and math.isfinite(std))
+        deviation = abs(y - mean)
+        point = (
+            (0.0 if deviation == 0.0 else MAX_SCORE) if flat else min(deviation / std, MAX_SCORE)
         )
-    divergence = np.minimum(2.0 * total * np.maximum(terms.sum(axis=1), 0.0), MAX_SCORE)
-    ratios = np.stack(
-        (point / s[:, K_POINT], shift / s[:, K_SHIFT], divergence / s[:, K_DIVERGENCE]), axis=1
-    )
-    ratio = np.where(known, np.minimum(ratios.max(axis=1), MAX_SCORE), 0.0)
-    anomaly = ratio > 1.0
-    test = np.where(anomaly, ratios.argmax(axis=1) + 1, 0)
-    alert = anomaly & (t - s[:, LAST_ALERT] > s[:, QUIET])
-    s[:, LAST_ALERT] = np.where(alert, t, s[:, LAST_ALERT])
-    sw = s[:, SLOW_W]
-    total = sw + w_slow
-    safe = np.where(total > 0, total, 1.0)
-    delta = learned - s[:, SLOW_MEAN]
-    s[:, SLOW_M2] += delta * delta * sw * w_slow / safe
-    s[:, SLOW_MEAN] += delta * w_slow / safe
-    s[:, SLOW_W] = total
-    s[idx, SLOW_HIST + k] += w_slow
-    # The profiles learn the residual the level does not explain, re-centred to sum to zero.
-    residual = np.where(known, learned - mean, 0.0)
-    for on, rate, start, size, slot in (
-        (DAILY_ON, DAILY_RATE, DAILY, HOURS, hours),
-        (WEEKLY_ON, WEEKLY_RATE, WEEKLY, WEEKDAYS, days),
-    ):
-        gain = s[:, on] * s[:, rate] * residual * w_slow
-        if np.any(gain):
-            s[idx, start + slot] += gain
-            s[:, start : start + size] -= (gain / size)[:, None]
-    expected = mean + season
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(
-            (std > 0) & np.isfinite(std),
-            (y - mean) / np.where(std > 0, std, 1.0),
-            np.sign(y - mean) * MAX_SCORE,
-        )
-    return {
-        "anomaly": anomaly,
-        "alert": alert,
-        "expected": expected,
-        "std": std,
-        "lower": expected - band,
-        "upper": expected + band,
-        "score": np.clip(np.nan_to_num(z), -MAX_SCORE, MAX_SCORE),
-        "ratio": ratio,
-        "test": test,
-        "statistics": np.stack((point, shift, divergence), axis=1),
-    }
+        band = s[K_POINT] * std
+        # A reading that failed the point test is learned clipped to the band (by the short
+        # window and the baseline alike): a spike is the point test's and bends nothing.
+        learned = y
+        if known and s[EXCLUDE] > 0.0 and point > s[K_POINT] and math.isfinite(band):
+            learned = min(max(y, mean - band), mean + band)
+        fw = s[FAST_W]
+        total = fw + w_fast
+        safe = total if total > 0.0 else 1.0
+        delta = learned - s[FAST_MEAN]
+        s[FAST_M2] += delta * delta * fw * w_fast / safe
+        s[FAST_MEAN] += delta * w_fast / safe
+        s[FAST_W] = total
+        edge = np.floor((learned - s[LOW]) / s[BIN_WIDTH]) + 1.0
+        k = 0 if math.isnan(edge) or edge < 0.0 else int(min(edge, BINS + 1.0))
+        s[FAST_HIST + k] += w_fast
+        moved = abs(s[FAST_MEAN] - mean) * math.sqrt(total)
+        shift = (0.0 if moved == 0.0 else MAX_SCORE) if flat else min(moved / std, MAX_SCORE)
+        # G statistic 2·n·KL(fast ‖ slow): ~χ² with BINS + 1 degrees of freedom if the short
+        # window were drawn from the long-run distribution (n = the fast window's weight).
+        kl = 0.0
+        for j in range(BINS + 2):
+            p = s[FAST_HIST + j] / safe
+            if p > MIN_SHARE:
+                kl += p * math.log(p * (weight + PSEUDO_COUNT) / (s[SLOW_HIST + j] + prior))
+        divergence = min(2.0 * total * max(kl, 0.0), MAX_SCORE)
+        r1 = point / s[K_POINT]
+        r2 = shift / s[K_SHIFT]
+        r3 = divergence / s[K_DIVERGENCE]
+        ratio = min(max(r1, r2, r3), MAX_SCORE) if known else 0.0
+        flagged = ratio > 1.0
+        fired = 0
+        if flagged:
+            fired = 1 if r1 >= r2 and r1 >= r3 else (2 if r2 >= r3 else 3)
+        raised = flagged and t - s[LAST_ALERT] > s[QUIET]
+        if raised:
+            s[LAST_ALERT] = t
+        sw = s[SLOW_W]
+        total = sw + w_slow
+        safe = total if total > 0.0 else 1.0
+        delta = learned - s[SLOW_MEAN]
+        s[SLOW_M2] += delta * delta * sw * w_slow / safe
+        s[SLOW_MEAN] += delta * w_slow / safe
+        s[SLOW_W] = total
+        s[SLOW_HIST + k] += w_slow
+        # The profiles learn the residual the level does not explain, re-centred to sum to 0.
+        residual = learned - mean if known else 0.0
+        gain = s[DAILY_ON] * s[DAILY_RATE] * residual * w_slow
+        if gain != 0.0:
+            s[DAILY + hour] += gain
+            for j in range(HOURS):
+                s[DAILY + j] -= gain / HOURS
+        gain = s[WEEKLY_ON] * s[WEEKLY_RATE] * residual * w_slow
+        if gain != 0.0:
+            s[WEEKLY + day] += gain
+            for j in range(WEEKDAYS):
+                s[WEEKLY + j] -= gain / WEEKDAYS
+        expected = mean + season
+        if flat:
+            z = 0.0 if y == mean else math.copysign(MAX_SCORE, y - mean)
+        else:
+            z = (y - mean) / std
+        if math.isnan(z):
+            z = 0.0
+        anomaly[i], alert[i], test[i] = flagged, raised, fired
+        out[0, i], out[1, i] = expected, std
+        out[2, i], out[3, i] = expected - band, expected + band
+        out[4, i], out[5, i] = min(max(z, -MAX_SCORE), MAX_SCORE), ratio
+        stats[i, 0], stats[i, 1], stats[i, 2] = point, shift, divergence
 
 
 def expected_band(row: FloatArray, timestamps: Any) -> tuple[FloatArray, FloatArray, FloatArray]:

@@ -43,6 +43,7 @@ import orjson
 from redis.asyncio import Redis
 
 from detector.errors import ModelNotFoundError
+from detector.kinds import seasonal
 from detector.kinds.base import TESTS, Folded, StatefulKind, severity
 from detector.kinds.registry import stateful_kind
 from detector.redis_keys import state_key
@@ -297,6 +298,7 @@ class SeriesStates:
         # A state another process wrote since fails the compare-and-set and is read again.
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[str, SeriesState]] = OrderedDict()
+        seasonal.warm_up()  # the compiled fold, before the first batch waits for it
 
     async def fold(
         self,
