@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ def run_live(ctx: Context, tag: str, count: int, consumer: str) -> LiveDrain:
     names = stream_names(tag)
     stream, group = names["STREAM_READINGS"], "detector"
     r = redis.Redis.from_url(ctx.redis_url, decode_responses=True)
+    spawned: list[subprocess.Popen[bytes]] = []
     try:
         r.xgroup_create(stream, group, id="0", mkstream=True)
         env = env_for(ctx.settings) | names | {"METRICS_PORT": "0"}
@@ -94,6 +96,7 @@ def run_live(ctx: Context, tag: str, count: int, consumer: str) -> LiveDrain:
             args = ["-m", "bench.noop_consumer", "--count", str(count), "--block", "2000"]
             args += ["--consumer", name]
         proc = spawn(args, env, log_path, profile=consumer == "worker")
+        spawned.append(proc)
         _wait_reading(r, proc.pid, log_path)
         out_path = ctx.data_dir / f"publisher-{tag}.json"
         publisher = spawn(
@@ -101,6 +104,7 @@ def run_live(ctx: Context, tag: str, count: int, consumer: str) -> LiveDrain:
             env,
             out_path,
         )
+        spawned.append(publisher)
         # Polled while the producer runs (not after it exits: tearing a process down takes
         # a good part of a second), with the group, until every entry is acknowledged.
         published: dict[str, Any] | None = None
@@ -122,7 +126,12 @@ def run_live(ctx: Context, tag: str, count: int, consumer: str) -> LiveDrain:
         if consumer == "worker":
             proc.send_signal(signal.SIGTERM)
         cpu = reap(proc)
+        spawned.clear()
     finally:
+        for child in spawned:  # a failed run leaves no consumer or producer behind
+            if child.poll() is None:
+                child.kill()
+                child.wait()
         r.close()
     return LiveDrain(last_ack - float(published["first_xadd"]), cpu, float(published["seconds"]))
 
