@@ -112,38 +112,41 @@ def api_process(settings: Settings, command: list[str], **env: str) -> Iterator[
         proc.wait(60)
 
 
+# py-spy processes attached to children (``spawn(profile=True)``), by the child's pid.
+_PROFILERS: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def spawn(
     args: list[str], env: dict[str, str], log_path: Path, *, profile: bool = False
 ) -> subprocess.Popen[bytes]:
-    """Start ``python <args>``; with ``profile`` and BENCH_PROFILE=<dir>, under ``py-spy
-    record`` (collapsed stacks written to that folder; its CPU then counts in the child's)."""
-    command = [sys.executable, *args]
+    """Start ``python <args>``; with ``profile`` and BENCH_PROFILE=<dir>, with ``py-spy
+    record`` attached to it (by pid, so signals reach the child itself): raw collapsed stacks
+    written to that folder when it exits, idle frames included."""
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, *args], env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT
+        )
     profile_dir = os.environ.get("BENCH_PROFILE")
     if profile and profile_dir:
         out = Path(profile_dir) / f"{log_path.stem}.txt"
-        command = [
-            "py-spy",
-            "record",
-            "--idle",
-            "-r",
-            "250",
-            "-f",
-            "raw",
-            "-o",
-            str(out),
-            "--",
-            *command,
-        ]
-    with log_path.open("wb") as log_file:
-        return subprocess.Popen(
-            command, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT
+        beside = Path(sys.executable).with_name("py-spy")  # the venv's, if it has one
+        spy = str(beside) if beside.exists() else "py-spy"
+        command = [spy, "record", "--idle", "-r", "250", "-f", "raw", "-o", str(out)]
+        _PROFILERS[proc.pid] = subprocess.Popen(
+            [*command, "--pid", str(proc.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
+    return proc
 
 
 def reap(proc: subprocess.Popen[bytes]) -> float:
     """Wait for a child and return the CPU seconds it used (user + system)."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    profiler = _PROFILERS.pop(proc.pid, None)
+    if profiler is not None:
+        profiler.wait(60)  # it writes its output once the child is gone
     if proc.returncode != 0:
         raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
     return usage.ru_utime + usage.ru_stime

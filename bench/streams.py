@@ -4,6 +4,7 @@ fitted once), and the checks and Redis CPU read around a drain."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -27,14 +28,50 @@ def stream_names(tag: str) -> dict[str, str]:
     }
 
 
+# Every anomaly of the realistic mix opens an episode of its own: a series' anomalies are this
+# many rounds (of one reading per series, one second apart) apart, far above the default quiet
+# period of 3,600 s at 1,000 series. One reading in ANOMALY_EVERY is anomalous.
+ANOMALY_EVERY = 100
+START = 1_700_000_000
+
+
 def stream_count(ctx: Context) -> int:
-    """Readings a stream scenario publishes."""
+    """Readings a stream scenario publishes: BENCH_STREAM_COUNT if set, else 200,000 with
+    --quick, else 1,000,000."""
+    if os.environ.get("BENCH_STREAM_COUNT"):
+        return int(os.environ["BENCH_STREAM_COUNT"])
     return 200_000 if ctx.quick else 1_000_000
+
+
+def series_ids(n: int) -> list[str]:
+    """The ids of the stream scenarios' ``n`` series."""
+    return [f"stream-{i:04d}" for i in range(n)]
+
+
+def realistic_mix(
+    count: int, n_series: int, seed: int = 7
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``count`` readings over ``n_series`` series (each series once a round, in a shuffled
+    order, event time one second a reading), 1 in ``ANOMALY_EVERY`` far above its model's
+    bound and every other one well inside it. Series s is anomalous in the rounds r with
+    r ≡ s (mod ANOMALY_EVERY), so its anomalies are ANOMALY_EVERY × n_series seconds apart in
+    event time: each is an episode of its own. Returns series indexes, timestamps, values
+    and how many are anomalous."""
+    rng = np.random.default_rng(seed)
+    rounds = -(-count // n_series)
+    order = rng.permuted(np.tile(np.arange(n_series), (rounds, 1)), axis=1)
+    series = order.reshape(-1)[:count]
+    round_of = np.arange(count) // n_series
+    anomalous = (round_of % ANOMALY_EVERY) == (series % ANOMALY_EVERY)
+    # The models (bench.client.fit_series) have μ ≈ 49.2, σ ≈ 4.0: 45–54 is within ±1.3σ.
+    values = np.where(anomalous, 150.0, rng.uniform(45.0, 54.0, count).round(3))
+    timestamps = START + np.arange(count, dtype=np.int64)
+    return series, timestamps, values, int(anomalous.sum())
 
 
 def stream_models(ctx: Context) -> list[str]:
     """Series with a model each, fitted over HTTP once (the real path)."""
-    ids = [f"stream-{i:04d}" for i in range(STREAM_SERIES)]
+    ids = series_ids(STREAM_SERIES)
     r = redis.Redis.from_url(ctx.redis_url)
     fitted = r.exists(model_key(ids[-1]))
     r.close()

@@ -8,11 +8,11 @@ and commit the ``Outcome`` their own way (one Lua script; produced records and o
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 import psycopg
@@ -22,6 +22,7 @@ from detector.kinds.base import severity
 from detector.kinds.registry import STATEFUL
 from detector.kinds.static import ABOVE, StaticModel, flag
 from detector.metrics import WorkerMetrics
+from detector.retry import retry_while
 from detector.settings import Settings
 from detector.state.episodes import EpisodeTracker
 from detector.state.series import Acknowledged, SeriesStates, StreamReading
@@ -33,7 +34,9 @@ from detector.wire.readings import DeadLetter, RawEntry, ReadingBatch, as_fields
 
 log = logging.getLogger(__name__)
 
-_MAX_BACKOFF = 5.0
+_SOURCE_ID = itemgetter(0)
+# What a failed history write raises; retried in place (see ``Pipeline._record``).
+_HISTORY_ERRORS = (*POSTGRES_ERRORS, psycopg.Error)
 
 
 @dataclass(slots=True)
@@ -80,6 +83,7 @@ class Pipeline:
         self.source = source
         self.metrics = metrics
         self.latest = LatestVersions(store, settings.model_refresh_seconds)
+        self.rules = RuleRows(max(1, settings.model_cache_size))
         self.streams = streams
         self.episodes = (
             EpisodeTracker(
@@ -105,7 +109,12 @@ class Pipeline:
         batch, invalid = parse_batch(entries)
         letters += invalid
         scored = await score_batch(
-            batch, self.store, self.latest, self.streams, acknowledged=acknowledged
+            batch,
+            self.store,
+            self.latest,
+            self.streams,
+            acknowledged=acknowledged,
+            rules=self.rules,
         )
         label = self.source
         if scored.opened:  # the stateful kinds' own alerts (their events carry episodes)
@@ -120,16 +129,17 @@ class Pipeline:
                 DeadLetter(i, "unknown_version", why, as_fields(raw[i]))
                 for i, why in scored.unknown
             ]
-        if scored.events and self.settings.stream_record_postgres:
-            await self._record(list(scored.events.values()))
-        return Outcome(
-            ids=[entry_id for entry_id, _ in entries],
+        outcome = Outcome(
+            ids=list(map(_SOURCE_ID, entries)),
             events=scored.events,
             dead=letters,
             scored=len(batch) - scored.no_model - len(scored.unknown),
             no_model=scored.no_model,
             started=started,
         )
+        if outcome.events and self.settings.stream_record_postgres:
+            await self._record(list(outcome.events.values()))
+        return outcome
 
     def count(self, outcome: Outcome, emitted: int) -> None:
         """Metrics of a committed batch."""
@@ -142,17 +152,16 @@ class Pipeline:
         """Write anomalies to PostgreSQL (idempotent on source and source id), retrying in
         place while it is down: the batch stays in hand and unacknowledged, so an outage
         never spends the readings' delivery budget."""
-        backoff = 0.2
-        while True:
-            try:
-                await record_anomalies(self.store.pool, self.source, events)
-                return
-            except (*POSTGRES_ERRORS, psycopg.Error) as exc:
-                if self.stopping():
-                    raise StoreUnavailableError("postgres", str(exc)) from exc
-                log.warning("PostgreSQL unavailable (%s); retrying in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(_MAX_BACKOFF, backoff * 2)
+        try:
+            await retry_while(
+                lambda: record_anomalies(self.store.pool, self.source, events),
+                lambda exc: isinstance(exc, _HISTORY_ERRORS) and not self.stopping(),
+                log=log,
+                what="PostgreSQL unavailable",
+                first=0.2,
+            )
+        except _HISTORY_ERRORS as exc:  # stopping: the batch stays pending
+            raise StoreUnavailableError("postgres", str(exc)) from exc
 
 
 async def score_batch(
@@ -162,13 +171,15 @@ async def score_batch(
     streams: SeriesStates | None = None,
     *,
     acknowledged: Acknowledged | None = None,
+    rules: RuleRows | None = None,
 ) -> ScoredBatch:
     """Score a whole batch with a handful of numpy operations, whatever its mix of series.
 
     Each distinct (series, version) gets one row of its stateless rule's parameters; every
     reading is mapped to its row and judged at once by ``detector.kinds.static.flag``, the
     rule every front end uses. Python work per reading is a dict lookup; events are built
-    only for the anomalous ones, in batch order.
+    only for the anomalous ones, in batch order. ``rules`` keeps each version's row across
+    batches (versions are immutable).
 
     With ``streams``, readings whose latest model is of a stateful kind (and that pin no
     version) are folded into their series' state instead (``detector.state.series``);
@@ -180,10 +191,13 @@ async def score_batch(
     if n == 0:
         return scored
     series_ids, versions = batch.series_ids, batch.versions
+    if rules is None:
+        rules = RuleRows()
+    triples: Iterable[tuple[Hashable, str, int | None]]
     if versions is None:
         pointers = await latest.resolve(dict.fromkeys(series_ids))
         keys: Sequence[Hashable] = series_ids
-        pairs: dict[Hashable, tuple[str, int | None]] = {s: (s, v) for s, v in pointers.items()}
+        triples = ((s, s, v) for s, v in pointers.items())
     else:
         pointers = await latest.resolve(
             dict.fromkeys(s for s, v in zip(series_ids, versions, strict=True) if v is None)
@@ -191,35 +205,33 @@ async def score_batch(
         keys = [
             (s, pointers[s] if v is None else v) for s, v in zip(series_ids, versions, strict=True)
         ]
-        pairs = {key: key for key in dict.fromkeys(keys)}  # type: ignore[misc]
+        triples = ((key, *key) for key in dict.fromkeys(keys))  # type: ignore[misc]
     # Row 0 stands for "no model": NaN bounds never compare true.
     rows: dict[Hashable, int] = {}
     models: list[tuple[int, StaticModel] | None] = [None]
+    rule_rows: list[Rule] = [_NO_RULE]
     missing: dict[int, str] = {}  # row → why its pinned version does not exist
-    for key, (series_id, version) in pairs.items():
+    for key, series_id, version in triples:
         if version is None:
             rows[key] = 0
             continue
-        found = store.cache.get((series_id, version))
-        if found is None:
-            try:
-                found = await store.get(series_id, version)
-            except ModelNotFoundError as exc:
-                rows[key] = len(models)
-                missing[len(models)] = exc.detail
-                models.append(None)
-                continue
+        entry = rules.get((series_id, version))
+        if entry is None:
+            found = store.cache.get((series_id, version))
+            if found is None:
+                try:
+                    found = await store.get(series_id, version)
+                except ModelNotFoundError as exc:
+                    rows[key] = len(models)
+                    missing[len(models)] = exc.detail
+                    models.append(None)
+                    rule_rows.append(_NO_RULE)
+                    continue
+            entry = rules.put(series_id, version, found.model)
         rows[key] = len(models)
-        models.append((version, found.model))
-    nan = (np.nan, np.nan, np.nan, np.nan, ABOVE)
-    params = np.array(
-        [
-            nan
-            if m is None
-            else (m[1].mean, m[1].std, m[1].lower, m[1].upper, m[1].direction_code)
-            for m in models
-        ]
-    )
+        models.append(entry[0])
+        rule_rows.append(entry[1])
+    params = np.array(rule_rows)
     index = np.fromiter(map(rows.__getitem__, keys), dtype=np.intp, count=n)
     values = batch.values
     rule = params[index]
@@ -282,4 +294,35 @@ async def score_batch(
             merged = scored.events | folded
             scored.events = {i: merged[i] for i in batch.source_ids if i in merged}
     return scored
+
+
+# A static rule's parameters as score_batch lays them out: μ, σ, lower and upper bound,
+# direction code; the row of "no model" never flags anything (NaN bounds).
+Rule = tuple[float, float, float, float, int]
+_NO_RULE: Rule = (np.nan, np.nan, np.nan, np.nan, ABOVE)
+
+
+class RuleRows:
+    """Each (series, version)'s model and rule row, kept across batches: versions never
+    change once made, so an entry is never stale. Bounded: emptied when ``capacity`` is
+    reached (the next batches rebuild what they use from the model store's cache)."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._rows: dict[tuple[str, int], tuple[tuple[int, StaticModel], Rule]] = {}
+
+    def get(self, key: tuple[str, int]) -> tuple[tuple[int, StaticModel], Rule] | None:
+        return self._rows.get(key)
+
+    def put(
+        self, series_id: str, version: int, model: StaticModel
+    ) -> tuple[tuple[int, StaticModel], Rule]:
+        if len(self._rows) >= self.capacity:
+            self._rows.clear()
+        entry = (
+            (version, model),
+            (model.mean, model.std, model.lower, model.upper, model.direction_code),
+        )
+        self._rows[(series_id, version)] = entry
+        return entry
 

@@ -1,22 +1,95 @@
-"""Stream scenarios: one worker against a no-op consumer, two workers against one."""
+"""Stream scenarios: one worker against a no-op consumer (readings published first, and
+published while it runs), two workers against one."""
 
 from __future__ import annotations
 
 import os
 
+import psycopg
+
 from bench.context import Context
-from bench.drains import run_noop, run_workers
+from bench.drains import run_live, run_noop, run_workers
 from bench.report import Row, reported
 from bench.streams import (
+    STREAM_SERIES,
     check_drained,
     drop_streams,
     publish_readings,
+    realistic_mix,
     redis_cpu,
     stream_count,
+    stream_models,
+    stream_names,
 )
 
 
 def scenario_stream(ctx: Context) -> list[Row]:
+    return scenario_stream_live(ctx) + scenario_stream_backlog(ctx)
+
+
+def scenario_stream_live(ctx: Context) -> list[Row]:
+    """The realistic mix, published while the consumer runs, timed from the first XADD to the
+    last acknowledgement: `python -m detector` as `make run` starts it against the no-op
+    consumer on the same readings."""
+    count = stream_count(ctx)
+    stream_models(ctx)
+    expected = realistic_mix(count, STREAM_SERIES)[3]
+    base = run_live(ctx, "live-noop", count, "noop")
+    drop_streams(ctx, "live-noop")
+    redis_before = redis_cpu(ctx)
+    ours = run_live(ctx, "live-one", count, "worker")
+    redis_used = redis_cpu(ctx) - redis_before
+    events = check_drained(ctx, "live-one", count)
+    drop_streams(ctx, "live-one")
+    with psycopg.connect(ctx.conninfo) as conn:
+        recorded, episodes, onsets = conn.execute(
+            "SELECT count(*), count(DISTINCT episode_id), count(*) FILTER (WHERE onset) "
+            "FROM anomalies WHERE source_stream = %s",
+            (stream_names("live-one")["STREAM_READINGS"],),
+        ).fetchone() or (0, 0, 0)
+    if not events == recorded == episodes == onsets == expected:
+        raise RuntimeError(
+            f"expected {expected} events, each its own episode: {events} written, "
+            f"{recorded} recorded, {episodes} episodes, {onsets} onsets"
+        )
+    rate, base_rate = count / ours.seconds, count / base.seconds
+    ratio = rate / base_rate
+    scenario = (
+        f"stream live: {count:,} readings, {STREAM_SERIES:,} series, "
+        f"{expected:,} anomalies (1 %, each its own episode), first XADD → last ack"
+    )
+    return [
+        Row(
+            scenario,
+            "throughput",
+            rate,
+            "readings/s",
+            base_rate,
+            "no-op XREADGROUP + XACK consumer, same publisher",
+            ratio,
+            "≥ 0.6×",
+            ratio >= 0.6,
+        ),
+        reported(scenario, "anomaly events = episodes recorded", events, "events"),
+        Row(
+            scenario,
+            "worker CPU",
+            ours.cpu_seconds,
+            "s",
+            base.cpu_seconds,
+            "no-op consumer CPU",
+            ours.cpu_seconds / base.cpu_seconds,
+            "report",
+            None,
+        ),
+        reported(scenario, "publishing time alone", ours.publish_seconds, "s"),
+        reported(scenario, "Redis server CPU during the drain", redis_used, "s"),
+    ]
+
+
+def scenario_stream_backlog(ctx: Context) -> list[Row]:
+    """The readings published first, then drained: the worker's own time against the no-op
+    consumer's."""
     count = stream_count(ctx)
     publish_readings(ctx, ["one", "noop"], count)
     base = run_noop(ctx, "noop", count)
@@ -30,7 +103,7 @@ def scenario_stream(ctx: Context) -> list[Row]:
         raise RuntimeError(f"drained {ours.entries} and {base.entries} of {count}")
     rate, base_rate = count / ours.seconds, count / base.seconds
     ratio = rate / base_rate
-    scenario = f"stream: one worker drains {count:,} readings"
+    scenario = f"stream backlog: one worker drains {count:,} readings"
     return [
         Row(
             scenario,

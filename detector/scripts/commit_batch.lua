@@ -6,11 +6,12 @@
 -- XACKs: if a write fails, nothing is acknowledged and the entries are delivered again
 -- (at-least-once) rather than lost.
 --
--- Pending-ness comes from one XPENDING range over the batch (ARGV[6]..ARGV[7]); an id the range
--- did not show (another consumer's entries crowded it out, or it is really gone) is checked on
--- its own, so the answer never depends on the range. The XACKs go 1000 ids a call. Then
--- `readings` is trimmed below what the groups still need: after every batch, so finished
--- entries never pile up between the worker's periodic trims.
+-- Pending-ness matters only for the entries with an output (an XACK of an entry no longer
+-- pending does nothing, and its reply counts only the entries it acknowledged): each is checked
+-- on its own, or, past 64 outputs, first with one XPENDING range over the batch (ARGV[6]..
+-- ARGV[7]) whose gaps are then checked on their own, so the answer never depends on the range.
+-- The XACKs go 1000 ids a call. Then `readings` is trimmed below what the groups still need:
+-- after every batch, so finished entries never pile up between the worker's periodic trims.
 -- (Runs after trim_finished.lua, whose function it calls: the two are sent as one script.)
 --
 -- KEYS[1] `readings`, KEYS[2] `anomalies`, KEYS[3] `readings:dead`. ARGV[1] the group,
@@ -22,23 +23,20 @@ local ids = {}
 for id in string.gmatch(ARGV[4], '%S+') do
     ids[#ids + 1] = id
 end
+local outputs = cjson.decode(ARGV[5])
 local live = {}
-local window = #ids * 2 + 16
-for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[6], ARGV[7], window)) do
-    live[p[1]] = true
+if #outputs > 64 then
+    for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[6], ARGV[7], #ids * 2 + 16)) do
+        live[p[1]] = true
+    end
 end
-local acks = {}
-for _, id in ipairs(ids) do
+local emitted = 0
+for _, out in ipairs(outputs) do
+    local id = out[1]
     if live[id] == nil then
         live[id] = #redis.call('XPENDING', KEYS[1], group, id, id, 1) > 0
     end
     if live[id] then
-        acks[#acks + 1] = id
-    end
-end
-local emitted = 0
-for _, out in ipairs(cjson.decode(ARGV[5])) do
-    if live[out[1]] then
         if out[2] == 'a' then
             redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out[3]))
             emitted = emitted + 1
@@ -47,8 +45,9 @@ for _, out in ipairs(cjson.decode(ARGV[5])) do
         end
     end
 end
-for i = 1, #acks, 1000 do
-    redis.call('XACK', KEYS[1], group, unpack(acks, i, math.min(i + 999, #acks)))
+local acked = 0
+for i = 1, #ids, 1000 do
+    acked = acked + redis.call('XACK', KEYS[1], group, unpack(ids, i, math.min(i + 999, #ids)))
 end
 trim_finished(KEYS[1])
-return {#acks, emitted}
+return {acked, emitted}

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
+from operator import itemgetter
+from typing import Any
 
 from detector.errors import ModelNotFoundError
 from detector.redis_keys import model_key
+from detector.scripts import lua
 from detector.store.models import ModelStore
 
-_PRUNE_AT = 200_000
+# Pointers read by one script call: bounded, since a script holds Redis while it runs.
+_KEYS_A_CALL = 5000
 
 
 class LatestVersions:
@@ -31,20 +36,26 @@ class LatestVersions:
         self.ttl = ttl
         self.clock = clock
         self._entries: dict[str, tuple[int | None, float]] = {}
+        # No entry expires before this (a lower bound): until then, a batch whose series are
+        # all known needs no look at each entry's age.
+        self._fresh_until = math.inf
+        self._pointers = store.redis.register_script(lua("latest_pointers"))
 
     async def resolve(self, series_ids: Iterable[str]) -> dict[str, int | None]:
         """The latest version of each series (None: no model), one Redis round trip for all
         stale entries."""
         now = self.clock()
-        wanted = set(series_ids)
-        stale = [s for s in wanted if (e := self._entries.get(s)) is None or e[1] <= now]
+        wanted = series_ids if isinstance(series_ids, dict) else dict.fromkeys(series_ids)
+        expired = now >= self._fresh_until
+        if not expired and not wanted.keys() - self._entries.keys():
+            stale: list[str] = []
+        else:
+            stale = [s for s in wanted if (e := self._entries.get(s)) is None or e[1] <= now]
         if stale:
-            if len(self._entries) > _PRUNE_AT:
-                self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
-            async with self.store.redis.pipeline(transaction=False) as pipe:
-                for series_id in stale:
-                    pipe.hget(model_key(series_id), "latest")
-                pointers = await pipe.execute()
+            pointers: list[Any] = []
+            for start in range(0, len(stale), _KEYS_A_CALL):
+                keys = [model_key(s) for s in stale[start : start + _KEYS_A_CALL]]
+                pointers += await self._pointers(keys=keys)
             for series_id, raw in zip(stale, pointers, strict=True):
                 version: int | None
                 if raw is not None:
@@ -55,4 +66,13 @@ class LatestVersions:
                     except ModelNotFoundError:
                         version = None
                 self._entries[series_id] = (version, now + self.ttl)
-        return {s: self._entries[s][0] for s in wanted}
+        if expired or (stale and self._fresh_until == math.inf):
+            # Entries added later expire after every older one, so the bound moves only once
+            # the oldest expired: then the expired ones not wanted now are dropped (the next
+            # batch that wants one reads it again), which also bounds the memory.
+            self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+            self._fresh_until = min((e[1] for e in self._entries.values()), default=math.inf)
+        return dict(zip(wanted, map(_VERSION, map(self._entries.__getitem__, wanted)), strict=True))
+
+
+_VERSION = itemgetter(0)

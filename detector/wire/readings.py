@@ -6,6 +6,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from typing import Final, Literal, cast, get_args
 
 import numpy as np
@@ -236,32 +238,33 @@ def parse_batch(entries: Sequence[RawEntry]) -> tuple[ReadingBatch, list[DeadLet
     outcome is always the same as its. Deleted entries (no fields) are left out: the caller
     acknowledges them.
     """
-    ids: list[str] = []
-    series: list[str | bytes] = []
-    stamps: list[str | bytes] = []
-    values: list[str | bytes] = []
-    others: list[tuple[str, Sequence[str | bytes]]] = []
     layout: tuple[str, ...] | tuple[bytes, ...] = _LAYOUT
     for _, fields in entries:
         if fields:
             layout = _LAYOUT_BYTES if isinstance(fields[0], bytes) else _LAYOUT
             break
     sid, ts_name, value_name = layout
-    for entry_id, fields in entries:
-        if not fields:
-            continue
-        if (
-            len(fields) == 6
-            and fields[0] == sid
-            and fields[2] == ts_name
-            and fields[4] == value_name
-        ):
-            ids.append(entry_id)
-            series.append(fields[1])
-            stamps.append(fields[3])
-            values.append(fields[5])
-        else:
-            others.append((entry_id, fields))
+    common = _common_columns(entries, layout)
+    if common is not None:  # every entry in the common layout: sliced out, no loop here
+        ids, series, stamps, values = common
+        others: list[tuple[str, Sequence[str | bytes]]] = []
+    else:
+        ids, series, stamps, values, others = [], [], [], [], []
+        for entry_id, fields in entries:
+            if not fields:
+                continue
+            if (
+                len(fields) == 6
+                and fields[0] == sid
+                and fields[2] == ts_name
+                and fields[4] == value_name
+            ):
+                ids.append(entry_id)
+                series.append(fields[1])
+                stamps.append(fields[3])
+                values.append(fields[5])
+            else:
+                others.append((entry_id, fields))
     columns = _columns(series, stamps, values) if ids else None
     if columns is None:  # something in the common layout is invalid: decide one by one
         others = [
@@ -287,6 +290,31 @@ def parse_batch(entries: Sequence[RawEntry]) -> tuple[ReadingBatch, list[DeadLet
     return batch, dead
 
 
+def _common_columns(
+    entries: Sequence[RawEntry], layout: tuple[str, ...] | tuple[bytes, ...]
+) -> tuple[list[str], list[str | bytes], list[str | bytes], list[str | bytes]] | None:
+    """Ids, series ids, timestamps and values when every entry has exactly the common layout
+    (six fields, ``layout``'s names at 0, 2, 4), cut from the batch's fields joined in one list
+    with C-level slices; None otherwise (a deleted entry, another layout), for the loop."""
+    n = len(entries)
+    lists = list(map(itemgetter(1), entries))
+    try:
+        lengths = set(map(len, lists))
+    except TypeError:  # a deleted entry (None)
+        return None
+    if n == 0 or lengths != {6}:
+        return None
+    flat: list[str | bytes] = list(chain.from_iterable(lists))
+    sid, ts_name, value_name = layout
+    if (
+        flat[0::6].count(sid) != n
+        or flat[2::6].count(ts_name) != n
+        or flat[4::6].count(value_name) != n
+    ):
+        return None
+    return list(map(itemgetter(0), entries)), flat[1::6], flat[3::6], flat[5::6]
+
+
 def _columns(
     series: list[str | bytes], stamps: list[str | bytes], values: list[str | bytes]
 ) -> tuple[list[str], npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
@@ -301,8 +329,9 @@ def _columns(
             or _SERIES_IDS_JOINED_BYTES.fullmatch(joined_ids) is None
         ):
             return None
-        texts = {name: cast(bytes, name).decode("ascii") for name in distinct}
-        series_ids = [texts[name] for name in series]
+        # Passed the regex, so ASCII without a newline: one decode for all of them.
+        texts = dict(zip(distinct, joined_ids[:-1].decode("ascii").split("\n"), strict=True))
+        series_ids = list(map(texts.__getitem__, series))
         joined: str | bytes = b"".join(cast("list[bytes]", stamps))
     else:
         if (

@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 from detector.errors import POSTGRES_ERRORS, is_unavailable
 from detector.metrics import WorkerMetrics
 from detector.pipeline import Pipeline
+from detector.retry import retry_while
 from detector.settings import Settings
 from detector.state.series import Acknowledged, SeriesStates
 from detector.store.connections import apply_schema, postgres_pool, redis_client
@@ -27,7 +28,6 @@ from detector.wire.readings import DeadLetter, RawEntry, flat_fields
 
 log = logging.getLogger(__name__)
 
-_MAX_BACKOFF = 5.0
 # A crash we do not understand: exit at once, so no offset past the batch is ever committed
 # (faust acks a `take_events` batch when the generator is closed, even by an exception).
 _EXIT_ON_BUG = 70
@@ -164,19 +164,18 @@ class KafkaScorer:
 
     async def process_safely(self, batch: Sequence[EventT[bytes]]) -> None:
         """``process``, retried while a store or the broker is unavailable."""
-        backoff = 0.2
-        while True:
-            try:
-                await self.process(batch)
-                return
-            except Exception as exc:
-                if not is_unavailable(exc) and not isinstance(exc, psycopg.Error):
-                    log.critical("cannot process a batch; exiting uncommitted", exc_info=True)
-                    logging.shutdown()
-                    os._exit(_EXIT_ON_BUG)
-                log.warning("store unavailable (%s); retrying in %.1f s", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(_MAX_BACKOFF, backoff * 2)
+        try:
+            await retry_while(
+                lambda: self.process(batch),
+                lambda exc: is_unavailable(exc) or isinstance(exc, psycopg.Error),
+                log=log,
+                what="store unavailable",
+                first=0.2,
+            )
+        except Exception:
+            log.critical("cannot process a batch; exiting uncommitted", exc_info=True)
+            logging.shutdown()
+            os._exit(_EXIT_ON_BUG)
 
     async def process(self, batch: Sequence[EventT[bytes]]) -> None:
         dead: list[DeadLetter] = []

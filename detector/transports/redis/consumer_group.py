@@ -19,9 +19,6 @@ from detector.wire.readings import RawEntry
 log = logging.getLogger(__name__)
 
 
-
-
-
 _LAG_COUNT_CAP = 50_000
 # A suspect's attempt count outlives any redelivery cycle, then goes (bounded memory).
 _ATTEMPTS_TTL_SECONDS = 86_400

@@ -23,6 +23,7 @@ from detector.errors import (
 )
 from detector.metrics import WorkerMetrics
 from detector.pipeline import Outcome, Pipeline
+from detector.retry import Backoff, retry_while
 from detector.settings import Settings
 from detector.state.series import SeriesStates
 from detector.store.models import ModelStore
@@ -37,7 +38,6 @@ T = TypeVar("T")
 # How many times a suspect entry may be in hand alone without finishing (see _process_suspect).
 SUSPECT_ATTEMPTS = 2
 
-_MAX_BACKOFF = 5.0
 # In burst mode, how long to wait for other consumers' pending entries before looking again.
 _BURST_POLL = 0.05
 
@@ -132,11 +132,11 @@ class Worker:
         await self._finish()
 
     async def _consume(self, burst: bool) -> None:
-        backoff = 0.1
+        backoff = Backoff()
         while not self._stopping:
             try:
                 more = await self._step(burst)
-                backoff = 0.1
+                backoff.reset()
             except (*REDIS_FAILURES, StoreUnavailableError) as exc:
                 await self._drop_inflight()
                 if isinstance(exc, redis.exceptions.ResponseError) and is_nogroup(exc):
@@ -148,9 +148,8 @@ class Worker:
                     continue
                 if not is_unavailable(exc):
                     raise
-                log.warning("store unavailable (%s); retrying in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(_MAX_BACKOFF, backoff * 2)
+                log.warning("store unavailable (%s); retrying in %.1f s", exc, backoff.pause)
+                await backoff.wait()
                 # The batch in hand was not acknowledged: it is still pending for us.
                 self._recovering, self._pending_cursor = True, "0"
                 continue
@@ -332,16 +331,9 @@ class Worker:
     async def _in_place(self, step: Callable[[], Awaitable[T]]) -> T:
         """Run ``step``, retrying while a dependency is unavailable (the batch stays in hand,
         pending and undelivered again); on stop, give up and leave the batch pending."""
-        backoff = 0.1
-        while True:
-            try:
-                return await step()
-            except Exception as exc:
-                if not is_unavailable(exc) or self._stopping:
-                    raise
-                log.warning("dependency unavailable (%s); retrying in %.1f s", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(_MAX_BACKOFF, backoff * 2)
+        return await retry_while(
+            step, lambda exc: is_unavailable(exc) and not self._stopping, log=log
+        )
 
     async def _commit(self, outcome: Outcome) -> None:
         """Write the batch's events and dead letters and acknowledge it in one atomic script
