@@ -39,6 +39,7 @@ import base64
 import functools
 import itertools
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Final
@@ -320,17 +321,32 @@ def fold(
     return Folded(anomaly, alert, expected, std, lower, upper, score, ratio, test)
 
 
-def warm_up() -> None:
-    """Compile (or load from the disk cache) the fold now, not on a stream's first batch."""
+def warm_up() -> threading.Thread:
+    """Compile (or load from numba's disk cache) the fold in a background thread, so that a
+    stream's first batch does not wait for it and the rest of the process carries on."""
     row = np.zeros((1, WIDTH))
     row[0, [SLOW_HL, FAST_HL, K_POINT, K_SHIFT, K_DIVERGENCE, BIN_WIDTH]] = 1.0
-    fold(row, np.zeros(1, dtype=np.intp), np.ones(1), np.ones(1))
+
+    def run() -> None:
+        fold(row, np.zeros(1, dtype=np.intp), np.ones(1), np.ones(1))
+
+    thread = threading.Thread(target=run, name="seasonal-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
-@functools.cache
+_COMPILING = threading.Lock()
+
+
 def _compiled() -> Any:
     """``_fold_loop`` compiled by numba, on first use (imported then, and cached on disk):
     processes that never fold a stream (the API) do not load the compiler."""
+    with _COMPILING:
+        return _compile()
+
+
+@functools.cache
+def _compile() -> Any:
     import numba
 
     return numba.njit(cache=True, nogil=True)(_fold_loop)

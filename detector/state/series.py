@@ -298,7 +298,7 @@ class SeriesStates:
         # A state another process wrote since fails the compare-and-set and is read again.
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[str, SeriesState]] = OrderedDict()
-        seasonal.warm_up()  # the compiled fold, before the first batch waits for it
+        seasonal.warm_up()  # the compiled fold, in the background, before a batch needs it
 
     async def fold(
         self,
