@@ -27,8 +27,10 @@ def run_loadgen(
     connections: int = 16,
     duration: float = 8.0,
     warmup: float = 1.0,
+    port: int | None = None,
 ) -> dict[str, float]:
-    """Drive the server from a separate process so client and server do not share a GIL."""
+    """Drive the server (the API, or the one on ``port``) from a separate process so client
+    and server do not share a GIL."""
     spec = json.dumps({"paths": paths, "bodies": [b.decode() for b in bodies]})
     out = subprocess.run(
         [
@@ -36,7 +38,7 @@ def run_loadgen(
             "-m",
             "bench.loadgen",
             "--port",
-            str(ctx.api_port),
+            str(port or ctx.api_port),
             "--connections",
             str(connections),
             "--duration",
