@@ -109,6 +109,7 @@ def create_app(
     keys_on = bool(settings.api_keys or settings.api_read_keys)
     read = [ReadAccess] if keys_on else []
     write = [WriteAccess] if keys_on else []
+    models.add_predict_route(app, read)
     app.include_router(models.write_router, dependencies=write, responses=ERROR_RESPONSES)
     app.include_router(models.router, dependencies=read, responses=ERROR_RESPONSES)
     app.include_router(system.read_router, dependencies=read, responses=ERROR_RESPONSES)

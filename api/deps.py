@@ -101,24 +101,60 @@ async def find_model(
     return await store.get(series_id, major)
 
 
+def series_and_version_parameters() -> list[dict[str, object]]:
+    """OpenAPI's declaration of ``series_id`` (path) and ``version`` (query), as FastAPI
+    derives it from ``SeriesIdDep`` and ``VersionDep``: for a route that reads both itself."""
+    return [
+        {
+            "name": "series_id",
+            "in": "path",
+            "required": True,
+            "schema": {
+                "type": "string",
+                "description": SERIES_ID_RULE,
+                **SERIES_ID_SCHEMA,
+                "title": "Series Id",
+            },
+            "description": SERIES_ID_RULE,
+        },
+        {
+            "name": "version",
+            "in": "query",
+            "required": False,
+            "schema": {
+                "anyOf": [{"type": "string"}, {"type": "null"}],
+                "description": VERSION_QUERY_HELP,
+                **VERSION_SCHEMA,
+                "title": "Version",
+            },
+            "description": VERSION_QUERY_HELP,
+        },
+    ]
+
+
 SeriesIdDep = Annotated[str, Depends(series_id_path)]
 SeriesIdQueryDep = Annotated[str, Depends(series_id_query)]
 VersionDep = Annotated[tuple[int, int, int] | None, Depends(version_query)]
 
 
+async def parse_json_body(model: type[B], raw: bytes) -> B:
+    """``raw`` validated as ``model`` straight from bytes with pydantic's JSON parser (no
+    intermediate Python objects); large bodies are parsed off the event loop. A body that does
+    not validate raises RequestValidationError (422, located under ``body``)."""
+    try:
+        if len(raw) > THREAD_PARSE_BYTES:
+            return await run_in_threadpool(model.model_validate_json, raw)
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_input=False)]
+        ) from None
+
+
 def json_body(model: type[B]) -> Callable[[Request], Awaitable[B]]:
-    """A dependency parsing the body straight from bytes with pydantic's JSON parser (no
-    intermediate Python objects); large bodies are parsed off the event loop."""
+    """A dependency parsing the body with ``parse_json_body``."""
 
     async def parse(request: Request) -> B:
-        raw = await request.body()
-        try:
-            if len(raw) > THREAD_PARSE_BYTES:
-                return await run_in_threadpool(model.model_validate_json, raw)
-            return model.model_validate_json(raw)
-        except ValidationError as exc:
-            raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_input=False)]
-            ) from None
+        return await parse_json_body(model, await request.body())
 
     return parse

@@ -103,9 +103,14 @@ class BodyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared, chunked = _framing(scope)
         if declared is not None and declared > self.max_bytes:
             await _answer(send, 413, self._too_large())
+            return
+        if declared is not None and declared <= self.free_bytes and not chunked:
+            # The server reads no more than the declared length (HTTP/1.1 framing): the body
+            # can neither grow past the limit nor take from the budget, so nothing to watch.
+            await self.app(scope, receive, send)
             return
         held = 0
         if declared is not None and declared > self.free_bytes:
@@ -169,14 +174,20 @@ async def _answer(send: Send, status: int, detail: str, *, retry_after: bool = F
     await send({"type": "http.response.body", "body": body})
 
 
-def _content_length(scope: Scope) -> int | None:
+def _framing(scope: Scope) -> tuple[int | None, bool]:
+    """The declared Content-Length (None when absent or unreadable) and whether a
+    Transfer-Encoding is present (then the length is not what frames the body)."""
+    declared: int | None = None
+    chunked = False
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             try:
-                return int(value)
+                declared = int(value)
             except ValueError:
-                return None
-    return None
+                declared = None
+        elif name == b"transfer-encoding":
+            chunked = True
+    return declared, chunked
 
 
 class HttpMetrics:
@@ -185,6 +196,11 @@ class HttpMetrics:
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Label children by their label values (a labels() lookup takes a lock and builds a
+        # key each time). Bounded like the labels themselves: route templates, the methods
+        # the HTTP parser knows, statuses.
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._timers: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -202,8 +218,17 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            elapsed = time.perf_counter() - start
             route: Any = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "GET")
-            self.metrics.http_requests.labels(template, method, str(status)).inc()
-            self.metrics.http_duration.labels(template, method).observe(time.perf_counter() - start)
+            counter = self._counters.get((template, method, status))
+            if counter is None:
+                counter = self.metrics.http_requests.labels(template, method, str(status))
+                self._counters[template, method, status] = counter
+            counter.inc()
+            timer = self._timers.get((template, method))
+            if timer is None:
+                timer = self.metrics.http_duration.labels(template, method)
+                self._timers[template, method] = timer
+            timer.observe(elapsed)

@@ -8,7 +8,8 @@ series' hash drops its cached pointer; a FLUSHALL or a lost connection drops the
 Read-your-writes across processes: Redis queues the invalidation for this connection while
 it executes the fit's write, before it answers the fitting process; the fit's HTTP answer
 can only reach its client after that. Before each lookup the connection is drained without
-blocking, so a prediction sent after the fit's answer finds the pointer invalidated. (Across
+blocking (a zero-timeout ``poll``; the socket is read only when something arrived), so a
+prediction sent after the fit's answer finds the pointer invalidated. (Across
 hosts this relies on the invalidation reaching this host no later than the client's next
 request; ``LATEST_POINTER_TRACKING=false`` reads Redis on every request instead.)
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
 import time
 from urllib.parse import unquote, urlparse
@@ -83,6 +85,7 @@ class LatestPointerCache:
         self.redis_url = redis_url
         self.max_entries = max_entries
         self._sock: socket.socket | None = None
+        self._poller: select.poll | None = None  # readiness of _sock, without reading it
         self._buffer = bytearray()
         self._pointers: dict[str, int] = {}
         self.generation = 0  # bumped by every invalidation: guards fills racing a change
@@ -126,7 +129,9 @@ class LatestPointerCache:
         self._pointers.clear()
         self._buffer.clear()
         self.generation += 1
-        self._sock = sock
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        self._sock, self._poller = sock, poller
         log.info("latest-version pointers cached in process, invalidated by Redis tracking")
 
     def _connect(self) -> socket.socket:
@@ -165,7 +170,7 @@ class LatestPointerCache:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
-        self._sock = None
+        self._sock, self._poller = None, None
         self._pointers.clear()
         self.generation += 1
 
@@ -173,8 +178,11 @@ class LatestPointerCache:
 
     def drain(self) -> None:
         """Apply every invalidation already received, without blocking."""
-        sock = self._sock
-        if sock is None:
+        sock, poller = self._sock, self._poller
+        if sock is None or poller is None:
+            return
+        # Nothing arrived (the common case): one poll, no recv raising BlockingIOError.
+        if not poller.poll(0):
             return
         while True:
             try:

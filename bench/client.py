@@ -29,8 +29,10 @@ def run_loadgen(
     duration: float = 8.0,
     warmup: float = 1.0,
     content_type: str = "application/json",
+    port: int | None = None,
 ) -> dict[str, float]:
-    """Drive the server from a separate process so client and server do not share a GIL."""
+    """Drive the server (the API, or the one on ``port``) from a separate process so client
+    and server do not share a GIL."""
     spec = json.dumps(
         {
             "paths": paths,
@@ -44,7 +46,7 @@ def run_loadgen(
             "-m",
             "bench.loadgen",
             "--port",
-            str(ctx.api_port),
+            str(port or ctx.api_port),
             "--connections",
             str(connections),
             "--duration",
@@ -61,11 +63,22 @@ def run_loadgen(
     return result
 
 
-def fit_series(ctx: Context, ids: list[str], concurrency: int = 16) -> None:
-    """Fit small models for many series over HTTP (the real path), in parallel."""
+def fit_series(
+    ctx: Context,
+    ids: list[str],
+    concurrency: int = 16,
+    *,
+    kind: str | None = None,
+    timestamps: list[int] | None = None,
+) -> None:
+    """Fit small models for many series over HTTP (the real path), in parallel: 32 points,
+    at ``timestamps`` (default 0 … 31), with ``kind`` (default: the service's)."""
     rng = np.random.default_rng(0)
     values = rng.normal(50, 5, 32).tolist()
-    body = orjson.dumps({"timestamps": list(range(32)), "values": values})
+    fit: dict[str, object] = {"timestamps": timestamps or list(range(32)), "values": values}
+    if kind is not None:
+        fit["kind"] = kind
+    body = orjson.dumps(fit)
 
     async def run() -> None:
         limits = httpx.Limits(max_connections=concurrency)

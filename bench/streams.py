@@ -8,6 +8,7 @@ import os
 import time
 
 import numpy as np
+import orjson
 import redis
 
 from bench.client import fit_series
@@ -69,14 +70,28 @@ def realistic_mix(
     return series, timestamps, values, int(anomalous.sum())
 
 
-def stream_models(ctx: Context) -> list[str]:
-    """Series with a model each, fitted over HTTP once (the real path)."""
+def stream_models(ctx: Context, kind: str = "static") -> list[str]:
+    """Series whose latest model is of ``kind``, fitted over HTTP (the real path) when it is
+    not: 32 readings at the stream's per-series cadence (one every STREAM_SERIES seconds),
+    ending where the stream starts, so a kind whose time scales follow the cadence sees the
+    one it will stream at."""
     ids = series_ids(STREAM_SERIES)
     r = redis.Redis.from_url(ctx.redis_url)
-    fitted = r.exists(model_key(ids[-1]))
+    latest = r.hget(model_key(ids[-1]), "latest")
+    entry = r.hget(model_key(ids[-1]), latest) if latest else None
     r.close()
-    if not fitted:
-        fit_series(ctx, ids)
+    current = "static"
+    if entry is not None:
+        fields = orjson.loads(entry)
+        current = fields[-1] if isinstance(fields[-1], str) and len(fields) > 6 else "static"
+    if entry is None or current != kind:
+        cadence = STREAM_SERIES
+        fit_series(
+            ctx,
+            ids,
+            kind=kind,
+            timestamps=[START - cadence * (32 - i) for i in range(32)],
+        )
     return ids
 
 

@@ -12,12 +12,17 @@ import orjson
 from api.schemas import ARROW_MEDIA_TYPE
 from bench.client import arrow_stream, fit_series, predict_requests, run_loadgen, time_it
 from bench.context import Context
+from bench.harness import api_process
 from bench.report import Row
 
 log = logging.getLogger("bench")
 
 
 def scenario_predict(ctx: Context) -> list[Row]:
+    """Our /predict against a bare FastAPI app (its own process, the same uvicorn settings)
+    that validates the same body and answers a constant. The two alternate (rounds in
+    turn, who goes first swapped each round) and each side keeps its best round, so a burst
+    of load elsewhere on the machine hurts neither side alone."""
     ids = [f"bench-{i:05d}" for i in range(1000)]
     fit_series(ctx, ids)
     rng = np.random.default_rng(1)
@@ -25,50 +30,69 @@ def scenario_predict(ctx: Context) -> list[Row]:
     chosen = [ids[i] for i in order]
     paths, bodies = predict_requests(chosen, rng)
     duration = 4.0 if ctx.quick else 8.0
-    ours = run_loadgen(ctx, paths, bodies, duration=duration)
-    base = run_loadgen(
-        ctx,
-        [p.replace("/predict/", "/baseline/predict/") for p in paths],
-        bodies,
-        duration=duration,
-    )
+    rounds = 1 if ctx.quick else 3
+    ours_runs: list[dict[str, float]] = []
+    base_runs: list[dict[str, float]] = []
+    # Steady state: every series answered once first, so its latest pointer and model are in
+    # the process (a first touch costs two Redis reads; the scaling scenario reports it).
+    run_loadgen(ctx, paths, bodies, connections=4, duration=2.0, warmup=0.0)
+    with api_process(ctx.settings, ["-m", "bench.app", "--baseline"]) as baseline:
+        for i in range(rounds):
+            sides = [(ours_runs, None), (base_runs, baseline.port)]
+            for runs, port in sides if i % 2 == 0 else sides[::-1]:
+                runs.append(run_loadgen(ctx, paths, bodies, duration=duration, port=port))
+            log.info("predict round %d: ours %s, baseline %s", i, ours_runs[-1], base_runs[-1])
+    for run in ours_runs + base_runs:
+        if run["errors"]:
+            raise RuntimeError(f"predict answered errors: {run}")
+    ours = _best(ours_runs)
+    base = _best(base_runs)
     rps_ratio = ours["rps"] / base["rps"]
     p99_ratio = ours["p99_ms"] / base["p99_ms"]
+    scenario = "REST predict, 16 connections, 1,000 series"
     return [
         Row(
-            "REST predict, 16 connections, 1,000 series",
+            scenario,
             "throughput",
             ours["rps"],
             "req/s",
             base["rps"],
-            "constant route, same body validation",
+            "bare FastAPI app, same body validation, constant answer",
             rps_ratio,
-            "≥ 0.85×",
-            rps_ratio >= 0.85,
+            "≥ 0.9×",
+            rps_ratio >= 0.9,
         ),
         Row(
-            "REST predict, 16 connections, 1,000 series",
+            scenario,
             "p50 latency",
             ours["p50_ms"],
             "ms",
             base["p50_ms"],
-            "constant route",
+            "bare FastAPI app",
             ours["p50_ms"] / base["p50_ms"],
             "report",
             None,
         ),
         Row(
-            "REST predict, 16 connections, 1,000 series",
+            scenario,
             "p99 latency",
             ours["p99_ms"],
             "ms",
             base["p99_ms"],
-            "constant route",
+            "bare FastAPI app",
             p99_ratio,
-            "≤ 1.2×",
-            p99_ratio <= 1.2,
+            "≤ 1.1×",
+            p99_ratio <= 1.1,
         ),
     ]
+
+
+def _best(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The round of highest throughput, with the lowest p50 and p99 of all rounds."""
+    best = dict(max(runs, key=lambda r: r["rps"]))
+    best["p50_ms"] = min(r["p50_ms"] for r in runs)
+    best["p99_ms"] = min(r["p99_ms"] for r in runs)
+    return best
 
 
 def scenario_series_scaling(ctx: Context) -> list[Row]:

@@ -8,7 +8,7 @@ import os
 import psycopg
 
 from bench.context import Context
-from bench.drains import run_live, run_noop, run_workers
+from bench.drains import LiveDrain, run_live, run_noop, run_workers
 from bench.report import Row, reported
 from bench.streams import (
     STREAM_SERIES,
@@ -21,6 +21,7 @@ from bench.streams import (
     stream_models,
     stream_names,
 )
+from detector.settings import Settings
 
 
 def scenario_stream(ctx: Context) -> list[Row]:
@@ -30,32 +31,57 @@ def scenario_stream(ctx: Context) -> list[Row]:
 def scenario_stream_live(ctx: Context) -> list[Row]:
     """The realistic mix, published while the consumer runs, timed from the first XADD to the
     last acknowledgement: `python -m detector` as `make run` starts it against the no-op
-    consumer on the same readings."""
+    consumer on the same readings; the series fitted ``static``, then refitted with the
+    default kind (what a fit without options makes) and streamed again."""
     count = stream_count(ctx)
-    stream_models(ctx)
-    expected = realistic_mix(count, STREAM_SERIES)[3]
     base = run_live(ctx, "live-noop", count, "noop")
     drop_streams(ctx, "live-noop")
+    rows, static = _live_rows(ctx, "static", count, base)
+    default = str(Settings.model_fields["default_kind"].default)
+    more, ours = _live_rows(ctx, default, count, base, tag="live-default")
+    rows += more
+    rate, static_rate = count / ours.seconds, count / static.seconds
+    rows.append(
+        Row(
+            f"stream live: the default kind ({default}) against static, same mix",
+            "throughput",
+            rate,
+            "readings/s",
+            static_rate,
+            "the static kind, same readings, same run",
+            rate / static_rate,
+            "≥ 0.9×",
+            rate / static_rate >= 0.9,
+        )
+    )
+    return rows
+
+
+def _live_rows(
+    ctx: Context, kind: str, count: int, base: LiveDrain, tag: str = "live-one"
+) -> tuple[list[Row], LiveDrain]:
+    stream_models(ctx, kind)
+    expected = realistic_mix(count, STREAM_SERIES)[3]
     redis_before = redis_cpu(ctx)
-    ours = run_live(ctx, "live-one", count, "worker")
+    ours = run_live(ctx, tag, count, "worker")
     redis_used = redis_cpu(ctx) - redis_before
-    events = check_drained(ctx, "live-one", count)
-    drop_streams(ctx, "live-one")
+    events = check_drained(ctx, tag, count)
+    drop_streams(ctx, tag)
     with psycopg.connect(ctx.conninfo) as conn:
         recorded, episodes, onsets = conn.execute(
             "SELECT count(*), count(DISTINCT episode_id), count(*) FILTER (WHERE onset) "
             "FROM anomalies WHERE source_stream = %s",
-            (stream_names("live-one")["STREAM_READINGS"],),
+            (stream_names(tag)["STREAM_READINGS"],),
         ).fetchone() or (0, 0, 0)
     if not events == recorded == episodes == onsets == expected:
         raise RuntimeError(
-            f"expected {expected} events, each its own episode: {events} written, "
+            f"{kind}: expected {expected} events, each its own episode: {events} written, "
             f"{recorded} recorded, {episodes} episodes, {onsets} onsets"
         )
     rate, base_rate = count / ours.seconds, count / base.seconds
     ratio = rate / base_rate
     scenario = (
-        f"stream live: {count:,} readings, {STREAM_SERIES:,} series, "
+        f"stream live ({kind}): {count:,} readings, {STREAM_SERIES:,} series, "
         f"{expected:,} anomalies (1 %, each its own episode), first XADD → last ack"
     )
     return [
@@ -84,7 +110,7 @@ def scenario_stream_live(ctx: Context) -> list[Row]:
         ),
         reported(scenario, "publishing time alone", ours.publish_seconds, "s"),
         reported(scenario, "Redis server CPU during the drain", redis_used, "s"),
-    ]
+    ], ours
 
 
 def scenario_stream_backlog(ctx: Context) -> list[Row]:

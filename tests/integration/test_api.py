@@ -133,6 +133,29 @@ def test_bad_predict_bodies_are_422_even_for_unknown_series(client, series_id, b
     assert response.status_code == 422, response.text
 
 
+def test_predict_checks_the_body_then_the_id_then_the_version(client):
+    bad_body = client.post("/predict/a*b", params={"version": "v0"}, json={"timestamp": 1})
+    assert bad_body.status_code == 422
+    assert bad_body.json()["detail"][0]["loc"] == ["body", "value"]
+    point = {"timestamp": 1, "value": 1}
+    bad_id = client.post("/predict/a*b", params={"version": "v0"}, json=point)
+    assert bad_id.status_code == 422 and "1-128 characters" in bad_id.json()["detail"]
+    bad_version = client.post("/predict/never-fitted", params={"version": "v0"}, json=point)
+    assert bad_version.status_code == 422 and "v3.0.0" in bad_version.json()["detail"]
+    not_json = client.post(
+        "/predict/never-fitted", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert not_json.status_code == 422 and not_json.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_predict_declares_its_parameters_as_the_batch_route_does(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    single = paths["/predict/{series_id}"]["post"]
+    assert single["parameters"] == paths["/predict/{series_id}/batch"]["post"]["parameters"]
+    assert [p["name"] for p in single["parameters"]] == ["series_id", "version"]
+    assert single["requestBody"]["required"] is True
+
+
 def test_versions_by_any_spelling(client, series_id):
     fit(client, series_id)
     fit(client, series_id)

@@ -66,6 +66,27 @@ def test_metrics_exposes_the_seed_names(client, series_id):
     assert series_id not in text  # no per-series labels
 
 
+def test_predict_is_counted_under_the_labels_the_dashboards_read(client, series_id):
+    fit(client, series_id)
+    point = {"timestamp": 1, "value": 1}
+    client.post(f"/predict/{series_id}", json=point)
+    client.post(f"/predict/{series_id}", json=point)
+    client.post(f"/predict/{series_id}-none", json=point)  # 404
+    text = client.get("/metrics").text
+
+    def value(series: str) -> float:
+        (line,) = [line for line in text.splitlines() if line.startswith(series + " ")]
+        return float(line.split()[-1])
+
+    route = 'method="POST",route="/predict/{series_id}"'  # labels as exposed: sorted by name
+    assert value(f'http_requests_total{{{route},status="200"}}') >= 2
+    assert value(f'http_requests_total{{{route},status="404"}}') >= 1
+    assert value(f"http_request_duration_seconds_count{{{route}}}") >= 3
+    assert value('predict_requests_total{outcome="ok"}') >= 2
+    assert value('predict_requests_total{outcome="not_found"}') >= 1
+    assert value('predict_duration_seconds_count{kind="single"}') >= 2
+
+
 # ---------------------------------------------------------------- limits
 
 
