@@ -321,26 +321,13 @@ def fold(
     return Folded(anomaly, alert, expected, std, lower, upper, score, ratio, test)
 
 
-def warm_up() -> threading.Thread:
-    """Compile (or load from numba's disk cache) the fold in a background thread, so that a
-    stream's first batch does not wait for it and the rest of the process carries on."""
-    row = np.zeros((1, WIDTH))
-    row[0, [SLOW_HL, FAST_HL, K_POINT, K_SHIFT, K_DIVERGENCE, BIN_WIDTH]] = 1.0
-
-    def run() -> None:
-        fold(row, np.zeros(1, dtype=np.intp), np.ones(1), np.ones(1))
-
-    thread = threading.Thread(target=run, name="seasonal-warm-up", daemon=True)
-    thread.start()
-    return thread
-
-
 _COMPILING = threading.Lock()
 
 
 def _compiled() -> Any:
-    """``_fold_loop`` compiled by numba, on first use (imported then, and cached on disk):
-    processes that never fold a stream (the API) do not load the compiler."""
+    """``_fold_loop`` compiled by numba on first use (numba's disk cache keeps it for the next
+    process): a process that never folds a seasonal series (the API, a worker whose series
+    are all static) never loads the compiler. The first fold in a process waits for it."""
     with _COMPILING:
         return _compile()
 

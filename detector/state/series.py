@@ -43,7 +43,6 @@ import orjson
 from redis.asyncio import Redis
 
 from detector.errors import ModelNotFoundError
-from detector.kinds import seasonal
 from detector.kinds.base import TESTS, Folded, StatefulKind, severity
 from detector.kinds.registry import stateful_kind
 from detector.redis_keys import state_key
@@ -298,7 +297,6 @@ class SeriesStates:
         # A state another process wrote since fails the compare-and-set and is read again.
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[str, SeriesState]] = OrderedDict()
-        seasonal.warm_up()  # the compiled fold, in the background, before a batch needs it
 
     async def fold(
         self,

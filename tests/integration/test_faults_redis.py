@@ -31,7 +31,7 @@ from tests.support.faults import (
     resumed,
 )
 from tests.support.polling import wait_for
-from tests.support.processes import start_worker, stop_process
+from tests.support.processes import start_worker, stop_process, wait_consuming
 from tests.support.services import start_api
 from tests.support.streams import stream_settings
 
@@ -46,6 +46,7 @@ def test_redis_kill_9_and_restart_under_live_api_and_worker(
     api, base_url = start_api(s)
     worker = start_worker(s, "survivor", tmp_path / "worker.log")
     try:
+        wait_consuming(s, "survivor", worker)
         series = fit_series(base_url)
         plan = Plan(series, 20_000)
         feeder = Feeder(s.redis_connection_url(), s.stream_readings, plan, chunk=200, pause=0.01)
@@ -97,6 +98,7 @@ def test_redis_flushall_under_load_reloads_models_and_recreates_the_group(
     api, base_url = start_api(s)
     worker = start_worker(s, "flushed", tmp_path / "worker.log")
     try:
+        wait_consuming(s, "flushed", worker)
         fit_series(base_url)  # other series in Redis, for the flush to wipe too
         (series_id,) = fit_series(base_url, 1, sigma=3.0)  # v1: bound 130
         with httpx.Client(base_url=base_url, timeout=60) as http:

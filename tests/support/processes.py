@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import redis
+
 from detector.settings import Settings
+from tests.support.polling import wait_for
 from tests.support.services import ROOT, service_env
 
 
@@ -39,6 +42,33 @@ def start_worker(
             stdout=log,
             stderr=log,
         )
+
+
+def wait_consuming(
+    s: Settings, consumer: str, proc: subprocess.Popen[bytes], timeout: float = 60
+) -> None:
+    """Wait until the worker ``consumer`` has joined its group (its first read): a test that
+    times a fault against the stream starts publishing only then."""
+    client = redis.Redis(
+        host=s.redis_host,
+        port=s.redis_port,
+        username=s.redis_username,
+        password=s.redis_password,
+        decode_responses=True,
+    )
+
+    def joined() -> bool:
+        assert proc.poll() is None, f"the worker exited with {proc.returncode}"
+        try:
+            consumers = client.xinfo_consumers(s.stream_readings, s.stream_group)
+        except redis.exceptions.ResponseError:  # no stream or group yet
+            return False
+        return any(c["name"] == consumer for c in consumers)
+
+    try:
+        wait_for(joined, f"worker {consumer} to join its group", timeout)
+    finally:
+        client.close()
 
 
 def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
