@@ -66,13 +66,17 @@ class LatestVersions:
                     except ModelNotFoundError:
                         version = None
                 self._entries[series_id] = (version, now + self.ttl)
+        found = dict(
+            zip(wanted, map(_VERSION, map(self._entries.__getitem__, wanted)), strict=True)
+        )
         if expired or (stale and self._fresh_until == math.inf):
             # Entries added later expire after every older one, so the bound moves only once
-            # the oldest expired: then the expired ones not wanted now are dropped (the next
-            # batch that wants one reads it again), which also bounds the memory.
+            # the oldest expired: then the expired ones are dropped (the next batch that wants
+            # one reads it again; with a ttl of 0 that is every entry), which also bounds the
+            # memory. The answer was taken first.
             self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
             self._fresh_until = min((e[1] for e in self._entries.values()), default=math.inf)
-        return dict(zip(wanted, map(_VERSION, map(self._entries.__getitem__, wanted)), strict=True))
+        return found
 
 
 _VERSION = itemgetter(0)
