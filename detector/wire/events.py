@@ -26,7 +26,18 @@ EVENT_FIELDS: Final = (
 )
 _INT_EVENT_FIELDS: Final = frozenset({"timestamp"})
 _FLOAT_EVENT_FIELDS: Final = frozenset(
-    {"value", "mean", "std", "lower", "upper", "score", "detected_at"}
+    {
+        "value",
+        "mean",
+        "std",
+        "lower",
+        "upper",
+        "score",
+        "detected_at",
+        "expected",
+        "severity",
+        "detector_score",
+    }
 )
 
 def number(value: float) -> str:
