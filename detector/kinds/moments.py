@@ -76,6 +76,20 @@ class Moments:
         return {"weight": self.weight, "mean": self.mean, "m2": self.m2}
 
 
+def fit_readings(timestamps: Any, values: Any) -> tuple[FloatArray, FloatArray, float]:
+    """A streaming kind's fit readings as float arrays, checked, with their cadence: the
+    median positive interval between sorted timestamps (1 s when there is none)."""
+    ts = np.asarray(timestamps, dtype=np.float64).ravel()
+    xs = np.asarray(values, dtype=np.float64).ravel()
+    if ts.size != xs.size or ts.size < 2:
+        raise ValueError("fit needs at least two readings with one timestamp each")
+    if not (np.all(np.isfinite(ts)) and np.all(np.isfinite(xs))):
+        raise ValueError("timestamps and values must be finite")
+    gaps = np.diff(np.sort(ts))
+    positive = gaps[gaps > 0]
+    return ts, xs, float(np.median(positive)) if positive.size else 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class DecayingMoments:
     """Moments in which a reading at time t weighs 2^(−(T − t)/half_life) at time T.

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detector.kinds.base import FitOptions, Fitted, Folded, Verdicts
-from detector.kinds.moments import Moments
+from detector.kinds.moments import Moments, fit_readings
 from detector.kinds.static import StaticModel, fit_static
 from detector.kinds.training import FloatArray, TrainingData
 
@@ -78,15 +78,7 @@ class MultiscaleState:
     ) -> MultiscaleState:
         """The state after the fit's readings; bins and cadence are fixed here for good."""
         params = params or MultiscaleParams()
-        ts = np.asarray(timestamps, dtype=np.float64).ravel()
-        xs = np.asarray(values, dtype=np.float64).ravel()
-        if ts.size != xs.size or ts.size < 2:
-            raise ValueError("fit needs at least two readings with one timestamp each")
-        if not (np.all(np.isfinite(ts)) and np.all(np.isfinite(xs))):
-            raise ValueError("timestamps and values must be finite")
-        gaps = np.diff(np.sort(ts))
-        positive = gaps[gaps > 0]
-        step = float(np.median(positive)) if positive.size else 1.0
+        ts, xs, step = fit_readings(timestamps, values)
         low, high = float(np.min(xs)), float(np.max(xs))
         # A flat fit has no range: unit-wide bins still tell "same value" from "moved".
         width = (high - low) / params.bins if high > low else 1.0 / params.bins

@@ -48,6 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detector.kinds.base import FitOptions, Fitted, Folded, Verdicts
+from detector.kinds.moments import Moments, fit_readings
 from detector.kinds.static import StaticModel, fit_static
 from detector.kinds.training import FloatArray, TrainingData
 
@@ -202,29 +203,12 @@ def _decay_weights(ts: FloatArray, anchor: float, half_life: float) -> FloatArra
     return np.exp2(-(anchor - ts) / half_life)
 
 
-def _moments(values: FloatArray, weights: FloatArray) -> tuple[float, float, float]:
-    total = float(np.sum(weights))
-    if total == 0.0:
-        return 0.0, 0.0, 0.0
-    mean = float(np.sum(weights * values) / total)
-    mean += float(np.sum(weights * (values - mean)) / total)
-    return total, mean, float(np.sum(weights * (values - mean) ** 2))
-
-
 def fit_state(timestamps: Any, values: Any, params: SeasonalParams | None = None) -> FloatArray:
     """The state row after the fit's readings, in closed form (no per-reading loop)."""
     params = params or SeasonalParams()
-    ts = np.asarray(timestamps, dtype=np.float64).ravel()
-    xs = np.asarray(values, dtype=np.float64).ravel()
-    if ts.size != xs.size or ts.size < 2:
-        raise ValueError("fit needs at least two readings with one timestamp each")
-    if not (np.all(np.isfinite(ts)) and np.all(np.isfinite(xs))):
-        raise ValueError("timestamps and values must be finite")
+    ts, xs, step = fit_readings(timestamps, values)
     order = np.argsort(ts, kind="stable")
     ts, xs = ts[order], xs[order]
-    gaps = np.diff(ts)
-    positive = gaps[gaps > 0]
-    step = float(np.median(positive)) if positive.size else 1.0
     span = float(ts[-1] - ts[0])
     row = np.zeros(WIDTH)
     row[STEP] = step
@@ -269,7 +253,8 @@ def fit_state(timestamps: Any, values: Any, params: SeasonalParams | None = None
     bins = _bins(ys, low, width)
     for w_col, hist, hl in ((SLOW_W, SLOW_HIST, row[SLOW_HL]), (FAST_W, FAST_HIST, row[FAST_HL])):
         weights = _decay_weights(ts, anchor, hl)
-        row[w_col : w_col + 3] = _moments(ys, weights)
+        moments = Moments.of(ys, weights)
+        row[w_col : w_col + 3] = moments.weight, moments.mean, moments.m2
         row[hist : hist + BINS + 2] = np.bincount(bins, weights=weights, minlength=BINS + 2)
     row[TIME] = anchor
     row[LAST_ALERT] = -math.inf
