@@ -290,12 +290,19 @@ def test_grafana_files_are_valid_and_use_only_defined_metrics() -> None:
             assert target["datasource"]["uid"] == source["uid"]
             used |= metric_names(target["expr"])
     alert = yaml.safe_load((grafana / "provisioning/alerting/anomaly-rate.yml").read_text())
-    rule = alert["groups"][0]["rules"][0]
-    assert rule["data"][0]["datasourceUid"] == source["uid"]
-    used |= metric_names(rule["data"][0]["model"]["expr"])
+    for group in alert["groups"]:
+        for rule in group["rules"]:
+            assert rule["data"][0]["datasourceUid"] == source["uid"]
+            used |= metric_names(rule["data"][0]["model"]["expr"])
     rules = yaml.safe_load((ROOT / "dashboards/prometheus/rules.yml").read_text())
     for group in rules["groups"]:
         for prometheus_rule in group["rules"]:
             used |= metric_names(prometheus_rule["expr"])
     assert used - known == set()
-    assert {"http_requests_total", "anomalies_detected_total", "stream_consumer_lag"} <= used
+    assert {
+        "http_requests_total",
+        "anomalies_detected_total",
+        "stream_consumer_lag",
+        "episodes_opened_total",
+        "series_stored",
+    } <= used

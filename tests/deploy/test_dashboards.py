@@ -63,6 +63,57 @@ def panel_queries() -> list[tuple[str, str]]:
     return found
 
 
+# Grafana's provisioned rules and the Prometheus alerts they mirror.
+GRAFANA_MIRRORS = {
+    "anomaly-episode-share-high": "AnomalyEpisodeShareHigh",
+    "anomaly-fleet-size-unknown": "AnomalyFleetSizeUnknown",
+}
+
+SHARE_PANEL = "Fleet share with onsets (5 min)"
+
+
+def grafana_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(GRAFANA_ALERT.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def grafana_queries() -> list[tuple[str, str]]:
+    """(rule uid, PromQL) for every Prometheus query of Grafana's provisioned rules."""
+    return [
+        (rule["uid"], entry["model"]["expr"])
+        for rule in grafana_rules()
+        for entry in rule["data"]
+        if entry["datasourceUid"] != "__expr__"
+    ]
+
+
+def test_grafana_rules_are_the_prometheus_rules() -> None:
+    """Each Grafana rule's query is its Prometheus alert's expression, condition included, with
+    `or vector(0)`, and waits as long: the two alerting paths cannot drift apart."""
+    prometheus_rules = {
+        rule["alert"]: rule
+        for group in yaml.safe_load((PROMETHEUS_DIR / "rules.yml").read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    rules = {rule["uid"]: rule for rule in grafana_rules()}
+    assert set(rules) == set(GRAFANA_MIRRORS)
+    queries = dict(grafana_queries())
+
+    def words(expr: str) -> str:
+        return " ".join(expr.replace("(", " ( ").replace(")", " ) ").split())
+
+    for uid, alert in GRAFANA_MIRRORS.items():
+        expected = prometheus_rules[alert]
+        assert words(queries[uid]) == words(f"({expected['expr']}) or vector(0)"), uid
+        assert rules[uid]["for"] == expected["for"], uid
+        assert rules[uid]["labels"] == expected["labels"], uid
+
+    # The dashboard plots the share the alert compares with 5 %.
+    (share,) = [expr for title, expr in panel_queries() if title == SHARE_PANEL]
+    assert words(share) in words(prometheus_rules["AnomalyEpisodeShareHigh"]["expr"])
+
+
 def test_promtool_checks_config_and_rules_and_runs_rule_unit_tests() -> None:
     promtool = binary("promtool")
     for args in (
@@ -172,12 +223,13 @@ def test_every_panel_query_runs_and_core_panels_have_data(prometheus: str, api_u
         body = query(prometheus, expr)
         assert body["status"] == "success", (title, expr, body)
 
-    alert_rule = yaml.safe_load(GRAFANA_ALERT.read_text())["groups"][0]["rules"][0]
-    body = query(prometheus, alert_rule["data"][0]["model"]["expr"])
-    assert body["status"] == "success" and body["data"]["result"], body
+    # Grafana's rule queries answer (0 while quiet, `or vector(0)`), even with no worker scraped.
+    for uid, expr in grafana_queries():
+        body = query(prometheus, expr)
+        assert body["status"] == "success" and body["data"]["result"], (uid, body)
 
     # Our alerting rules load into a real Prometheus and evaluate without error.
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     evaluated = [rule for group in rules for rule in group["rules"]]
-    assert len(evaluated) == 6
+    assert len(evaluated) == 7
     assert all(rule["health"] in ("ok", "unknown") for rule in evaluated), evaluated
