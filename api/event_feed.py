@@ -14,7 +14,7 @@ import orjson
 from redis.asyncio import Redis
 
 from detector.errors import REDIS_ERRORS, AnomalyError, InvalidInputError
-from detector.wire.events import decode_event
+from detector.wire.events import ANOMALY, decode_event, event_type, wanted
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ def parse_stream_id(text: str, name: str) -> StreamId:
 
 
 def format_sse(entry_id: str, fields: dict[str, str]) -> str:
-    """One `event: anomaly` message carrying the stream event's fields as JSON."""
+    """One message carrying the stream event's fields as JSON, named by the event's type
+    (`event: anomaly`, `event: no_data`)."""
     data = orjson.dumps(decode_event(fields)).decode()
-    return f"id: {entry_id}\nevent: anomaly\ndata: {data}\n\n"
+    return f"id: {entry_id}\nevent: {event_type(fields)}\ndata: {data}\n\n"
 
 
 @dataclass(eq=False)
@@ -58,6 +59,7 @@ class Subscriber:
     series_id: str | None
     queue: asyncio.Queue[tuple[StreamId, str] | None]
     dropped: bool = False
+    types: frozenset[str] = frozenset({ANOMALY})  # the event types it asked for
 
 
 @dataclass(eq=False)
@@ -80,7 +82,9 @@ class EventFeed:
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _starting: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
-    async def join(self, series_id: str | None) -> tuple[Subscriber, str]:
+    async def join(
+        self, series_id: str | None, types: frozenset[str] = frozenset({ANOMALY})
+    ) -> tuple[Subscriber, str]:
         """A new subscriber and the feed's position when it joined: every entry after that
         position reaches its queue. Raises TooManyClientsError, or a Redis error when the feed
         cannot start."""
@@ -93,7 +97,7 @@ class EventFeed:
             if self._task is None:
                 self.position = await self.newest_id()
                 self._task = asyncio.create_task(self._run(), name="anomaly-event-feed")
-        subscriber = Subscriber(series_id, asyncio.Queue(self.queue_size))
+        subscriber = Subscriber(series_id, asyncio.Queue(self.queue_size), types=types)
         self.subscribers.add(subscriber)
         return subscriber, self.position
 
@@ -105,7 +109,11 @@ class EventFeed:
         return str(newest[0][0]) if newest else "0-0"
 
     async def catch_up(
-        self, after: str, until: str, series_id: str | None
+        self,
+        after: str,
+        until: str,
+        series_id: str | None,
+        types: frozenset[str] = frozenset({ANOMALY}),
     ) -> AsyncIterator[tuple[StreamId, str]]:
         """The entries after ``after`` up to ``until`` (inclusive), a page at a time."""
         while True:
@@ -113,7 +121,7 @@ class EventFeed:
                 self.stream, min=f"({after}", max=until, count=_CATCH_UP_PAGE
             )
             for entry_id, fields in page:
-                if series_id is None or fields.get("series_id") == series_id:
+                if wanted(fields, types, series_id):
                     yield parse_stream_id(entry_id, "entry id"), format_sse(entry_id, fields)
             if len(page) < _CATCH_UP_PAGE:
                 return
@@ -144,7 +152,7 @@ class EventFeed:
     def _dispatch(self, entry_id: str, fields: dict[str, str]) -> None:
         message: tuple[StreamId, str] | None = None
         for subscriber in list(self.subscribers):
-            if subscriber.series_id is not None and subscriber.series_id != fields.get("series_id"):
+            if not wanted(fields, subscriber.types, subscriber.series_id):
                 continue
             if message is None:  # formatted once, for every client that wants it
                 message = (parse_stream_id(entry_id, "entry id"), format_sse(entry_id, fields))

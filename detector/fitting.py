@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import numpy as np
+
 from detector.kinds.base import Direction, FitOptions, Fitted
 from detector.kinds.registry import get_kind
 from detector.kinds.training import TrainingData, prepare_training_data
@@ -58,4 +60,17 @@ async def fit_version(
         data, fitted = await asyncio.to_thread(fit_training_data, *args, **options)
     else:
         data, fitted = fit_training_data(*args, **options)
-    return await store.save_fit(series_id, data, fitted.model, fitted.params)
+    params = dict(fitted.params)
+    cadence = fit_cadence(data.timestamps)
+    if cadence is not None:  # kept with the version for the silent-series watch
+        params["cadence"] = cadence
+    return await store.save_fit(series_id, data, fitted.model, params)
+
+
+def fit_cadence(timestamps: Any) -> float | None:
+    """A series' cadence: the median positive interval of its training timestamps (seconds),
+    None when every timestamp is the same. Stored in ``params["cadence"]``; versions fitted
+    before it was stored have none, and the stream watch falls back to observed spacing."""
+    gaps = np.diff(np.sort(np.asarray(timestamps, dtype=np.float64)))
+    positive = gaps[gaps > 0]
+    return float(np.median(positive)) if positive.size else None

@@ -101,6 +101,26 @@ class WorkerMetrics:
             ["source"],
             registry=registry,
         )
+        # Silent series (docs/stream-contract.md#silent-series): counted by the worker that
+        # wrote the event; the gauge is the fleet's count as of this worker's last sweep (every
+        # worker reports the same number: take max, not sum).
+        self.no_data_events = Counter(
+            "no_data_events",
+            "no_data events written: state=open when a fitted series went silent, closed when"
+            " its next reading arrived.",
+            ["transport", "state"],
+            registry=registry,
+        )
+        self.series_silent = Gauge(
+            "series_silent",
+            "Fitted series silent now (no reading within their silence threshold), fleet-wide,"
+            " as of this worker's last sweep.",
+            ["transport"],
+            registry=registry,
+        )
+        for state in ("open", "closed"):
+            self.no_data_events.labels(transport, state)
+        self.series_silent.labels(transport)
         for outcome in ("scored", "no_model", "dead"):
             self.readings.labels(transport, outcome)
         self.anomalies.labels("stream")

@@ -26,6 +26,7 @@ from detector.retry import retry_while
 from detector.settings import Settings
 from detector.state.episodes import EpisodeTracker
 from detector.state.series import Acknowledged, SeriesStates, StreamReading
+from detector.state.silence import SilenceWatch, seen_series
 from detector.store.history import record_anomalies
 from detector.store.latest import LatestVersions
 from detector.store.models import ModelStore
@@ -48,12 +49,16 @@ class ScoredBatch:
     no_model: int = 0
     unknown: list[tuple[str, str]] = field(default_factory=list)  # (source id, why)
     opened: int = 0  # episodes opened by stateful kinds (their own alerts)
+    # Per reading, the version that judged it; None without a model (the silence watch).
+    versions: list[int | None] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class Outcome:
     """A processed batch, ready for its transport to commit: every entry id in batch order,
-    the anomaly events (source id → fields) and the dead letters."""
+    the anomaly events (source id → fields), the dead letters, and the `no_data` events that
+    readings of silent series closed ((source id of the closing reading, fields), written
+    with that reading, before its own event; never recorded as anomalies)."""
 
     ids: list[str]
     events: dict[str, dict[str, str]]
@@ -61,6 +66,7 @@ class Outcome:
     scored: int
     no_model: int
     started: float
+    notices: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
 
 class Pipeline:
@@ -77,6 +83,7 @@ class Pipeline:
         metrics: WorkerMetrics,
         streams: SeriesStates,
         stopping: Callable[[], bool] = lambda: False,
+        silence: SilenceWatch | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -95,6 +102,7 @@ class Pipeline:
             else None
         )
         self.stopping = stopping
+        self.silence = silence
 
     async def run(
         self,
@@ -129,6 +137,13 @@ class Pipeline:
                 DeadLetter(i, "unknown_version", why, as_fields(raw[i]))
                 for i, why in scored.unknown
             ]
+        notices: list[tuple[str, dict[str, str]]] = []
+        if self.silence is not None and len(batch):
+            seen = seen_series(
+                batch.source_ids, batch.series_ids, batch.timestamps.tolist(), scored.versions
+            )
+            closed = await self.silence.observe(seen)
+            notices = [(n["resumed_source_id"], n) for n in closed]
         outcome = Outcome(
             ids=list(map(_SOURCE_ID, entries)),
             events=scored.events,
@@ -136,15 +151,18 @@ class Pipeline:
             scored=len(batch) - scored.no_model - len(scored.unknown),
             no_model=scored.no_model,
             started=started,
+            notices=notices,
         )
         if outcome.events and self.settings.stream_record_postgres:
             await self._record(list(outcome.events.values()))
         return outcome
 
-    def count(self, outcome: Outcome, emitted: int) -> None:
-        """Metrics of a committed batch."""
+    def count(self, outcome: Outcome, emitted: int, closed: int = 0) -> None:
+        """Metrics of a committed batch (``closed``: its `no_data` closed events written)."""
         m, label = self.metrics, self.metrics.transport
         m.count_batch(outcome.scored, outcome.no_model, [d.reason for d in outcome.dead], emitted)
+        if closed:
+            m.no_data_events.labels(label, "closed").inc(closed)
         m.batch_duration.labels(label).observe(time.perf_counter() - outcome.started)
         m.last_batch.labels(label).set(time.time())
 
@@ -233,6 +251,8 @@ async def score_batch(
         rule_rows.append(entry[1])
     params = np.array(rule_rows)
     index = np.fromiter(map(rows.__getitem__, keys), dtype=np.intp, count=n)
+    row_versions = [None if m is None else m[0] for m in models]
+    scored.versions = [row_versions[r] for r in index.tolist()]
     values = batch.values
     rule = params[index]
     anomaly = np.asarray(flag(values, rule[:, 2], rule[:, 3], rule[:, 4].astype(np.int8)))
@@ -325,4 +345,3 @@ class RuleRows:
         )
         self._rows[(series_id, version)] = entry
         return entry
-

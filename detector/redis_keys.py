@@ -56,3 +56,12 @@ def producer_key(readings_stream: str, producer_id: str) -> str:
     """A publisher's last applied batch (``ingest.publisher``). It shares the stream's hash
     tag: one script touches both, so in Redis Cluster the stream needs one (``readings:{a}``)."""
     return f"{readings_stream}:producer:{producer_id}"
+
+
+def silence_key(output: str, part: str) -> str:
+    """One of the silent-series watch's keys (``detector.state.silence``), named after the
+    output the events go to (the anomalies stream or topic): ``deadlines`` (a sorted set),
+    ``series``, ``silent`` and ``resumed`` (hashes), ``leases`` (a sorted set, Kafka only).
+    They share the output's hash tag, so in Redis Cluster the sweep can add to the stream in
+    the same script (``anomalies:{a}`` → ``anomalies:{a}:silence:deadlines``)."""
+    return f"{output}:silence:{part}"

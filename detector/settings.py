@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     episodes: bool = True
     episode_quiet_seconds: int = Field(default=3600, ge=0)
     episode_history: int = Field(default=8, ge=0, le=1000)
+    # Silent series (docs/stream-contract.md#silent-series): a fitted series seen on the stream
+    # that sends nothing for SILENCE_CADENCES of its cadence (the fit's median interval), and
+    # at least SILENCE_MIN_SECONDS, of arrival time gets a `no_data` event; 0 cadences turn
+    # the watch off. Every worker sweeps for overdue series every SILENCE_SWEEP_SECONDS.
+    silence_cadences: float = Field(default=10.0, ge=0)
+    silence_min_seconds: float = Field(default=60.0, ge=0)
+    silence_sweep_seconds: float = Field(default=5.0, gt=0, le=3600)
 
     # The Kafka path (``python -m detector.transports.kafka worker``): a faust app, group = app id.
     kafka_bootstrap: str = Field(

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import redis
 
 from detector.settings import Settings
+from detector.wire.events import ANOMALY, EVENT_TYPES
 from ingest.kafka import KafkaPublisher, KafkaSubscriber
 from ingest.publisher import (
     InvalidReadingError,
@@ -211,6 +212,7 @@ def _fit(base_url: str, series_id: str, rng: random.Random, *, end: int) -> None
 def subscribe(args: argparse.Namespace, client: redis.Redis, settings: Settings) -> int:
     start = "0" if args.from_start else (args.from_id or "$")
     subscriber: Subscriber | KafkaSubscriber
+    types = EVENT_TYPES if args.no_data else (ANOMALY,)
     if args.transport == "kafka":
         if args.from_id:
             raise SystemExit("--from takes a Redis entry id; with --transport kafka use --group")
@@ -220,6 +222,7 @@ def subscribe(args: argparse.Namespace, client: redis.Redis, settings: Settings)
             from_start=args.from_start,
             series_id=args.series,
             group=args.group,
+            types=types,
         )
     else:
         subscriber = Subscriber(
@@ -229,6 +232,7 @@ def subscribe(args: argparse.Namespace, client: redis.Redis, settings: Settings)
             series_id=args.series,
             group=args.group,
             consumer=args.consumer,
+            types=types,
         )
     try:
         for event in subscriber.events(limit=args.count, idle_timeout=args.idle_timeout):
@@ -277,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--from-start", action="store_true")
     where.add_argument("--from", dest="from_id", metavar="ID", help="events after this id")
     sub.add_argument("--series", help="only this series")
+    sub.add_argument(
+        "--no-data",
+        action="store_true",
+        help="also print no_data events (a fitted series went silent, or resumed)",
+    )
     sub.add_argument("--group", help="a consumer group of your own: durable position")
     sub.add_argument("--consumer", help="consumer name within --group")
     sub.add_argument("--count", type=int, help="exit after this many events")

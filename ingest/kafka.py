@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from detector.wire.events import decode_event
+from detector.wire.events import ANOMALY, decode_event, wanted
 from detector.wire.kafka import bootstrap_servers, fields_from_json, reading_value, source_id
 from ingest.publisher import checked_fields
 
@@ -100,7 +100,7 @@ class KafkaSubscriber:
     """``Subscriber``'s interface on the `anomalies` topic: events as dicts, plus ``id``
     (``topic/partition/offset``). Without ``group`` it reads from the end (or the start) and
     commits nothing; with ``group`` the position is the group's, committed after each event
-    the caller has taken."""
+    the caller has taken. ``types`` as for ``Subscriber`` (by default anomalies only)."""
 
     def __init__(
         self,
@@ -110,8 +110,10 @@ class KafkaSubscriber:
         from_start: bool = False,
         series_id: str | None = None,
         group: str | None = None,
+        types: Collection[str] = (ANOMALY,),
     ) -> None:
         self.bootstrap = bootstrap
+        self.types = frozenset(types)
         self.topic = topic
         self.from_start = from_start
         self.series_id = series_id
@@ -156,7 +158,7 @@ class KafkaSubscriber:
                 last_event = time.monotonic()
                 for record in records:
                     fields = fields_from_json(record.value) or {}
-                    if self.series_id is None or fields.get("series_id") == self.series_id:
+                    if wanted(fields, self.types, self.series_id):
                         event_id = source_id(record.topic, record.partition, record.offset)
                         yield {"id": event_id, **decode_event(fields)}
                         produced += 1

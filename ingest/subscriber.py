@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import redis
 
-from detector.wire.events import decode_event
+from detector.wire.events import ANOMALY, decode_event, wanted
 
 
 def resolve_start(client: redis.Redis, stream: str, start: str) -> str:
@@ -23,6 +23,11 @@ def resolve_start(client: redis.Redis, stream: str, start: str) -> str:
 
 class Subscriber:
     """Yields anomaly events as dicts (numbers typed, plus ``id``, the event's entry id).
+
+    ``types`` are the event types wanted: by default only anomalies (events of type
+    ``anomaly``, or with no type), so code written before `no_data` events existed sees
+    nothing new; ``types=("anomaly", "no_data")`` adds silent-series events. Others are
+    skipped (and, in a group, acknowledged).
 
     Without ``group`` it reads with XREAD and keeps its position in memory. With ``group`` it
     joins (creating it if needed, at ``start``) that consumer group and acknowledges each event
@@ -41,8 +46,10 @@ class Subscriber:
         consumer: str | None = None,
         block_ms: int = 2000,
         count: int = 100,
+        types: Collection[str] = (ANOMALY,),
     ) -> None:
         self.client = client
+        self.types = frozenset(types)
         self.stream = stream
         self.start = start
         self.series_id = series_id
@@ -63,7 +70,7 @@ class Subscriber:
                     return
                 continue
             last_event = time.monotonic()
-            if self.series_id is None or fields.get("series_id") == self.series_id:
+            if wanted(fields, self.types, self.series_id):
                 yield {"id": entry_id, **decode_event(fields)}
                 produced += 1
             if self.group is not None:

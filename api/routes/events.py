@@ -11,9 +11,10 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import SeriesIdQueryDep, ServicesDep
 from api.event_feed import EventFeed, Subscriber, parse_stream_id
-from detector.errors import REDIS_ERRORS, StoreUnavailableError
+from detector.errors import REDIS_ERRORS, InvalidInputError, StoreUnavailableError
 from detector.identifiers import SERIES_ID_RULE, SERIES_ID_SCHEMA, validate_series_id
 from detector.store.history import query_anomalies, query_episodes
+from detector.wire.events import ANOMALY, EVENT_TYPES
 
 router = APIRouter(tags=["streams"])
 
@@ -44,12 +45,24 @@ async def events(
     last_event_id: Annotated[
         str | None, Header(description="Resume after this event id (browsers send it).")
     ] = None,
+    types: Annotated[
+        str,
+        Query(
+            description="Comma-separated event types to send: `anomaly` (the default) and "
+            "`no_data` (a fitted series went silent, or resumed).",
+            pattern=r"^[a-z_]+(,[a-z_]+)*$",
+        ),
+    ] = ANOMALY,
 ) -> StreamingResponse:
     """One `event: anomaly` per anomalous reading from now on (or after ``Last-Event-ID``,
-    else ``last_id``), with the stream event's fields as JSON data; a comment line every 5 s
-    keeps it open. A client that reads too slowly gets an `event: error` and is closed."""
+    else ``last_id``), with the stream event's fields as JSON data; with
+    ``types=anomaly,no_data`` also `event: no_data` messages. A comment line every 5 s keeps
+    it open. A client that reads too slowly gets an `event: error` and is closed."""
     if series_id is not None:
         validate_series_id(series_id)
+    wanted_types = frozenset(types.split(","))
+    if not wanted_types <= set(EVENT_TYPES):
+        raise InvalidInputError(f"types must be a comma-separated list of {', '.join(EVENT_TYPES)}")
     # A reconnecting browser sends the newest id it saw; the URL still carries the first one.
     resume = None
     if last_event_id is not None:
@@ -60,7 +73,7 @@ async def events(
         resume = last_id
     feed = services.events
     try:
-        subscriber, joined = await feed.join(series_id)
+        subscriber, joined = await feed.join(series_id, wanted_types)
     except REDIS_ERRORS as exc:
         raise StoreUnavailableError("redis", f"Redis is unavailable: {exc}") from exc
     try:
@@ -88,7 +101,9 @@ async def _sse(
         yield "retry: 2000\n: connected\n\n"
         if sent < parse_stream_id(joined, "joined"):
             try:
-                async for entry, message in feed.catch_up(start, joined, subscriber.series_id):
+                async for entry, message in feed.catch_up(
+                    start, joined, subscriber.series_id, subscriber.types
+                ):
                     sent = entry
                     yield message
             except REDIS_ERRORS:

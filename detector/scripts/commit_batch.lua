@@ -1,6 +1,7 @@
 -- Commits a batch atomically. ARGV[4] is the batch's entry ids (space-separated), ARGV[5] the
 -- outputs of the entries that have one, as JSON [[id, kind, [field, value, ...]], ...] in entry
--- order. For each entry still pending in the group (whoever owns it) its output is written, then
+-- order; kind 'a' an anomaly event, 'n' a no_data event (both to `anomalies`, counted apart),
+-- 'd' a dead letter; an entry may have several. For each entry still pending in the group (whoever owns it) its output is written, then
 -- it is acknowledged. An entry no longer pending was finished by another consumer that had
 -- claimed it: it is skipped, so no event is ever written twice. Outputs are written before the
 -- XACKs: if a write fails, nothing is acknowledged and the entries are delivered again
@@ -17,7 +18,7 @@
 -- KEYS[1] `readings`, KEYS[2] `anomalies`, KEYS[3] `readings:dead`. ARGV[1] the group,
 -- ARGV[2] and ARGV[3] the MAXLEN ~ of anomalies and dead letters, ARGV[4] the entry ids,
 -- ARGV[5] the outputs, ARGV[6] and ARGV[7] the lowest and highest entry id of the batch.
--- Returns {entries acknowledged, events written}.
+-- Returns {entries acknowledged, anomaly events written, no_data events written}.
 local group = ARGV[1]
 local ids = {}
 for id in string.gmatch(ARGV[4], '%S+') do
@@ -30,7 +31,7 @@ if #outputs > 64 then
         live[p[1]] = true
     end
 end
-local emitted = 0
+local emitted, noticed = 0, 0
 for _, out in ipairs(outputs) do
     local id = out[1]
     if live[id] == nil then
@@ -40,6 +41,9 @@ for _, out in ipairs(outputs) do
         if out[2] == 'a' then
             redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out[3]))
             emitted = emitted + 1
+        elseif out[2] == 'n' then
+            redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(out[3]))
+            noticed = noticed + 1
         elseif out[2] == 'd' then
             redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(out[3]))
         end
@@ -50,4 +54,4 @@ for i = 1, #ids, 1000 do
     acked = acked + redis.call('XACK', KEYS[1], group, unpack(ids, i, math.min(i + 999, #ids)))
 end
 trim_finished(KEYS[1])
-return {acked, emitted}
+return {acked, emitted, noticed}

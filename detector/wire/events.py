@@ -24,7 +24,13 @@ EVENT_FIELDS: Final = (
     "source_id",
     "detected_at",
 )
-_INT_EVENT_FIELDS: Final = frozenset({"timestamp"})
+# Every event's `type` (written after the contract fields above): an anomalous reading, or a
+# silent series (`no_data`, docs/stream-contract.md#silent-series). An event without one was
+# written before types existed and is an anomaly.
+ANOMALY: Final = "anomaly"
+NO_DATA: Final = "no_data"
+EVENT_TYPES: Final = (ANOMALY, NO_DATA)
+_INT_EVENT_FIELDS: Final = frozenset({"timestamp", "resumed_timestamp"})
 _FLOAT_EVENT_FIELDS: Final = frozenset(
     {
         "value",
@@ -37,8 +43,25 @@ _FLOAT_EVENT_FIELDS: Final = frozenset(
         "expected",
         "severity",
         "detector_score",
+        "last_seen_at",
+        "silent_seconds",
+        "threshold_seconds",
+        "cadence_seconds",
     }
 )
+
+
+def event_type(fields: Mapping[str, Any]) -> str:
+    """An event's type; one without a `type` field is an anomaly."""
+    return str(fields.get("type") or ANOMALY)
+
+
+def wanted(fields: Mapping[str, Any], types: frozenset[str], series_id: str | None) -> bool:
+    """Whether a subscriber asking for ``types`` (and one series, unless None) wants it."""
+    return event_type(fields) in types and (
+        series_id is None or fields.get("series_id") == series_id
+    )
+
 
 def number(value: float) -> str:
     """A float as text that parses back to the same float (repr is shortest round-trip)."""
@@ -57,8 +80,8 @@ def event_fields(
     detected_at: float,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The `anomalies` entry of an anomalous reading; ``extra`` adds fields (episode_id …)
-    after the contract's, which consumers that do not know them ignore."""
+    """The `anomalies` entry of an anomalous reading: the contract's fields, ``type``, then
+    ``extra`` (episode_id …), which consumers that do not know them ignore."""
     fields = {
         "series_id": reading.series_id,
         "timestamp": str(reading.timestamp),
@@ -71,6 +94,7 @@ def event_fields(
         "score": number(score),
         "source_id": reading.source_id,
         "detected_at": f"{detected_at:.6f}",
+        "type": ANOMALY,
     }
     if extra:
         fields.update({k: v for k, v in extra.items() if k not in fields})

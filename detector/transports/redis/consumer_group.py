@@ -28,8 +28,9 @@ MAX_DEAD_FIELDS = 200
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """What committing one entry writes besides its acknowledgement: an anomaly event ("a")
-    or a dead letter ("d"); "" writes nothing."""
+    """What committing one entry writes besides its acknowledgement: an anomaly event ("a"),
+    a `no_data` event ("n", the entry closed a silence) or a dead letter ("d"); "" writes
+    nothing."""
 
     source_id: str
     kind: str = ""
@@ -143,22 +144,24 @@ class StreamOps:
         ]
         return reply[0].decode(), entries
 
-    async def commit(self, entry_ids: Sequence[str], outputs: Sequence[Output]) -> tuple[int, int]:
+    async def commit(
+        self, entry_ids: Sequence[str], outputs: Sequence[Output]
+    ) -> tuple[int, int, int]:
         """Acknowledge ``entry_ids`` and write the ``outputs`` (events and dead letters of some
         of them, in entry order) in one atomic script.
 
-        Returns (entries committed, events emitted); entries another consumer had already
-        committed are not counted.
+        Returns (entries committed, anomaly events emitted, no_data events emitted); entries
+        another consumer had already committed are not counted.
         """
         if not entry_ids:
-            return 0, 0
+            return 0, 0, 0
         payload = orjson.dumps(
             [[out.source_id, out.kind, _flatten(out.fields or {})] for out in outputs]
         ).decode()
         # Entries come in stream order (XREADGROUP, XAUTOCLAIM), so the ends bound the range;
         # were they not, the script's single checks would still decide correctly.
         first, last = sorted((entry_ids[0], entry_ids[-1]), key=parse_id)
-        committed, emitted = await self._commit(
+        committed, emitted, noticed = await self._commit(
             keys=[self.readings, self.anomalies, self.dead],
             args=[
                 self.group,
@@ -170,7 +173,7 @@ class StreamOps:
                 last,
             ],
         )
-        return int(committed), int(emitted)
+        return int(committed), int(emitted), int(noticed)
 
     async def delivery_counts(self, consumer: str, ids: Sequence[str]) -> dict[str, int]:
         """How many times each of ``ids`` (pending for ``consumer``) has been delivered."""

@@ -26,6 +26,7 @@ from detector.pipeline import Outcome, Pipeline
 from detector.retry import Backoff, retry_while
 from detector.settings import Settings
 from detector.state.series import SeriesStates
+from detector.state.silence import silence_watch
 from detector.store.models import ModelStore
 from detector.transports.redis.consumer_group import Output, StreamOps, is_nogroup
 from detector.transports.redis.health import clear_health, record_health
@@ -87,6 +88,7 @@ class Worker:
                 group=settings.stream_group,
             ),
             stopping=lambda: self._stopping,
+            silence=silence_watch(settings, redis_client, self.store),
         )
         self.streams = self.pipeline.streams
         self.ops = StreamOps(
@@ -106,6 +108,7 @@ class Worker:
         self._next_claim = 0.0
         self._next_maintenance = 0.0
         self._next_heartbeat = 0.0
+        self._next_sweep = 0.0
         self._label = metrics.transport
         self._started = time.monotonic()
         self._prefetched: asyncio.Task[list[RawEntry]] | None = None
@@ -207,6 +210,7 @@ class Worker:
     async def _step(self, burst: bool) -> bool:
         """One read-score-commit round; False when a burst run has nothing left to do."""
         await self._heartbeat()
+        await self._sweep()
         s = self.settings
         if self._recovering:
             entries = await self._read(self._pending_cursor, block=None)
@@ -337,14 +341,36 @@ class Worker:
 
     async def _commit(self, outcome: Outcome) -> None:
         """Write the batch's events and dead letters and acknowledge it in one atomic script
-        (an ambiguous reply retried is harmless: entries no longer pending are skipped)."""
-        outputs = {i: Output(i, "a", event) for i, event in outcome.events.items()}
+        (an ambiguous reply retried is harmless: entries no longer pending are skipped). A
+        reading that closed a silence has its `no_data` event written before its own."""
+        outputs: dict[str, list[Output]] = {}
+        for i, notice in outcome.notices:
+            outputs.setdefault(i, []).append(Output(i, "n", notice))
+        for i, event in outcome.events.items():
+            outputs.setdefault(i, []).append(Output(i, "a", event))
         for letter in outcome.dead:
-            outputs[letter.source_id] = Output(letter.source_id, "d", letter.to_fields())
-        ordered = [outputs[i] for i in outcome.ids if i in outputs] if outputs else []
-        committed, emitted = await self._in_place(lambda: self.ops.commit(outcome.ids, ordered))
-        self.pipeline.count(outcome, emitted)
+            i = letter.source_id
+            outputs.setdefault(i, []).append(Output(i, "d", letter.to_fields()))
+        ordered = [o for i in outcome.ids for o in outputs.get(i, ())] if outputs else []
+        committed, emitted, closed = await self._in_place(
+            lambda: self.ops.commit(outcome.ids, ordered)
+        )
+        self.pipeline.count(outcome, emitted, closed)
         self.processed += committed
+
+    async def _sweep(self) -> None:
+        """Every ``silence_sweep_seconds``, claim the series gone silent (one atomic script:
+        whichever worker claims a silence writes its one event)."""
+        watch = self.pipeline.silence
+        now = time.monotonic()
+        if watch is None or now < self._next_sweep:
+            return
+        self._next_sweep = now + self.settings.silence_sweep_seconds
+        swept = await watch.sweep()
+        if swept.claimed:
+            log.info("%d series went silent", swept.claimed)
+            self.metrics.no_data_events.labels(self._label, "open").inc(swept.claimed)
+        self.metrics.series_silent.labels(self._label).set(swept.silent)
 
     async def _heartbeat(self) -> None:
         now = time.monotonic()
