@@ -186,3 +186,51 @@ def test_events_feed_sends_no_data_only_when_asked(
     ]
     with httpx.Client(base_url=api_url) as http:
         assert http.get("/events", params={"types": "anomaly,gossip"}).status_code == 422
+
+
+@pytest.mark.slow
+def test_kafka_two_workers_one_event_per_silence_closed_by_the_next_reading(
+    settings: Settings, client: httpx.Client, kafka_bootstrap: str, series_id: str
+) -> None:
+    from ingest.kafka import KafkaPublisher, KafkaSubscriber
+    from tests.support.kafka import KafkaNames, KafkaWorker, create_topics, read_topic
+
+    names = KafkaNames.fresh()
+    create_topics(kafka_bootstrap, names)
+    fit(client, series_id, TRAINING)
+
+    def silences() -> list[dict[str, object]]:
+        return [
+            value
+            for _, _, _, value in read_topic(kafka_bootstrap, names.anomalies)
+            if value.get("type") == "no_data" and value["series_id"] == series_id
+        ]
+
+    def send(rows: list[tuple[int, float]]) -> None:
+        with KafkaPublisher(f"kafka://{kafka_bootstrap}", topic=names.readings) as publisher:
+            for timestamp, value in rows:
+                publisher.publish(series_id, timestamp, value)
+
+    workers = [KafkaWorker(settings, kafka_bootstrap, names, **SHORT) for _ in range(2)]
+    try:
+        send([(1000 + n, 100.0) for n in range(5)])
+        wait_for(silences, "the no_data event", 60)
+        time.sleep(2.0)  # more sweeps by both workers
+        (opened,) = silences()
+        assert opened["state"] == "open" and opened["timestamp"] == 1004
+        assert opened["cadence_seconds"] == 1.0
+        send([(2000, 100.0)])
+        wait_for(lambda: len(silences()) == 2, "the closed event", 60)
+        closed = silences()[1]
+        assert closed["state"] == "closed" and closed["silence_id"] == opened["silence_id"]
+        leases = silence_key(names.anomalies, "leases")
+        r = redis.Redis.from_url(settings.redis_connection_url())
+        assert r.zcard(leases) == 0  # produced and acknowledged: no lease left
+        r.close()
+        old = KafkaSubscriber(
+            f"kafka://{kafka_bootstrap}", topic=names.anomalies, from_start=True
+        )
+        assert list(old.events(idle_timeout=3.0)) == []  # anomalies only: nothing here
+    finally:
+        for worker in workers:
+            worker.stop()

@@ -21,8 +21,10 @@ from detector.pipeline import Pipeline
 from detector.retry import retry_while
 from detector.settings import Settings
 from detector.state.series import Acknowledged, SeriesStates
+from detector.state.silence import silence_watch
 from detector.store.connections import apply_schema, postgres_pool, redis_client
 from detector.store.models import ModelStore
+from detector.transports.kafka.silence import KafkaSilenceSweep
 from detector.wire.kafka import dead_value, event_value, fields_from_json, source_id
 from detector.wire.readings import DeadLetter, RawEntry, flat_fields
 
@@ -88,6 +90,8 @@ def create_app(settings: Settings, metrics: WorkerMetrics) -> faust.App:
     # Registered by call, not as decorators: faust's decorators are untyped.
     app.task(serve_metrics)
     app.timer(interval=5.0)(measure_lag)
+    if s.silence_cadences > 0:  # silent series: claimed in Redis, produced to `anomalies`
+        app.timer(interval=s.silence_sweep_seconds)(KafkaSilenceSweep(s, metrics, anomalies).sweep)
     return app
 
 
@@ -148,6 +152,9 @@ class KafkaScorer:
             source=f"kafka:{anomalies.get_topic_name()}",
             metrics=metrics,
             streams=SeriesStates(self.redis, store),
+            silence=silence_watch(
+                settings, self.redis, store, output=anomalies.get_topic_name(), mode="lease"
+            ),
         )
         self.processed = 0
 
@@ -197,6 +204,12 @@ class KafkaScorer:
             )
             for found in outcome.events.values()
         ]
+        sent += [  # no_data events that readings of silent series closed
+            await self.anomalies.send(
+                key=notice["series_id"].encode(), value=event_value(notice), force=True
+            )
+            for _, notice in outcome.notices
+        ]
         sent += [
             await self.dead.send(
                 key=letter.fields.get("series_id", "").encode() or None,
@@ -210,7 +223,7 @@ class KafkaScorer:
             message = event.message
             self.positions[(message.topic, message.partition)] = message.offset + 1
         self.processed += len(batch)
-        self.pipeline.count(outcome, len(outcome.events))
+        self.pipeline.count(outcome, len(outcome.events), len(outcome.notices))
 
     def _acknowledged(self) -> Acknowledged | None:
         """Records below their partition's committed offset are never delivered again."""
