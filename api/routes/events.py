@@ -50,7 +50,7 @@ async def events(
         Query(
             description="Comma-separated event types to send: `anomaly` (the default) and "
             "`no_data` (a fitted series went silent, or resumed).",
-            pattern=r"^[a-z_]+(,[a-z_]+)*$",
+            pattern=r"^(anomaly|no_data)(,(anomaly|no_data))*$",
         ),
     ] = ANOMALY,
 ) -> StreamingResponse:

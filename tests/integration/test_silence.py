@@ -227,9 +227,7 @@ def test_kafka_two_workers_one_event_per_silence_closed_by_the_next_reading(
         r = redis.Redis.from_url(settings.redis_connection_url())
         assert r.zcard(leases) == 0  # produced and acknowledged: no lease left
         r.close()
-        old = KafkaSubscriber(
-            f"kafka://{kafka_bootstrap}", topic=names.anomalies, from_start=True
-        )
+        old = KafkaSubscriber(f"kafka://{kafka_bootstrap}", topic=names.anomalies, from_start=True)
         assert list(old.events(idle_timeout=3.0)) == []  # anomalies only: nothing here
     finally:
         for worker in workers:
