@@ -1,5 +1,6 @@
 """The stream pipeline, for every transport: parse → resolve models → score → update state →
-episodes → dead letters → record. The transport reads the batch and commits the outcome.
+episodes → silent series (``detector.state.silence``) → dead letters → record. The transport
+reads the batch and commits the outcome.
 
 ``detector.transports.redis`` and ``detector.transports.kafka`` are thin adapters around
 ``Pipeline.run``: they turn what they read into ``RawEntry`` pairs (source id, flat fields),
