@@ -7,6 +7,7 @@ from collections.abc import Callable
 from bench.context import Context
 from bench.report import Row
 from bench.scenarios.fit import scenario_fit, scenario_fit_arrow
+from bench.scenarios.kafka import scenario_kafka
 from bench.scenarios.memory import scenario_memory
 from bench.scenarios.rest import (
     scenario_batch,
@@ -26,4 +27,5 @@ SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "memory": scenario_memory,
     "stream": scenario_stream,
     "stream2": scenario_stream_scaling,
+    "kafka": scenario_kafka,
 }
