@@ -98,6 +98,12 @@ class StatefulKind(DetectorKind, Protocol):
         """The state as a JSON-ready value."""
         ...
 
+    def prepare(self) -> None:
+        """Load what folding needs (a compiler, say) ahead of the first fold, so that the
+        first batch does not wait for it; idempotent and thread-safe (workers call it in a
+        thread at start)."""
+        ...
+
     def decode_state(self, data: Any) -> Any: ...
 
 

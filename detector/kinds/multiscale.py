@@ -348,6 +348,9 @@ class MultiscaleKind:
     def decode_state(self, data: dict[str, Any]) -> MultiscaleState:
         return MultiscaleState.from_dict(data)
 
+    def prepare(self) -> None:
+        """Nothing to load: the fold is plain Python."""
+
     def merge(self, a: MultiscaleState, b: MultiscaleState) -> MultiscaleState:
         return a.merge(b)
 

@@ -41,6 +41,14 @@ def stateful_kind(name: str) -> StatefulKind | None:
     return kind if kind is not None and kind.stateful else None  # type: ignore[return-value]
 
 
+def prepare_stateful() -> None:
+    """``prepare`` every stateful kind (blocking: run it in a thread)."""
+    for name in sorted(STATEFUL):
+        kind = stateful_kind(name)
+        if kind is not None:
+            kind.prepare()
+
+
 def model_from_dict(data: dict[str, Any]) -> StaticModel:
     """Rebuild a model from its stored form (JSON in Redis, a row in PostgreSQL)."""
     cls = MODEL_CLASSES[data.get("kind", "static")]

@@ -550,5 +550,9 @@ class SeasonalKind:
     def encode_state(self, state: FloatArray) -> str:
         return encode_state(state)
 
+    def prepare(self) -> None:
+        """Load the compiled fold (numba and its disk cache: about two seconds)."""
+        _compiled()
+
     def decode_state(self, data: str) -> FloatArray:
         return decode_state(data)

@@ -31,6 +31,7 @@ state. Readings that pin a version are scored by that version's stateless rule i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ from redis.asyncio import Redis
 
 from detector.errors import ModelNotFoundError
 from detector.kinds.base import TESTS, Folded, StatefulKind, severity
-from detector.kinds.registry import stateful_kind
+from detector.kinds.registry import prepare_stateful, stateful_kind
 from detector.redis_keys import state_key
 from detector.scripts import lua
 from detector.store.models import ModelStore
@@ -297,6 +298,7 @@ class SeriesStates:
         # A state another process wrote since fails the compare-and-set and is read again.
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[str, SeriesState]] = OrderedDict()
+        self._preparing: asyncio.Task[None] | None = None
 
     async def fold(
         self,
@@ -330,17 +332,27 @@ class SeriesStates:
                 if summary and summary.get("pending") and summary.get("min"):
                     done = below(entry_order(str(summary["min"])))
             read = dict(zip(misses, replies, strict=True))
-            currents: list[SeriesState] = []
-            seqs: list[str] = []
-            written: list[str] = []
+            loaded: list[tuple[str, str | None, SeriesState | None, StreamReading]] = []
             for series_id in todo:
                 group = by_series[series_id]
-                newest = max(group, key=lambda r: r.version)
+                newest = group[0] if len(group) == 1 else max(group, key=lambda r: r.version)
                 if series_id in read:
                     seq, raw = read[series_id]
                     stored = None if raw is None else SeriesState.from_json(raw)
                 else:
                     seq, stored = cache[series_id]
+                loaded.append((series_id, seq, stored, newest))
+            refits = [
+                (series_id, newest.version)
+                for series_id, _, stored, newest in loaded
+                if stored is None or stored.version < newest.version
+            ]
+            if refits:  # new versions' initial states: their params in one query, not one each
+                await self.store.prefetch_params(refits)
+            currents: list[SeriesState] = []
+            seqs: list[str] = []
+            written: list[str] = []
+            for series_id, seq, stored, newest in loaded:
                 if stored is None or stored.version < newest.version:
                     current = await self._initial(series_id, stored, newest.version, newest.kind)
                 else:
@@ -377,6 +389,21 @@ class SeriesStates:
             if not todo:
                 return events, opened
         raise RuntimeError(f"stream state of {todo} kept changing under {MAX_ATTEMPTS} tries")
+
+    def prepare(self) -> asyncio.Task[None]:
+        """Start loading what the stateful kinds need to fold (the seasonal kind's compiled
+        loop) in a thread, so that the first batch with such a series does not wait for it
+        (a fold that comes first waits for the load, as without this); a failure is logged
+        and left to the first fold to raise."""
+        task = asyncio.create_task(asyncio.to_thread(prepare_stateful), name="prepare-kinds")
+        self._preparing = task  # a reference, so the task is not collected before it ends
+
+        def report(done: asyncio.Task[None]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                log.warning("preparing the stateful kinds failed: %r", done.exception())
+
+        task.add_done_callback(report)
+        return task
 
     async def _initial(
         self, series_id: str, stored: SeriesState | None, version: int, kind: str

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -259,6 +259,24 @@ class ModelStore:
         while len(self._params) > _PARAMS_CACHE:
             self._params.popitem(last=False)
         return found
+
+    async def prefetch_params(self, keys: Sequence[tuple[str, int]]) -> None:
+        """Load the ``params`` of many versions into the cache in one query (a refit of many
+        series, a worker's first batch), so that ``params`` answers them without a round trip
+        each; versions not found are left for ``params`` to report."""
+        missing = sorted({key for key in keys if key not in self._params})
+        for start in range(0, len(missing), _PARAMS_CACHE // 2):
+            chunk = missing[start : start + _PARAMS_CACHE // 2]
+            rows = await self._pg_fetchall(
+                "SELECT m.series_id, m.version, m.params FROM model_versions m"
+                " JOIN unnest(%s::text[], %s::int[]) AS k(series_id, version)"
+                " ON m.series_id = k.series_id AND m.version = k.version",
+                ([s for s, _ in chunk], [v for _, v in chunk]),
+            )
+            for row in rows:
+                self._params[(row["series_id"], int(row["version"]))] = dict(row["params"] or {})
+        while len(self._params) > _PARAMS_CACHE:
+            self._params.popitem(last=False)
 
     async def training_data(self, series_id: str, version: int) -> TrainingData:
         """The stored training points of a version, sorted by timestamp."""

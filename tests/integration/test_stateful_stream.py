@@ -229,3 +229,36 @@ def test_redelivery_does_not_fold_twice(
     assert [key(f) for f in got] == [key(f) for f in first]  # the same events, once each
     assert redis_client.xpending(s.stream_readings, s.stream_group)["pending"] == 0
     assert redis_client.exists(state_key(series_id)) == 1
+
+
+def test_initial_states_of_many_refits_come_from_one_query_and_match(
+    settings: Settings, client: httpx.Client, kind: str
+) -> None:
+    """A batch that meets many new versions loads their params in one query; what it loads
+    is what one query per version gives, and a version that does not exist is still reported
+    as missing (its readings are skipped, not folded from nothing)."""
+    from detector.errors import ModelNotFoundError
+    from detector.store.models import ModelStore
+
+    series = [fresh_series() for _ in range(3)]
+    for i, series_id in enumerate(series):
+        fit_stateful(client, series_id, kind, seed=10 + i)
+
+    async def go() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        r, pool = async_redis_client(settings), postgres_pool(settings)
+        await pool.open()
+        try:
+            bulk, single = ModelStore(r, pool), ModelStore(r, pool)
+            await bulk.prefetch_params([(s, 1) for s in series] + [("no-such-series", 1)])
+            pool_stats = pool.get_stats().get("requests_num", 0)
+            loaded = [await bulk.params(s, 1) for s in series]
+            assert pool.get_stats().get("requests_num", 0) == pool_stats  # all from the cache
+            with pytest.raises(ModelNotFoundError):
+                await bulk.params("no-such-series", 1)
+            return loaded, [await single.params(s, 1) for s in series]
+        finally:
+            await pool.close()
+            await r.aclose()
+
+    loaded, one_by_one = asyncio.run(go())
+    assert loaded == one_by_one and all(loaded)

@@ -16,6 +16,7 @@ from faust.types import EventT
 from prometheus_client import start_http_server
 
 from detector.errors import POSTGRES_ERRORS, is_unavailable
+from detector.kinds.registry import stateful_kind
 from detector.metrics import WorkerMetrics
 from detector.pipeline import Pipeline
 from detector.retry import retry_while
@@ -159,6 +160,8 @@ class KafkaScorer:
         self.processed = 0
 
     async def open(self) -> None:
+        if stateful_kind(self.settings.default_kind) is not None:
+            self.pipeline.streams.prepare()  # what a fit without options makes: load its fold
         await self.pool.open(wait=False)
         try:
             await apply_schema(self.pool)

@@ -21,6 +21,7 @@ from detector.errors import (
     is_unavailable,
     redis_unavailable,
 )
+from detector.kinds.registry import stateful_kind
 from detector.metrics import WorkerMetrics
 from detector.pipeline import Outcome, Pipeline
 from detector.retry import Backoff, retry_while
@@ -122,6 +123,8 @@ class Worker:
         (no undelivered entry and nothing pending for any consumer)."""
         log.info("worker %s consuming %s", self.consumer, self.settings.stream_readings)
         self._started = time.monotonic()
+        if stateful_kind(self.settings.default_kind) is not None:
+            self.streams.prepare()  # what a fit without options makes: load its fold now
         await self._ensure_group()
         try:
             await self._consume(burst)
