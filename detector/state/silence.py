@@ -26,7 +26,7 @@ from typing import Any, Literal
 import orjson
 from redis.asyncio import Redis
 
-from detector.errors import ModelNotFoundError
+from detector.errors import ModelNotFoundError, StoreUnavailableError
 from detector.redis_keys import silence_key
 from detector.scripts import lua
 from detector.settings import Settings
@@ -110,9 +110,15 @@ class SilenceWatch:
         need, closed = await self._call_observe([self._item(s, 0.0) for s in seen])
         if need:
             wanted = set(need)
-            again = [
-                self._item(s, await self._fit_cadence(s)) for s in seen if s.series_id in wanted
-            ]
+            new = [s for s in seen if s.series_id in wanted]
+            try:  # their versions' params in one query (not one per series)
+                await self.store.prefetch_params([(s.series_id, s.version) for s in new])
+                again = [self._item(s, await self._fit_cadence(s)) for s in new]
+            except StoreUnavailableError as exc:
+                # PostgreSQL down: scoring goes on; these series join the watch at a later
+                # batch, when their cadence can be read (the next one asks again).
+                log.warning("silence watch: fit cadences unavailable, retried later: %s", exc)
+                return closed
             _, more = await self._call_observe(again)
             closed += more
         return closed
