@@ -105,6 +105,23 @@ class BatchPredictResponse(BaseModel):
     )
 
 
+class BackfillResponse(BaseModel):
+    job: str = Field(description="The job id: pass it back (with `start`) to continue the job.")
+    series_id: str
+    start: int = Field(description="The index of this request's first reading in the job.")
+    next_start: int = Field(description="The index the job's next reading takes.")
+    scored: int = Field(description="Readings scored (all of them: the series has a model).")
+    anomalies: int
+    episodes_opened: int = Field(description="Episodes whose first anomaly is in this request.")
+    stream: str = Field(description="The stream the events were also written to.")
+    events: list[dict[str, Any]] = Field(
+        description=(
+            "The anomaly events, in reading order, with the live stream's fields (numbers "
+            "typed) and `backfill`: the job id."
+        )
+    )
+
+
 class VersionInfo(BaseModel):
     version: str
     mean: float

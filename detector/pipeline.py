@@ -85,10 +85,14 @@ class Pipeline:
         streams: SeriesStates,
         stopping: Callable[[], bool] = lambda: False,
         silence: SilenceWatch | None = None,
+        namespace: str = "",
+        history_source: str = "stream",
     ) -> None:
         self.settings = settings
         self.store = store
         self.source = source
+        # What the anomaly history's ``source`` column says of this pipeline's rows.
+        self.history_source = history_source
         self.metrics = metrics
         self.latest = LatestVersions(store, settings.model_refresh_seconds)
         self.rules = RuleRows(max(1, settings.model_cache_size))
@@ -98,6 +102,7 @@ class Pipeline:
                 store.redis,
                 quiet_seconds=settings.episode_quiet_seconds,
                 history=settings.episode_history,
+                namespace=namespace,
             )
             if settings.episodes
             else None
@@ -114,9 +119,31 @@ class Pipeline:
     ) -> Outcome:
         """Process one batch; ``dead`` are letters the transport already decided."""
         started = time.perf_counter()
-        letters = list(dead)
         batch, invalid = parse_batch(entries)
-        letters += invalid
+        return await self.run_batch(
+            batch,
+            ids=list(map(_SOURCE_ID, entries)),
+            dead=[*dead, *invalid],
+            acknowledged=acknowledged,
+            raw=entries,
+            started=started,
+        )
+
+    async def run_batch(
+        self,
+        batch: ReadingBatch,
+        *,
+        ids: list[str] | None = None,
+        dead: Sequence[DeadLetter] = (),
+        acknowledged: Acknowledged | None = None,
+        raw: Sequence[RawEntry] | None = None,
+        started: float | None = None,
+    ) -> Outcome:
+        """Process readings already parsed (``run`` parses a transport's raw entries; a
+        backfill hands its validated columns here). ``ids``: every source id of the batch in
+        order (default: the batch's); ``raw``: the raw entries, for dead letters' fields."""
+        started = time.perf_counter() if started is None else started
+        letters = list(dead)
         scored = await score_batch(
             batch,
             self.store,
@@ -133,9 +160,9 @@ class Pipeline:
             opened = await self.episodes.assign(scored.events)
             self.metrics.episodes_opened.labels(label).inc(opened)
         if scored.unknown:
-            raw = dict(entries)
+            fields = dict(raw) if raw is not None else {}
             letters += [
-                DeadLetter(i, "unknown_version", why, as_fields(raw[i]))
+                DeadLetter(i, "unknown_version", why, as_fields(fields.get(i)))
                 for i, why in scored.unknown
             ]
         notices: list[tuple[str, dict[str, str]]] = []
@@ -146,7 +173,7 @@ class Pipeline:
             closed = await self.silence.observe(seen)
             notices = [(n["resumed_source_id"], n) for n in closed]
         outcome = Outcome(
-            ids=list(map(_SOURCE_ID, entries)),
+            ids=list(batch.source_ids) if ids is None else ids,
             events=scored.events,
             dead=letters,
             scored=len(batch) - scored.no_model - len(scored.unknown),
@@ -173,7 +200,9 @@ class Pipeline:
         never spends the readings' delivery budget."""
         try:
             await retry_while(
-                lambda: record_anomalies(self.store.pool, self.source, events),
+                lambda: record_anomalies(
+                    self.store.pool, self.source, events, source=self.history_source
+                ),
                 lambda exc: isinstance(exc, _HISTORY_ERRORS) and not self.stopping(),
                 log=log,
                 what="PostgreSQL unavailable",

@@ -32,14 +32,20 @@ def write_probe_key(series_id: str) -> str:
     return f"probe:{{{series_id}}}"
 
 
-def state_key(series_id: str) -> str:
-    """The series' streaming state of a stateful kind."""
-    return f"state:{{{series_id}}}"
+def state_key(series_id: str, namespace: str = "") -> str:
+    """The series' streaming state of a stateful kind; ``namespace`` (a backfill job's
+    ``backfill:<job>:``) keeps another run's state apart from the live stream's."""
+    return f"{namespace}state:{{{series_id}}}"
 
 
-def episode_key(series_id: str) -> str:
-    """The series' current episode and a few closed ones."""
-    return f"episode:{{{series_id}}}"
+def episode_key(series_id: str, namespace: str = "") -> str:
+    """The series' current episode and a few closed ones (``namespace``: as for states)."""
+    return f"{namespace}episode:{{{series_id}}}"
+
+
+def backfill_namespace(job: str) -> str:
+    """The prefix of a backfill job's state and episode keys."""
+    return f"backfill:{job}:"
 
 
 def attempts_key(readings_stream: str) -> str:

@@ -144,6 +144,12 @@ class Settings(BaseSettings):
     silence_cadences: float = Field(default=10.0, ge=0)
     silence_min_seconds: float = Field(default=60.0, ge=0)
     silence_sweep_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Backfill (docs/stream-contract.md#backfill): a history scored through the stream
+    # pipeline, its events on their own stream, its states and episodes under their own keys
+    # (kept this long after the job's last chunk), its history rows marked `backfill`.
+    stream_backfill: str = "anomalies:backfill"
+    backfill_chunk: int = Field(default=50_000, ge=1, le=1_000_000)
+    backfill_state_ttl_seconds: int = Field(default=7 * 86_400, ge=1)
 
     # The Kafka path (``python -m detector.transports.kafka worker``): a faust app, group = app id.
     kafka_bootstrap: str = Field(

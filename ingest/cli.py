@@ -1,8 +1,10 @@
-"""The ``python -m ingest`` / ``anomaly-ingest`` command line: publish, generate, subscribe."""
+"""The ``python -m ingest`` / ``anomaly-ingest`` command line: publish, generate, subscribe,
+backfill."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
 import math
@@ -16,8 +18,13 @@ from typing import Any, TextIO
 
 import redis
 
+from detector.backfill import Backfill, BackfillResult
+from detector.identifiers import parse_version
 from detector.settings import Settings
-from detector.wire.events import ANOMALY, EVENT_TYPES
+from detector.store.connections import postgres_pool
+from detector.store.connections import redis_client as async_redis_client
+from detector.store.models import ModelStore
+from detector.wire.events import ANOMALY, EVENT_TYPES, decode_event
 from ingest.kafka import KafkaPublisher, KafkaSubscriber
 from ingest.publisher import (
     InvalidReadingError,
@@ -243,6 +250,80 @@ def subscribe(args: argparse.Namespace, client: redis.Redis, settings: Settings)
     return 0
 
 
+def backfill(args: argparse.Namespace, client: redis.Redis, settings: Settings) -> int:
+    """Score a CSV history through the stream pipeline as backfill job ``--job`` (default: a
+    new one): events on STREAM_BACKFILL (and with ``--events`` on stdout), progress on
+    stderr. Needs Redis and PostgreSQL as the workers reach them (REDIS_*, POSTGRES_*)."""
+    if args.redis_url:
+        settings = settings.model_copy(update={"redis_url": args.redis_url})
+    if args.stream:
+        settings = settings.model_copy(update={"stream_backfill": args.stream})
+    return asyncio.run(_backfill(args, settings))
+
+
+async def _backfill(args: argparse.Namespace, settings: Settings) -> int:
+    redis_async, pool = async_redis_client(settings), postgres_pool(settings)
+    await pool.open()
+    errors = scored = no_model = anomalies = episodes = 0
+    try:
+        job = Backfill(settings, ModelStore(redis_async, pool), args.job)
+        progress = Progress(f"backfill {job.job} from {args.csv}")
+        index = args.start
+
+        def take(result: BackfillResult) -> None:
+            nonlocal scored, no_model, anomalies, episodes, index
+            scored += result.scored
+            no_model += result.no_model
+            anomalies += len(result.events)
+            episodes += result.episodes_opened
+            index = result.next_index
+            for letter in result.dead:
+                print(f"{letter.source_id}: refused: {letter.detail}", file=sys.stderr)
+            if args.events:
+                for fields in result.events:
+                    sys.stdout.write(json.dumps(decode_event(fields), default=_json_default) + "\n")
+            progress.update(index - args.start)
+
+        chunk: list[dict[str, str]] = []
+
+        async def send() -> None:
+            versions = [parse_version(f["version"])[0] if "version" in f else None for f in chunk]
+            take(
+                await job.score(
+                    [f["series_id"] for f in chunk],
+                    [int(f["timestamp"]) for f in chunk],
+                    [float(f["value"]) for f in chunk],
+                    versions=versions if any(versions) else None,
+                    start=index,
+                )
+            )
+            chunk.clear()
+
+        # One task on the loop: reading the file between chunks keeps nothing else waiting.
+        with open(args.csv, newline="", encoding="utf-8") as handle:  # noqa: ASYNC230
+            for line, outcome in csv_rows(handle, args.series_id):
+                if isinstance(outcome, str):
+                    errors += 1
+                    print(f"{args.csv}:{line}: refused: {outcome}", file=sys.stderr)
+                    continue
+                chunk.append(outcome)
+                if len(chunk) >= settings.backfill_chunk:
+                    await send()
+        if chunk:
+            await send()
+        progress.update(index - args.start, final=True)
+    finally:
+        await pool.close()
+        await redis_async.aclose()
+    print(
+        f"backfill {job.job}: {scored} readings scored, {no_model} without a model, "
+        f"{anomalies} anomalies in {episodes} new episodes, {errors} rows refused; events on "
+        f"{settings.stream_backfill}; next start {index}",
+        file=sys.stderr,
+    )
+    return 1 if errors else 0
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -290,6 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--consumer", help="consumer name within --group")
     sub.add_argument("--count", type=int, help="exit after this many events")
     sub.add_argument("--idle-timeout", type=float, help="exit after this many quiet seconds")
+
+    back = commands.add_parser(
+        "backfill",
+        help="score a CSV history through the stream pipeline, apart from the live stream",
+    )
+    back.add_argument("--csv", required=True, help="CSV with a header: timestamp,value[,…]")
+    back.add_argument("--series-id", help="series of rows that do not name one")
+    back.add_argument("--job", help="continue this backfill job (default: a new one)")
+    back.add_argument("--start", type=int, default=0, help="index of the first row in the job")
+    back.add_argument("--events", action="store_true", help="also print the events on stdout")
     return parser
 
 
@@ -306,7 +397,12 @@ def main(argv: list[str] | None = None) -> None:
     client = redis.Redis.from_url(
         args.redis_url or settings.redis_connection_url(), decode_responses=True
     )
-    commands = {"publish": publish, "generate": generate, "subscribe": subscribe}
+    commands = {
+        "publish": publish,
+        "generate": generate,
+        "subscribe": subscribe,
+        "backfill": backfill,
+    }
     try:
         code = commands[args.command](args, client, settings)
     except UnconfirmedBatchError as exc:

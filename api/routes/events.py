@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -140,15 +140,21 @@ async def anomalies(
         bool,
         Query(description="Group into episodes (id, first/last timestamp, count, max |score|)"),
     ] = False,
+    source: Annotated[
+        Literal["stream", "backfill"],
+        Query(description="The live stream's anomalies (default), or backfill jobs'"),
+    ] = "stream",
 ) -> dict[str, Any]:
     """Anomalies the stream workers recorded, oldest first, ``since <= timestamp <= until``;
-    with ``episodes=true`` their episodes instead (``{"series_id", "episodes": [...]}``)."""
+    with ``episodes=true`` their episodes instead (``{"series_id", "episodes": [...]}``);
+    ``source=backfill``: those a backfill recorded instead (never mixed with live ones)."""
+    pool = services.store.pool
     if episodes:
         found = await query_episodes(
-            services.store.pool, series_id, since=since, until=until, limit=limit
+            pool, series_id, since=since, until=until, limit=limit, source=source
         )
         return {"series_id": series_id, "episodes": found}
     items = await query_anomalies(
-        services.store.pool, series_id, since=since, until=until, limit=limit
+        pool, series_id, since=since, until=until, limit=limit, source=source
     )
     return {"series_id": series_id, "anomalies": items}

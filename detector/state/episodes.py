@@ -32,9 +32,12 @@ class EpisodeTracker:
     bytes each).
     """
 
-    def __init__(self, client: Redis, *, quiet_seconds: int, history: int = 8) -> None:
+    def __init__(
+        self, client: Redis, *, quiet_seconds: int, history: int = 8, namespace: str = ""
+    ) -> None:
         self.quiet_seconds = quiet_seconds
         self.history = history
+        self.namespace = namespace  # ``redis_keys.episode_key``'s: a backfill job's own
         self._assign = client.register_script(lua("assign_episodes"))
 
     async def assign_readings(self, readings: list[tuple[str, int, str]]) -> list[Assignment]:
@@ -44,7 +47,7 @@ class EpisodeTracker:
         keys: dict[str, int] = {}
         lines = []
         for series_id, timestamp, source_id in readings:
-            index = keys.setdefault(episode_key(series_id), len(keys) + 1)
+            index = keys.setdefault(episode_key(series_id, self.namespace), len(keys) + 1)
             lines.append(f"{index} {int(timestamp)} {source_id}")
         reply = await self._assign(
             keys=list(keys), args=[self.quiet_seconds, self.history, "\n".join(lines)]

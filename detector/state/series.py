@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -140,6 +142,18 @@ def entry_order(source_id: str) -> tuple[int, int]:
         return -1, -1
 
 
+def fold_order(group: Sequence[StreamReading]) -> Sequence[StreamReading]:
+    """One series' readings in the order they are folded: by timestamp, ties by delivery
+    order. Readings that already come in strictly increasing time (one reading, a backfill,
+    a producer in order) are taken as they are, without a sort."""
+    if len(group) < 2:
+        return group
+    stamps = [r.timestamp for r in group]
+    if all(map(operator.lt, stamps, islice(stamps, 1, None))):
+        return group
+    return sorted(group, key=lambda r: (r.timestamp, entry_order(r.source_id)))
+
+
 # Whether a source id has been committed for good (it can never be delivered again).
 Acknowledged = Callable[[str], bool]
 
@@ -179,12 +193,7 @@ def fold_states(
         folded = set(new.ids)
         outcomes = {r[0]: r for r in new.recent} if new.recent else {}
         fresh = []
-        ordered = (
-            group
-            if len(group) == 1
-            else sorted(group, key=lambda r: (r.timestamp, entry_order(r.source_id)))
-        )
-        for r in ordered:
+        for r in fold_order(group):
             if r.source_id in folded:  # redelivered: emit its event again, do not fold again
                 again = outcomes.get(r.source_id)
                 if again is not None:
@@ -288,9 +297,11 @@ class SeriesStates:
         readings_stream: str | None = None,
         group: str | None = None,
         cache_size: int = 50_000,
+        namespace: str = "",
     ) -> None:
         self.redis = client
         self.store = store
+        self.namespace = namespace  # ``redis_keys.state_key``'s: a backfill job's own states
         self.readings_stream, self.group = readings_stream, group
         self._cas = client.register_script(lua("compare_and_set_states"))
         self.conflicts = 0  # series folded again because another worker wrote first
@@ -322,7 +333,7 @@ class SeriesStates:
             misses = [series_id for series_id in todo if series_id not in cache]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for series_id in misses:
-                    pipe.hmget(state_key(series_id), "seq", "data")
+                    pipe.hmget(state_key(series_id, self.namespace), "seq", "data")
                 if self.readings_stream and self.group:
                     pipe.xpending(self.readings_stream, self.group)
                 replies = await pipe.execute() if len(pipe) else []
@@ -371,7 +382,9 @@ class SeriesStates:
             args: list[str] = []
             for seq, (new, _, _) in zip(seqs, results, strict=True):
                 args += [seq, new.to_json()]
-            reply = await self._cas(keys=[state_key(s) for s in todo], args=args)
+            reply = await self._cas(
+                keys=[state_key(s, self.namespace) for s in todo], args=args
+            )
             conflicted = {int(i) - 1 for i in reply}
             for i, (new, found, n) in enumerate(results):
                 if i in conflicted:
@@ -424,7 +437,7 @@ class SeriesStates:
         return fresh
 
 
-async def read_state(client: Redis, series_id: str) -> SeriesState | None:
+async def read_state(client: Redis, series_id: str, namespace: str = "") -> SeriesState | None:
     """The series' stored streaming state (for tests and tools)."""
-    raw = await client.hget(state_key(series_id), "data")
+    raw = await client.hget(state_key(series_id, namespace), "data")
     return None if raw is None else SeriesState.from_json(raw)

@@ -18,7 +18,7 @@ from detector.kinds.training import MAX_TIMESTAMP
 _INSERT = """
 INSERT INTO anomalies (series_id, ts, value, model_version, mean, std, lower_bound,
     upper_bound, score, source, source_stream, source_id, detected_at, episode_id, onset)
-SELECT s, t, v, mv, m, sd, lo, up, sc, 'stream', %s, sid, da, eid, ons
+SELECT s, t, v, mv, m, sd, lo, up, sc, %s, %s, sid, da, eid, ons
 FROM unnest(%s::text[], %s::bigint[], %s::float8[], %s::int[], %s::float8[], %s::float8[],
     %s::float8[], %s::float8[], %s::float8[], %s::text[], %s::timestamptz[], %s::text[],
     %s::boolean[])
@@ -28,9 +28,14 @@ ON CONFLICT (source_stream, source_id) DO NOTHING
 
 
 async def record_anomalies(
-    pool: AsyncConnectionPool, stream: str, events: Sequence[Mapping[str, str]]
+    pool: AsyncConnectionPool,
+    stream: str,
+    events: Sequence[Mapping[str, str]],
+    *,
+    source: str = "stream",
 ) -> None:
-    """Insert anomaly events (the `anomalies` stream's fields) in one statement.
+    """Insert anomaly events (the `anomalies` stream's fields) in one statement; ``source``
+    is what the rows' ``source`` column says (``stream``, or ``backfill`` for a backfill).
 
     Idempotent: a redelivered reading has the same (stream, source_id) and is skipped, so the
     worker writes here before acknowledging and may safely write again after a crash.
@@ -60,7 +65,7 @@ async def record_anomalies(
         ):
             column.append(value)
     async with pool.connection() as conn:
-        await conn.execute(_INSERT, (stream, *columns))
+        await conn.execute(_INSERT, (source, stream, *columns))
 
 
 async def query_anomalies(
@@ -70,19 +75,21 @@ async def query_anomalies(
     since: int | None = None,
     until: int | None = None,
     limit: int = 100,
+    source: str = "stream",
 ) -> list[dict[str, Any]]:
-    """A series' recorded anomalies with since <= timestamp <= until, oldest first."""
+    """A series' recorded anomalies with since <= timestamp <= until, oldest first, of one
+    ``source`` (``stream``: the live workers'; ``backfill``: backfill jobs')."""
     rows = await _fetch(
         pool,
         """
         SELECT series_id, ts, value, model_version, mean, std, lower_bound, upper_bound,
                score, source, source_id, detected_at, episode_id, onset
         FROM anomalies
-        WHERE series_id = %s AND ts >= %s AND ts <= %s
+        WHERE series_id = %s AND ts >= %s AND ts <= %s AND source = %s
         ORDER BY ts, id
         LIMIT %s
         """,
-        (series_id, *_time_range(since, until), limit),
+        (series_id, *_time_range(since, until), source, limit),
     )
     return [
         {
@@ -112,6 +119,7 @@ async def query_episodes(
     since: int | None = None,
     until: int | None = None,
     limit: int = 100,
+    source: str = "stream",
 ) -> list[dict[str, Any]]:
     """A series' recorded episodes with an anomaly in since <= timestamp <= until, oldest
     first: id, first and last anomaly timestamp, count and max |score| of their anomalies in
@@ -124,11 +132,12 @@ async def query_episodes(
                min(ts) FILTER (WHERE onset) AS onset_ts
         FROM anomalies
         WHERE series_id = %s AND ts >= %s AND ts <= %s AND episode_id IS NOT NULL
+          AND source = %s
         GROUP BY episode_id
         ORDER BY min(ts), episode_id
         LIMIT %s
         """,
-        (series_id, *_time_range(since, until), limit),
+        (series_id, *_time_range(since, until), source, limit),
     )
     return [
         {
