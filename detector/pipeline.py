@@ -325,15 +325,14 @@ async def score_batch(
             },
         )
     if stream_rows and streams is not None:
+        # Python values once per batch (numpy scalars indexed one by one cost more).
+        stamps, floats, row_of = batch.timestamps.tolist(), values.tolist(), index.tolist()
+        kind_of = [(0, "") if m is None else (m[0], m[1].kind) for m in models]
+        source_ids = batch.source_ids
         folded, scored.opened = await streams.fold(
             [
                 StreamReading(
-                    batch.source_ids[i],
-                    batch.series_ids[i],
-                    int(batch.timestamps[i]),
-                    float(values[i]),
-                    models[int(index[i])][0],  # type: ignore[index]
-                    models[int(index[i])][1].kind,  # type: ignore[index]
+                    source_ids[i], series_ids[i], stamps[i], floats[i], *kind_of[row_of[i]]
                 )
                 for i in stream_rows
             ],

@@ -25,6 +25,7 @@ from detector.store.connections import postgres_pool
 from detector.store.connections import redis_client as async_redis_client
 from detector.store.models import ModelStore
 from detector.wire.events import ANOMALY, EVENT_TYPES, decode_event
+from detector.wire.readings import check_columns
 from ingest.kafka import KafkaPublisher, KafkaSubscriber
 from ingest.publisher import (
     InvalidReadingError,
@@ -98,6 +99,72 @@ def csv_rows(stream: TextIO, series_id: str | None) -> Iterator[tuple[int, dict[
             )
         except InvalidReadingError as exc:
             yield line, str(exc)
+
+
+# The columns of a chunk of CSV rows that passed the stream's rules: series ids, timestamps,
+# values, pinned versions (None: no row pins one), and the rows refused (line, why).
+Columns = tuple[list[str], list[int], list[float], list[int | None] | None, list[tuple[int, str]]]
+
+
+def csv_columns(stream: TextIO, series_id: str | None, size: int) -> Iterator[Columns]:
+    """``csv_rows``' rules and outcomes, by chunks of up to ``size`` rows as columns: a chunk
+    is checked column-wise at once (``check_columns``), and row by row only when some row of
+    it fails, to say which and why."""
+    reader = csv.reader(stream)
+    header = next(reader, [])
+    where = {name: i for i, name in reversed(list(enumerate(header)))}
+    if not {"timestamp", "value"} <= where.keys():
+        raise SystemExit("the CSV header must name the columns 'timestamp' and 'value'")
+    if series_id is None and "series_id" not in where:
+        raise SystemExit("give --series-id or a 'series_id' column")
+    at_ts, at_value = where["timestamp"], where["value"]
+    at_series, at_version = where.get("series_id"), where.get("version")
+    rows: list[tuple[int, str, str, str, str]] = []
+
+    def cell(row: list[str], at: int | None) -> str:
+        return row[at] if at is not None and at < len(row) else ""
+
+    def chunk() -> Columns:
+        series = [r[1] for r in rows]
+        stamps = [r[2] for r in rows]
+        values = [r[3] for r in rows]
+        if not any(r[4] for r in rows):
+            checked = check_columns(series, stamps, values)
+            if checked is not None:
+                return checked[0], checked[1].tolist(), checked[2].tolist(), None, []
+        good: list[dict[str, str]] = []
+        refused: list[tuple[int, str]] = []
+        for line, s, t, v, version in rows:
+            try:
+                good.append(checked_fields(s, t, v, version or None))
+            except InvalidReadingError as exc:
+                refused.append((line, str(exc)))
+        versions = [parse_version(f["version"])[0] if "version" in f else None for f in good]
+        return (
+            [f["series_id"] for f in good],
+            [int(f["timestamp"]) for f in good],
+            [float(f["value"]) for f in good],
+            versions if any(versions) else None,
+            refused,
+        )
+
+    for row in reader:
+        if not row:  # a blank line, as DictReader skips it
+            continue
+        rows.append(
+            (
+                reader.line_num,
+                cell(row, at_series) or series_id or "",
+                parse_timestamp(cell(row, at_ts)),
+                cell(row, at_value).strip(),
+                cell(row, at_version),
+            )
+        )
+        if len(rows) >= size:
+            yield chunk()
+            rows = []
+    if rows:
+        yield chunk()
 
 
 def json_rows(stream: TextIO, series_id: str | None) -> Iterator[tuple[int, dict[str, str] | str]]:
@@ -284,33 +351,16 @@ async def _backfill(args: argparse.Namespace, settings: Settings) -> int:
                     sys.stdout.write(json.dumps(decode_event(fields), default=_json_default) + "\n")
             progress.update(index - args.start)
 
-        chunk: list[dict[str, str]] = []
-
-        async def send() -> None:
-            versions = [parse_version(f["version"])[0] if "version" in f else None for f in chunk]
-            take(
-                await job.score(
-                    [f["series_id"] for f in chunk],
-                    [int(f["timestamp"]) for f in chunk],
-                    [float(f["value"]) for f in chunk],
-                    versions=versions if any(versions) else None,
-                    start=index,
-                )
-            )
-            chunk.clear()
-
         # One task on the loop: reading the file between chunks keeps nothing else waiting.
         with open(args.csv, newline="", encoding="utf-8") as handle:  # noqa: ASYNC230
-            for line, outcome in csv_rows(handle, args.series_id):
-                if isinstance(outcome, str):
-                    errors += 1
-                    print(f"{args.csv}:{line}: refused: {outcome}", file=sys.stderr)
-                    continue
-                chunk.append(outcome)
-                if len(chunk) >= settings.backfill_chunk:
-                    await send()
-        if chunk:
-            await send()
+            for series, stamps, values, versions, refused in csv_columns(
+                handle, args.series_id, settings.backfill_chunk
+            ):
+                for line, why in refused:
+                    print(f"{args.csv}:{line}: refused: {why}", file=sys.stderr)
+                errors += len(refused)
+                if series:
+                    take(await job.score(series, stamps, values, versions=versions, start=index))
         progress.update(index - args.start, final=True)
     finally:
         await pool.close()

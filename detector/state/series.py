@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import operator
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import islice
-from typing import Any
+from operator import itemgetter, lt
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -63,9 +63,9 @@ MAX_ATTEMPTS = 1000
 MAX_TRACKED = 100_000
 
 
-@dataclass(frozen=True, slots=True)
-class StreamReading:
-    """A reading whose resolved (latest) model is of a stateful kind."""
+class StreamReading(NamedTuple):
+    """A reading whose resolved (latest) model is of a stateful kind (a tuple: a batch makes
+    one per reading, and a tuple is the cheapest record Python builds)."""
 
     source_id: str
     series_id: str
@@ -149,9 +149,12 @@ def fold_order(group: Sequence[StreamReading]) -> Sequence[StreamReading]:
     if len(group) < 2:
         return group
     stamps = [r.timestamp for r in group]
-    if all(map(operator.lt, stamps, islice(stamps, 1, None))):
+    if all(map(lt, stamps, islice(stamps, 1, None))):
         return group
     return sorted(group, key=lambda r: (r.timestamp, entry_order(r.source_id)))
+
+
+_SOURCE_ID, _TIMESTAMP, _VALUE = itemgetter(0), itemgetter(2), itemgetter(3)  # StreamReading's
 
 
 # Whether a source id has been committed for good (it can never be delivered again).
@@ -209,18 +212,19 @@ def fold_states(
         if todo[i]:
             by_kind[new.kind].append(i)
     for kind, members in by_kind.items():
-        flat = [(slot, r) for slot, i in enumerate(members) for r in todo[i]]
-        rows = np.fromiter((slot for slot, _ in flat), dtype=np.intp, count=len(flat))
-        timestamps = np.fromiter((r.timestamp for _, r in flat), dtype=np.float64, count=len(flat))
-        values = np.fromiter((r.value for _, r in flat), dtype=np.float64, count=len(flat))
+        flat = [r for i in members for r in todo[i]]
+        sizes = [len(todo[i]) for i in members]
+        slots = np.repeat(np.arange(len(members), dtype=np.intp), sizes)
+        timestamps = np.fromiter(map(_TIMESTAMP, flat), dtype=np.float64, count=len(flat))
+        values = np.fromiter(map(_VALUE, flat), dtype=np.float64, count=len(flat))
         states, verdicts = _plugin(kind).fold(
-            [news[i].state for i in members], rows, timestamps, values
+            [news[i].state for i in members], slots, timestamps, values
         )
         for slot, i in enumerate(members):
             news[i].state = states[slot]
         for j in np.flatnonzero(verdicts.anomaly).tolist():
-            slot, r = flat[j]
-            i = members[slot]
+            r = flat[j]
+            i = members[int(slots[j])]
             new = news[i]
             if verdicts.alert[j]:
                 new.episode_id = r.source_id
@@ -231,7 +235,7 @@ def fold_states(
         for i in members:
             new = news[i]
             new.count += len(todo[i])
-            new.ids += [r.source_id for r in todo[i]]
+            new.ids += map(_SOURCE_ID, todo[i])
     for new in news:
         if len(new.ids) > MAX_TRACKED:
             new.ids = new.ids[-MAX_TRACKED:]
@@ -382,9 +386,7 @@ class SeriesStates:
             args: list[str] = []
             for seq, (new, _, _) in zip(seqs, results, strict=True):
                 args += [seq, new.to_json()]
-            reply = await self._cas(
-                keys=[state_key(s, self.namespace) for s in todo], args=args
-            )
+            reply = await self._cas(keys=[state_key(s, self.namespace) for s in todo], args=args)
             conflicted = {int(i) - 1 for i in reply}
             for i, (new, found, n) in enumerate(results):
                 if i in conflicted:

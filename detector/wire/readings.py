@@ -290,6 +290,17 @@ def parse_batch(entries: Sequence[RawEntry]) -> tuple[ReadingBatch, list[DeadLet
     return batch, dead
 
 
+def check_columns(
+    series_ids: list[str], timestamps: list[str], values: list[str]
+) -> tuple[list[str], npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
+    """``parse_reading``'s rules over whole columns of text at once (what ``parse_batch`` does
+    for a batch in the common layout): the columns of a ``ReadingBatch`` when every row
+    passes, else None (check the rows one by one to learn which fails, and why)."""
+    if not series_ids:
+        return [], np.empty(0, np.int64), np.empty(0, np.float64)
+    return _columns(list(series_ids), list(timestamps), list(values))
+
+
 def _common_columns(
     entries: Sequence[RawEntry], layout: tuple[str, ...] | tuple[bytes, ...]
 ) -> tuple[list[str], list[str | bytes], list[str | bytes], list[str | bytes]] | None:
