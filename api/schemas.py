@@ -240,6 +240,7 @@ def declare_limits(openapi: dict[str, Any], settings: Settings) -> dict[str, Any
             "maxItems": settings.max_training_points,
         },
         "/predict/{series_id}/batch": {"minItems": 1, "maxItems": settings.max_batch_points},
+        "/backfill/{series_id}": {"minItems": 1, "maxItems": settings.max_batch_points},
     }
     for path, items in limits.items():
         body = openapi["paths"][path]["post"]["requestBody"]["content"]["application/json"]

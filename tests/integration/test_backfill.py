@@ -29,6 +29,7 @@ FIT_POINTS = 600
 # What may differ between a live event and its backfill twin: the ids (entry ids against
 # backfill/<job>/<index>), the episode ids derived from them, when it was detected, the flag.
 IDS = {"source_id", "episode_id", "detected_at", "backfill"}
+INGEST = [sys.executable, "-m", "ingest"]
 
 
 def history(n: int, seed: int) -> list[float]:
@@ -91,9 +92,9 @@ def test_a_backfilled_history_gives_the_events_of_live_streaming_and_touches_not
         writer.writerows((t, v) for _, t, v in rows)
     stream = f"anomalies:backfill:{uuid.uuid4().hex[:8]}"
     job = f"job-{uuid.uuid4().hex[:8]}"
+    command = [*INGEST, "--stream", stream, "backfill", "--csv", str(path)]
     done = subprocess.run(
-        [sys.executable, "-m", "ingest", "--stream", stream, "backfill", "--csv", str(path)]
-        + ["--series-id", series_id, "--job", job],
+        [*command, "--series-id", series_id, "--job", job],
         capture_output=True,
         text=True,
         env=service_env(settings, BACKFILL_CHUNK="700"),  # chunks end mid-history
@@ -115,7 +116,8 @@ def test_a_backfilled_history_gives_the_events_of_live_streaming_and_touches_not
     assert redis_client.hgetall(episode_key(series_id)) == live_episode_before
     namespace = f"backfill:{job}:"
     if kind != "static":
-        assert 0 < redis_client.ttl(state_key(series_id, namespace)) <= settings.backfill_state_ttl_seconds
+        ttl = redis_client.ttl(state_key(series_id, namespace))
+        assert 0 < ttl <= settings.backfill_state_ttl_seconds
     # The history keeps them apart: live by default, the backfill's when asked.
     live_rows = client.get("/anomalies", params={"series_id": series_id, "limit": 10_000}).json()
     assert {a["source_id"] for a in live_rows["anomalies"]} == {f["source_id"] for f in streamed}

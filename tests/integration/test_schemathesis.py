@@ -41,6 +41,7 @@ ROUTES = [
     "POST /fit/{series_id}",
     "POST /predict/{series_id}",
     "POST /predict/{series_id}/batch",
+    "POST /backfill/{series_id}",
     "GET /models/{series_id}",
     "GET /models",
     "GET /healthcheck",
