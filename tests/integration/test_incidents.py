@@ -174,7 +174,8 @@ def test_one_series_episode_is_no_incident_and_two_outages_far_apart_are_two(
         assert [r["first_onset"] for r in rows] == [start + 11_002, start + 1002]
         assert all(r["state"] == "closed" and r["series_count"] == 5 for r in rows)
         # Paged: one a page, the next URL carries the filters.
-        page = client.get("/incidents", params={"since": start, "until": start + 20_000, "limit": 1})
+        bounds = {"since": start, "until": start + 20_000}
+        page = client.get("/incidents", params={**bounds, "limit": 1})
         body = page.json()
         assert [r["first_onset"] for r in body["items"]] == [start + 11_002]
         rest = client.get(body["next"]).json()

@@ -4,6 +4,8 @@ the page cursor, and which subscribers get incident events."""
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -55,7 +57,7 @@ def test_onsets_far_apart_never_share_an_incident(onsets, need) -> None:
     opened = [e for e in rule.events if e[0] == "open"]
     assert len(opened) - len(closed) in (0, 1)
     spans = [(e[4], e[5]) for e in closed]
-    for (_, last), (first, _) in zip(spans, spans[1:], strict=False):
+    for (_, last), (first, _) in itertools.pairwise(spans):
         assert first > last + window  # a gap wider than the window between incidents
 
 
