@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
+import re
 from typing import Annotated, Literal
 from urllib.parse import urlencode
 
-import orjson
 from fastapi import APIRouter, Query, Request
 
 from api.deps import ServicesDep
@@ -18,35 +16,30 @@ from detector.store.incidents import query_incidents
 
 router = APIRouter(tags=["streams"])
 
-_CURSOR_MAX = 1024  # characters: a page key is a timestamp and two short names
-# Stream and topic names as the settings take them (and their `kafka:` form).
-_SOURCE_PATTERN = r"^[A-Za-z0-9_.:{}/-]+$"
+# Stream and topic names as the settings take them (and their `kafka:` form); incident ids are
+# `incident:` and a readings entry id (`ms-seq`, or Kafka's `topic/partition/offset`).
+_NAME = r"[A-Za-z0-9_.:{}/-]"
+_SOURCE_PATTERN = rf"^{_NAME}+$"
+# A page key, `<first onset>,<source>,<incident id>`: every string of this form is one (an
+# onset beyond the largest timestamp is a position after every incident), so any the schema
+# allows is answered.
+_CURSOR = re.compile(rf"([0-9]{{1,19}}),({_NAME}{{1,256}}),({_NAME}{{1,512}})")
 
 
 def cursor_of(first_onset: int, source: str, incident_id: str) -> str:
-    """The opaque ``before`` of the page after an item (URL-safe)."""
-    raw = orjson.dumps([first_onset, source, incident_id])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """The ``before`` of the page after an item."""
+    return f"{first_onset},{source},{incident_id}"
 
 
 def parse_cursor(text: str) -> tuple[int, str, str]:
-    """A ``before`` value back to its page key; a 422 when it is not one ``next`` gave."""
-    try:
-        padded = text + "=" * (-len(text) % 4)
-        key = orjson.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        first, source, incident_id = key
-        if (
-            isinstance(first, int)
-            and not isinstance(first, bool)
-            and 0 <= first <= MAX_TIMESTAMP
-            and isinstance(source, str)
-            and isinstance(incident_id, str)
-            and "\x00" not in source + incident_id  # PostgreSQL text never holds NUL
-        ):
-            return first, source, incident_id
-    except (ValueError, TypeError, binascii.Error, UnicodeEncodeError, orjson.JSONDecodeError):
-        pass
-    raise InvalidInputError("before must be the value a previous page's next URL carries")
+    """A ``before`` value back to its page key; a 422 when it does not have the form."""
+    match = _CURSOR.fullmatch(text)
+    if match is None:
+        raise InvalidInputError(
+            "before must be a page key, <first onset>,<source>,<incident id>, as a previous "
+            "page's next URL carries it"
+        )
+    return min(int(match[1]), MAX_TIMESTAMP + 1), match[2], match[3]
 
 
 @router.get(
@@ -78,7 +71,10 @@ async def incidents(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     before: Annotated[
         str | None,
-        Query(max_length=_CURSOR_MAX, description="From a previous page's `next` URL"),
+        Query(
+            pattern=_CURSOR.pattern.join("^$"),
+            description="The page key in a previous page's `next` URL",
+        ),
     ] = None,
 ) -> IncidentPage:
     key = parse_cursor(before) if before is not None else None

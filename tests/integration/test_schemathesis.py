@@ -46,6 +46,7 @@ ROUTES = [
     "GET /healthcheck",
     "GET /plot",
     "GET /metrics",
+    "GET /incidents",
 ]
 
 

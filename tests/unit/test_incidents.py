@@ -99,15 +99,17 @@ def test_onsets_of_a_batch_are_its_events_with_onset_1_in_order() -> None:
     ]
 
 
-@given(st.integers(0, 2**62), st.text(min_size=1), st.text(min_size=1))
+NAME = st.text("abcXYZ019_.:{}/-", min_size=1, max_size=40)
+
+
+@given(st.integers(0, 2**62), NAME, NAME)
 def test_a_cursor_round_trips(first: int, source: str, incident_id: str) -> None:
-    if "\x00" in source + incident_id:
-        return
     assert parse_cursor(cursor_of(first, source, incident_id)) == (first, source, incident_id)
 
 
 def test_a_cursor_that_is_not_one_is_refused() -> None:
-    for bad in ("", "%%%", "WzEsMl0", cursor_of(-1, "a", "b"), "bnVsbA"):
+    assert parse_cursor("9" * 19 + ",a,b")[0] == 2**62 + 1  # after every incident
+    for bad in ("", "12", "12,a", "x,a,b", "1,a b,c", "1" * 20 + ",a,b", "1,a,b,c,"):
         try:
             parse_cursor(bad)
         except InvalidInputError:
