@@ -151,6 +151,31 @@ class SeriesPage(BaseModel):
     next: str | None
 
 
+class Incident(BaseModel):
+    incident_id: str = Field(
+        description="`incident:` and the episode id of the onset that opened it."
+    )
+    source: str = Field(
+        description="The output it is on: the anomalies stream, or `kafka:<topic>`."
+    )
+    state: Literal["open", "closed"]
+    opened_at: float = Field(description="Unix seconds (Redis' clock), when it opened.")
+    closed_at: float | None = Field(description="Unix seconds, when it closed; null while open.")
+    closed_by: Literal["window", "idle"] | None = Field(
+        description="`window`: an onset came past its window (event time); `idle`: no onset "
+        "joined it for the window of arrival time. Null while open."
+    )
+    series_count: int = Field(description="Distinct series with an onset in it.")
+    onset_count: int = Field(description="Episode onsets in it (a series may have several).")
+    first_onset: int = Field(description="The earliest onset's reading timestamp.")
+    last_onset: int = Field(description="The latest onset's reading timestamp.")
+
+
+class IncidentPage(BaseModel):
+    items: list[Incident] = Field(description="Newest first (by first onset).")
+    next: str | None = Field(description="The next page's URL; null on the last page.")
+
+
 class LatencySummary(BaseModel):
     avg: float
     p95: float

@@ -118,6 +118,22 @@ class WorkerMetrics:
             ["transport"],
             registry=registry,
         )
+        # Incidents (docs/stream-contract.md#incidents): counted by the worker whose batch
+        # opened one; the gauge is the fleet's (0 or 1) as of this worker's last script call.
+        self.incidents_opened = Counter(
+            "incidents_opened",
+            "Incidents opened: episodes of many series opening within the incident window.",
+            ["transport"],
+            registry=registry,
+        )
+        self.incidents_active = Gauge(
+            "incidents_active",
+            "Incidents open now, fleet-wide, as of this worker's last onsets or sweep.",
+            ["transport"],
+            registry=registry,
+        )
+        self.incidents_opened.labels(transport)
+        self.incidents_active.labels(transport)
         for state in ("open", "closed"):
             self.no_data_events.labels(transport, state)
         self.series_silent.labels(transport)

@@ -1,6 +1,7 @@
 """The stream pipeline, for every transport: parse → resolve models → score → update state →
-episodes → silent series (``detector.state.silence``) → dead letters → record. The transport
-reads the batch and commits the outcome.
+episodes → incidents (``detector.state.incidents``) → silent series
+(``detector.state.silence``) → dead letters → record. The transport reads the batch and
+commits the outcome.
 
 ``detector.transports.redis`` and ``detector.transports.kafka`` are thin adapters around
 ``Pipeline.run``: they turn what they read into ``RawEntry`` pairs (source id, flat fields),
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 
@@ -26,9 +27,11 @@ from detector.metrics import WorkerMetrics
 from detector.retry import retry_while
 from detector.settings import Settings
 from detector.state.episodes import EpisodeTracker
+from detector.state.incidents import IncidentChanges, IncidentTracker, onsets_of
 from detector.state.series import Acknowledged, SeriesStates, StreamReading
 from detector.state.silence import SilenceWatch, seen_series
 from detector.store.history import record_anomalies
+from detector.store.incidents import record_incidents
 from detector.store.latest import LatestVersions
 from detector.store.models import ModelStore
 from detector.wire.events import event_fields
@@ -59,7 +62,9 @@ class Outcome:
     """A processed batch, ready for its transport to commit: every entry id in batch order,
     the anomaly events (source id → fields), the dead letters, and the `no_data` events that
     readings of silent series closed ((source id of the closing reading, fields), written
-    with that reading, before its own event; never recorded as anomalies)."""
+    with that reading, before its own event; never recorded as anomalies). ``incidents``
+    are the `incident` events its onsets caused: on Redis Streams already written by the
+    incident script; the Kafka worker produces them, then calls ``incidents_delivered``."""
 
     ids: list[str]
     events: dict[str, dict[str, str]]
@@ -68,6 +73,7 @@ class Outcome:
     no_model: int
     started: float
     notices: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    incidents: list[dict[str, str]] = field(default_factory=list)
 
 
 class Pipeline:
@@ -85,6 +91,7 @@ class Pipeline:
         streams: SeriesStates,
         stopping: Callable[[], bool] = lambda: False,
         silence: SilenceWatch | None = None,
+        incidents: IncidentTracker | None = None,
         namespace: str = "",
         history_source: str = "stream",
     ) -> None:
@@ -109,6 +116,7 @@ class Pipeline:
         )
         self.stopping = stopping
         self.silence = silence
+        self.incidents = incidents
 
     async def run(
         self,
@@ -159,6 +167,12 @@ class Pipeline:
             # Counted here, once: a redelivered opener is recognised by the script.
             opened = await self.episodes.assign(scored.events)
             self.metrics.episodes_opened.labels(label).inc(opened)
+        changes = None
+        if self.incidents is not None and scored.events:
+            onsets = onsets_of(scored.events)
+            if onsets:  # a batch without onsets costs nothing here
+                changes = await self.incidents.observe(onsets)
+                await self.settle_incidents(changes)
         if scored.unknown:
             fields = dict(raw) if raw is not None else {}
             letters += [
@@ -180,10 +194,42 @@ class Pipeline:
             no_model=scored.no_model,
             started=started,
             notices=notices,
+            incidents=changes.events if changes is not None else [],
         )
         if outcome.events and self.settings.stream_record_postgres:
-            await self._record(list(outcome.events.values()))
+            await self._record(
+                lambda: record_anomalies(
+                    self.store.pool,
+                    self.source,
+                    list(outcome.events.values()),
+                    source=self.history_source,
+                )
+            )
         return outcome
+
+    async def settle_incidents(self, changes: IncidentChanges) -> None:
+        """After an incident script call (a batch's onsets or a sweep): count, record the
+        incidents' states in PostgreSQL (idempotent), and on Redis Streams, where the script
+        already wrote the events, take them out of the outbox; the Kafka worker does that
+        once it has produced them (``incidents_delivered``)."""
+        tracker = self.incidents
+        if tracker is None:
+            return
+        label = self.metrics.transport
+        if changes.opened:
+            log.info("%d incident(s) opened", changes.opened)
+            self.metrics.incidents_opened.labels(label).inc(changes.opened)
+        self.metrics.incidents_active.labels(label).set(changes.active)
+        rows = changes.rows()
+        if rows and self.settings.stream_record_postgres:
+            await self._record(lambda: record_incidents(self.store.pool, tracker.source, rows))
+        if tracker.mode == "xadd":
+            await tracker.delivered(changes.events)
+
+    async def incidents_delivered(self, events: Sequence[dict[str, str]]) -> None:
+        """Kafka: the broker acknowledged these `incident` events."""
+        if self.incidents is not None:
+            await self.incidents.delivered(events)
 
     def count(self, outcome: Outcome, emitted: int, closed: int = 0) -> None:
         """Metrics of a committed batch (``closed``: its `no_data` closed events written)."""
@@ -194,15 +240,13 @@ class Pipeline:
         m.batch_duration.labels(label).observe(time.perf_counter() - outcome.started)
         m.last_batch.labels(label).set(time.time())
 
-    async def _record(self, events: list[dict[str, str]]) -> None:
-        """Write anomalies to PostgreSQL (idempotent on source and source id), retrying in
-        place while it is down: the batch stays in hand and unacknowledged, so an outage
-        never spends the readings' delivery budget."""
+    async def _record(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Write to PostgreSQL (idempotent writes: anomalies on source and source id,
+        incidents' states), retrying in place while it is down: the batch stays in hand and
+        unacknowledged, so an outage never spends the readings' delivery budget."""
         try:
             await retry_while(
-                lambda: record_anomalies(
-                    self.store.pool, self.source, events, source=self.history_source
-                ),
+                write,
                 lambda exc: isinstance(exc, _HISTORY_ERRORS) and not self.stopping(),
                 log=log,
                 what="PostgreSQL unavailable",

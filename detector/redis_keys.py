@@ -71,3 +71,12 @@ def silence_key(output: str, part: str) -> str:
     They share the output's hash tag, so in Redis Cluster the sweep can add to the stream in
     the same script (``anomalies:{a}`` → ``anomalies:{a}:silence:deadlines``)."""
     return f"{output}:silence:{part}"
+
+
+def incident_key(output: str, part: str) -> str:
+    """One of the incident tracker's keys (``detector.state.incidents``), named after the
+    output the events go to, like the silence watch's: ``current``, ``members``,
+    ``last_members``, ``pending_episodes``, ``outbox`` (hashes), ``pending``, ``leases``
+    (sorted sets). They share the output's hash tag, so in Redis Cluster the scripts can add
+    to the stream (``anomalies:{a}`` → ``anomalies:{a}:incident:current``)."""
+    return f"{output}:incident:{part}"

@@ -150,6 +150,13 @@ class Settings(BaseSettings):
     stream_backfill: str = "anomalies:backfill"
     backfill_chunk: int = Field(default=50_000, ge=1, le=1_000_000)
     backfill_state_ttl_seconds: int = Field(default=7 * 86_400, ge=1)
+    # Incidents (docs/stream-contract.md#incidents): episodes of at least INCIDENT_MIN_SERIES
+    # distinct series opening within INCIDENT_WINDOW_SECONDS of each other (event time) are one
+    # incident, with an `incident` event when it opens and when it closes; 0 series turn it
+    # off. Every worker sweeps every INCIDENT_SWEEP_SECONDS to close a quiet incident.
+    incident_min_series: int = Field(default=3, ge=0)
+    incident_window_seconds: int = Field(default=300, ge=1, le=86_400)
+    incident_sweep_seconds: float = Field(default=5.0, gt=0, le=3600)
 
     # The Kafka path (``python -m detector.transports.kafka worker``): a faust app, group = app id.
     kafka_bootstrap: str = Field(

@@ -24,7 +24,7 @@ from detector.settings import Settings
 from detector.store.connections import postgres_pool
 from detector.store.connections import redis_client as async_redis_client
 from detector.store.models import ModelStore
-from detector.wire.events import ANOMALY, EVENT_TYPES, decode_event
+from detector.wire.events import ANOMALY, INCIDENT, NO_DATA, decode_event
 from detector.wire.readings import check_columns
 from ingest.kafka import KafkaPublisher, KafkaSubscriber
 from ingest.publisher import (
@@ -286,7 +286,7 @@ def _fit(base_url: str, series_id: str, rng: random.Random, *, end: int) -> None
 def subscribe(args: argparse.Namespace, client: redis.Redis, settings: Settings) -> int:
     start = "0" if args.from_start else (args.from_id or "$")
     subscriber: Subscriber | KafkaSubscriber
-    types = EVENT_TYPES if args.no_data else (ANOMALY,)
+    types = (ANOMALY,) + (NO_DATA,) * args.no_data + (INCIDENT,) * args.incidents
     if args.transport == "kafka":
         if args.from_id:
             raise SystemExit("--from takes a Redis entry id; with --transport kafka use --group")
@@ -416,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-data",
         action="store_true",
         help="also print no_data events (a fitted series went silent, or resumed)",
+    )
+    sub.add_argument(
+        "--incidents",
+        action="store_true",
+        help="also print incident events (episodes of many series opened together)",
     )
     sub.add_argument("--group", help="a consumer group of your own: durable position")
     sub.add_argument("--consumer", help="consumer name within --group")

@@ -26,8 +26,9 @@ class Subscriber:
 
     ``types`` are the event types wanted: by default only anomalies (events of type
     ``anomaly``, or with no type), so code written before `no_data` events existed sees
-    nothing new; ``types=("anomaly", "no_data")`` adds silent-series events. Others are
-    skipped (and, in a group, acknowledged).
+    nothing new; ``types=("anomaly", "no_data")`` adds silent-series events, ``"incident"``
+    incidents (never with ``series_id``: an incident names no series). Others are skipped
+    (and, in a group, acknowledged).
 
     Without ``group`` it reads with XREAD and keeps its position in memory. With ``group`` it
     joins (creating it if needed, at ``start``) that consumer group and acknowledges each event

@@ -54,8 +54,14 @@ def postgres_server() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def settings(redis_server: RedisServer, postgres_server: PostgresServer) -> Settings:
     """The services' view of the session's servers: the generated passwords, and Redis' service
-    user (no administrative commands; tests that need them use ``redis_client``)."""
-    return Settings(**redis_server.settings_fields(), **postgres_server.settings_fields())
+    user (no administrative commands; tests that need them use ``redis_client``). Incidents
+    are off, as for the worker processes (``tests.support.services.service_env``); the
+    incident tests turn them on."""
+    return Settings(
+        **redis_server.settings_fields(),
+        **postgres_server.settings_fields(),
+        incident_min_series=0,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -48,16 +48,18 @@ async def events(
     types: Annotated[
         str,
         Query(
-            description="Comma-separated event types to send: `anomaly` (the default) and "
-            "`no_data` (a fitted series went silent, or resumed).",
-            pattern=r"^(anomaly|no_data)(,(anomaly|no_data))*$",
+            description="Comma-separated event types to send: `anomaly` (the default), "
+            "`no_data` (a fitted series went silent, or resumed) and `incident` (episodes of "
+            "many series opened together; not sent to clients of one series).",
+            pattern=r"^(anomaly|no_data|incident)(,(anomaly|no_data|incident))*$",
         ),
     ] = ANOMALY,
 ) -> StreamingResponse:
     """One `event: anomaly` per anomalous reading from now on (or after ``Last-Event-ID``,
     else ``last_id``), with the stream event's fields as JSON data; with
-    ``types=anomaly,no_data`` also `event: no_data` messages. A comment line every 5 s keeps
-    it open. A client that reads too slowly gets an `event: error` and is closed."""
+    ``types=anomaly,no_data,incident`` also `event: no_data` and `event: incident` messages.
+    A comment line every 5 s keeps it open. A client that reads too slowly gets an
+    `event: error` and is closed."""
     if series_id is not None:
         validate_series_id(series_id)
     wanted_types = frozenset(types.split(","))

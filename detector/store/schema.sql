@@ -90,3 +90,23 @@ CREATE UNIQUE INDEX IF NOT EXISTS anomalies_source_key ON anomalies (source_stre
 CREATE INDEX IF NOT EXISTS anomalies_series_ts ON anomalies (series_id, ts);
 -- Episodes: episode_id is the opener's source_id; onset marks the reading that opened it.
 ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS onset boolean;
+
+-- Incidents (episodes of many series opening close together), one row each, written by the
+-- workers as the incident opens, gains series and closes: upserts that only move forward
+-- (counts and the last onset up, the first onset down, closed once), so a redelivered or
+-- repeated write changes nothing. `source` is the output (anomalies stream or `kafka:` topic)
+-- whose incident it is; ids are unique within one.
+CREATE TABLE IF NOT EXISTS incidents (
+    source       text NOT NULL,
+    incident_id  text NOT NULL,
+    state        text NOT NULL,
+    opened_at    timestamptz NOT NULL,
+    closed_at    timestamptz,
+    series_count integer NOT NULL,
+    onset_count  integer NOT NULL,
+    first_onset  bigint NOT NULL,
+    last_onset   bigint NOT NULL,
+    closed_by    text,
+    PRIMARY KEY (source, incident_id)
+);
+CREATE INDEX IF NOT EXISTS incidents_first_onset ON incidents (first_onset, incident_id);

@@ -24,13 +24,26 @@ EVENT_FIELDS: Final = (
     "source_id",
     "detected_at",
 )
-# Every event's `type` (written after the contract fields above): an anomalous reading, or a
-# silent series (`no_data`, docs/stream-contract.md#silent-series). An event without one was
-# written before types existed and is an anomaly.
+# Every event's `type` (written after the contract fields above): an anomalous reading, a
+# silent series (`no_data`, docs/stream-contract.md#silent-series), or an incident (episodes
+# of many series opening together, docs/stream-contract.md#incidents). An event without one
+# was written before types existed and is an anomaly.
 ANOMALY: Final = "anomaly"
 NO_DATA: Final = "no_data"
-EVENT_TYPES: Final = (ANOMALY, NO_DATA)
-_INT_EVENT_FIELDS: Final = frozenset({"timestamp", "resumed_timestamp"})
+INCIDENT: Final = "incident"
+EVENT_TYPES: Final = (ANOMALY, NO_DATA, INCIDENT)
+_INT_EVENT_FIELDS: Final = frozenset(
+    {
+        "timestamp",
+        "resumed_timestamp",
+        "series_count",
+        "onset_count",
+        "first_onset",
+        "last_onset",
+        "window_seconds",
+        "min_series",
+    }
+)
 _FLOAT_EVENT_FIELDS: Final = frozenset(
     {
         "value",
@@ -47,6 +60,8 @@ _FLOAT_EVENT_FIELDS: Final = frozenset(
         "silent_seconds",
         "threshold_seconds",
         "cadence_seconds",
+        "opened_at",
+        "closed_at",
     }
 )
 
@@ -57,7 +72,8 @@ def event_type(fields: Mapping[str, Any]) -> str:
 
 
 def wanted(fields: Mapping[str, Any], types: frozenset[str], series_id: str | None) -> bool:
-    """Whether a subscriber asking for ``types`` (and one series, unless None) wants it."""
+    """Whether a subscriber asking for ``types`` (and one series, unless None) wants it; an
+    incident, which names no series, is for subscribers to every series."""
     return event_type(fields) in types and (
         series_id is None or fields.get("series_id") == series_id
     )

@@ -231,5 +231,5 @@ def test_every_panel_query_runs_and_core_panels_have_data(prometheus: str, api_u
     # Our alerting rules load into a real Prometheus and evaluate without error.
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     evaluated = [rule for group in rules for rule in group["rules"]]
-    assert len(evaluated) == 8
+    assert len(evaluated) == 9
     assert all(rule["health"] in ("ok", "unknown") for rule in evaluated), evaluated

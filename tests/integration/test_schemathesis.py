@@ -47,6 +47,7 @@ ROUTES = [
     "GET /healthcheck",
     "GET /plot",
     "GET /metrics",
+    "GET /incidents",
 ]
 
 

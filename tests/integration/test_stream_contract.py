@@ -194,3 +194,43 @@ def test_kill_9_mid_stream_loses_nothing(client, transport):
         # At-least-once: a repeat carries the same source_id, so consumers can drop it.
         assert len(by_source) == len(anomalous)
     assert transport.dead() == []
+
+
+def test_an_outage_across_many_series_is_one_incident_event_each_way(client, transport, pg):
+    """Incidents on both transports: one open and one closed `incident` event on the output
+    for an outage across 40 series, and one PostgreSQL row under the output's name."""
+    window = 10  # arrival time too: the 40 onsets reach the worker well within it
+    transport.env.update(  # type: ignore[attr-defined]
+        INCIDENT_MIN_SERIES="3",
+        INCIDENT_WINDOW_SECONDS=str(window),
+        INCIDENT_SWEEP_SECONDS="0.2",
+    )
+    series = [fresh("inc") for _ in range(40)]
+    for sid in series:
+        fit(client, sid, kind="static")
+    at = START + 50_000 + int(uuid.uuid4().int % 10**6) * 10
+    transport.publish([(sid, at + i % 2, 500.0) for i, sid in enumerate(series)])
+    transport.start_worker()
+
+    def incidents() -> list[dict[str, str]]:
+        return [e for e in transport.events() if e.get("type") == "incident"]
+
+    wait_for(lambda: len(incidents()) >= 2, f"the incident to close on {transport.name}", 90)
+    time.sleep(1.0)  # more sweeps: still one of each
+    found = incidents()
+    assert [e["state"] for e in found] == ["open", "closed"]
+    opened, closed = found
+    assert opened["incident_id"] == closed["incident_id"]
+    assert int(closed["series_count"]) == 40 and closed["closed_by"] == "idle"
+    assert (int(closed["first_onset"]), int(closed["last_onset"])) == (at, at + 1)
+    assert len([e for e in transport.events() if e.get("type", "anomaly") == "anomaly"]) == 40
+    rows = pg.execute(
+        "SELECT source, state, series_count FROM incidents WHERE incident_id = %s",
+        (opened["incident_id"],),
+    ).fetchall()
+    output = (
+        transport.settings.stream_anomalies  # type: ignore[attr-defined]
+        if transport.name == "redis"
+        else f"kafka:{transport.names.anomalies}"  # type: ignore[attr-defined]
+    )
+    assert rows == [(output, "closed", 40)]

@@ -34,10 +34,14 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
 
     The suites written against the μ ± kσ rule in the stream fit without a ``kind`` and expect
     ``static``: they pin ``DEFAULT_KIND=static``. ``DEFAULT_KIND=""`` in ``extra`` leaves the
-    service its own default (``tests/integration/test_default_kind.py``)."""
+    service its own default (``tests/integration/test_default_kind.py``). Likewise the suites
+    that count every entry of the output were written before incidents: they pin
+    ``INCIDENT_MIN_SERIES=0``, and the incident tests set it (``tests/integration/
+    test_incidents.py``)."""
     env = {
         **os.environ,
         "DEFAULT_KIND": "static",
+        "INCIDENT_MIN_SERIES": "0",
         "REDIS_HOST": settings.redis_host,
         "REDIS_PORT": str(settings.redis_port),
         "REDIS_USERNAME": settings.redis_username or "",

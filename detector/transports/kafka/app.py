@@ -21,10 +21,12 @@ from detector.metrics import WorkerMetrics
 from detector.pipeline import Pipeline
 from detector.retry import retry_while
 from detector.settings import Settings
+from detector.state.incidents import incident_tracker
 from detector.state.series import Acknowledged, SeriesStates
 from detector.state.silence import silence_watch
 from detector.store.connections import apply_schema, postgres_pool, redis_client
 from detector.store.models import ModelStore
+from detector.transports.kafka.incidents import KafkaIncidentSweep
 from detector.transports.kafka.silence import KafkaSilenceSweep
 from detector.wire.kafka import dead_value, event_value, fields_from_json, source_id
 from detector.wire.readings import DeadLetter, RawEntry, flat_fields
@@ -93,6 +95,9 @@ def create_app(settings: Settings, metrics: WorkerMetrics) -> faust.App:
     app.timer(interval=5.0)(measure_lag)
     if s.silence_cadences > 0:  # silent series: claimed in Redis, produced to `anomalies`
         app.timer(interval=s.silence_sweep_seconds)(KafkaSilenceSweep(s, metrics, anomalies).sweep)
+    if s.incident_min_series > 0:  # incidents: quiet ones closed, orphaned events taken over
+        incidents = KafkaIncidentSweep(s, metrics, anomalies)
+        app.timer(interval=s.incident_sweep_seconds)(incidents.sweep)
     return app
 
 
@@ -156,6 +161,13 @@ class KafkaScorer:
             silence=silence_watch(
                 settings, self.redis, store, output=anomalies.get_topic_name(), mode="lease"
             ),
+            incidents=incident_tracker(
+                settings,
+                self.redis,
+                output=anomalies.get_topic_name(),
+                source=f"kafka:{anomalies.get_topic_name()}",
+                mode="lease",
+            ),
         )
         self.processed = 0
 
@@ -213,6 +225,12 @@ class KafkaScorer:
             )
             for _, notice in outcome.notices
         ]
+        sent += [  # incidents these readings' onsets opened or closed
+            await self.anomalies.send(
+                key=incident["incident_id"].encode(), value=event_value(incident), force=True
+            )
+            for incident in outcome.incidents
+        ]
         sent += [
             await self.dead.send(
                 key=letter.fields.get("series_id", "").encode() or None,
@@ -222,6 +240,7 @@ class KafkaScorer:
             for letter in outcome.dead
         ]
         await asyncio.gather(*sent)  # every record acknowledged by the broker
+        await self.pipeline.incidents_delivered(outcome.incidents)
         for event in batch:
             message = event.message
             self.positions[(message.topic, message.partition)] = message.offset + 1

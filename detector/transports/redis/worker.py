@@ -26,6 +26,7 @@ from detector.metrics import WorkerMetrics
 from detector.pipeline import Outcome, Pipeline
 from detector.retry import Backoff, retry_while
 from detector.settings import Settings
+from detector.state.incidents import incident_tracker
 from detector.state.series import SeriesStates
 from detector.state.silence import silence_watch
 from detector.store.models import ModelStore
@@ -90,6 +91,7 @@ class Worker:
             ),
             stopping=lambda: self._stopping,
             silence=silence_watch(settings, redis_client, self.store),
+            incidents=incident_tracker(settings, redis_client),
         )
         self.streams = self.pipeline.streams
         self.ops = StreamOps(
@@ -110,6 +112,7 @@ class Worker:
         self._next_maintenance = 0.0
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
+        self._next_incident_sweep = 0.0
         self._label = metrics.transport
         self._started = time.monotonic()
         self._prefetched: asyncio.Task[list[RawEntry]] | None = None
@@ -214,6 +217,7 @@ class Worker:
         """One read-score-commit round; False when a burst run has nothing left to do."""
         await self._heartbeat()
         await self._sweep()
+        await self._sweep_incidents()
         s = self.settings
         if self._recovering:
             entries = await self._read(self._pending_cursor, block=None)
@@ -374,6 +378,18 @@ class Worker:
             log.info("%d series went silent", swept.claimed)
             self.metrics.no_data_events.labels(self._label, "open").inc(swept.claimed)
         self.metrics.series_silent.labels(self._label).set(swept.silent)
+
+    async def _sweep_incidents(self) -> None:
+        """Every ``incident_sweep_seconds``, close an incident no onset joined for its window
+        (one atomic script: whichever worker closes it writes its one closed event) and
+        record events whose worker died before recording them."""
+        tracker = self.pipeline.incidents
+        now = time.monotonic()
+        if tracker is None or now < self._next_incident_sweep:
+            return
+        self._next_incident_sweep = now + self.settings.incident_sweep_seconds
+        changes = await tracker.sweep()
+        await self._in_place(lambda: self.pipeline.settle_incidents(changes))
 
     async def _heartbeat(self) -> None:
         now = time.monotonic()

@@ -1,0 +1,74 @@
+"""The Kafka worker's incident sweep: close a quiet incident, record it, produce it, release.
+
+The sweep script is the one the Redis worker runs (``detector.state.incidents``), in lease
+mode: it returns the closed event (and any event whose lease ran out: its worker died before
+producing it) instead of writing to a stream. The sweep records them in PostgreSQL, produces
+them, awaits the broker's acknowledgement, and only then takes them out of the outbox: at
+least once, like every event on Kafka (de-duplicate on ``source_id``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import faust
+from psycopg_pool import AsyncConnectionPool
+
+from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, is_unavailable
+from detector.metrics import WorkerMetrics
+from detector.settings import Settings
+from detector.state.incidents import IncidentTracker, incident_tracker
+from detector.store.connections import postgres_pool, redis_client
+from detector.store.incidents import record_incidents
+from detector.wire.kafka import event_value
+
+log = logging.getLogger(__name__)
+
+
+class KafkaIncidentSweep:
+    """One worker's sweep (a faust timer every ``incident_sweep_seconds``), with a Redis
+    client and a PostgreSQL pool of its own."""
+
+    def __init__(self, settings: Settings, metrics: WorkerMetrics, anomalies: faust.TopicT):
+        self.settings, self.metrics, self.anomalies = settings, metrics, anomalies
+        self._tracker: IncidentTracker | None = None
+        self._pool: AsyncConnectionPool | None = None
+
+    async def _open(self) -> tuple[IncidentTracker | None, AsyncConnectionPool]:
+        if self._pool is None:
+            self._pool = postgres_pool(self.settings)
+            await self._pool.open(wait=False)
+            topic = self.anomalies.get_topic_name()
+            self._tracker = incident_tracker(
+                self.settings,
+                redis_client(self.settings),
+                output=topic,
+                source=f"kafka:{topic}",
+                mode="lease",
+            )
+        return self._tracker, self._pool
+
+    async def sweep(self) -> None:
+        tracker, pool = await self._open()
+        if tracker is None:
+            return
+        try:
+            changes = await tracker.sweep()
+            if changes.events and self.settings.stream_record_postgres:
+                await record_incidents(pool, tracker.source, changes.rows())
+            sent = [
+                await self.anomalies.send(
+                    key=event["incident_id"].encode(), value=event_value(event), force=True
+                )
+                for event in changes.events
+            ]
+            await asyncio.gather(*sent)  # acknowledged by the broker
+            await tracker.delivered(changes.events)
+        except (*REDIS_ERRORS, *POSTGRES_ERRORS) as exc:
+            if not is_unavailable(exc):
+                raise
+            # The events stay leased; once the lease runs out a later sweep takes them again.
+            log.warning("incident sweep skipped, a store is unavailable: %s", exc)
+            return
+        self.metrics.incidents_active.labels(self.metrics.transport).set(changes.active)
