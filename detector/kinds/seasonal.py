@@ -453,6 +453,23 @@ def expected_band(row: FloatArray, timestamps: Any) -> tuple[FloatArray, FloatAr
     return expected, expected - band, expected + band
 
 
+# The columns a feedback adjustment scales (``detector.feedback.Adjustment.scales``' order).
+ADJUSTED: Final = (K_POINT, K_SHIFT, K_DIVERGENCE)
+
+
+def thresholds(row: FloatArray) -> tuple[float, ...]:
+    """A state's point, shift and divergence thresholds."""
+    return tuple(float(row[c]) for c in ADJUSTED)
+
+
+def apply_adjustment(row: FloatArray, base: Sequence[float], scales: Sequence[float]) -> None:
+    """Set a state's thresholds, in place, to the version's own (``base``: ``thresholds`` of
+    its fitted state) times a feedback adjustment's per-test ``scales`` (``detector.feedback``).
+    Idempotent: they never compound, however often it is applied."""
+    for column, b, s in zip(ADJUSTED, base, scales, strict=True):
+        row[column] = b * s
+
+
 def encode_state(row: FloatArray) -> str:
     """A state row as text (base64 of its float64 bytes)."""
     return base64.b64encode(np.ascontiguousarray(row, dtype="<f8").tobytes()).decode()
