@@ -27,7 +27,7 @@ import numpy as np
 from detector.errors import InvalidInputError
 from detector.feedback import DEFAULT_RULE, IDENTITY, TESTS, Feedback, FeedbackRule, step
 from detector.kinds import seasonal
-from detector.kinds.base import FitOptions
+from detector.kinds.base import FitOptions, Folded
 from detector.kinds.seasonal import SeasonalKind, SeasonalParams
 from detector.kinds.training import prepare_training_data
 from evaluation.corpus import Corpus, Series, load_named
@@ -78,7 +78,7 @@ def _window_of_rows(series: Series) -> np.ndarray:
     return window
 
 
-def _fold(state: FloatArray, ts: FloatArray, xs: FloatArray) -> tuple[FloatArray, seasonal.Folded]:
+def _fold(state: FloatArray, ts: FloatArray, xs: FloatArray) -> tuple[FloatArray, Folded]:
     bank = state.reshape(1, -1).copy()
     folded = seasonal.fold(bank, np.zeros(ts.size, dtype=np.intp), ts, xs)
     return bank[0], folded
@@ -100,8 +100,8 @@ def replay_file(
         data = prepare_training_data(ts_all[fit_rows].astype(np.int64), series.values[fit_rows])
         state = kind.initial_state(kind.fit(data, FitOptions()).params)
     except (InvalidInputError, ValueError):  # refused as POST /fit refuses it: no alerts
-        scored = len({int(k) for k in window[n_fit:] if k >= 0})
-        return FileRun(alerts, 0, scored)
+        unseen = {int(k) for k in window[n_fit:] if k >= 0}
+        return FileRun(alerts, 0, len(unseen))
     ts, xs, win = ts_all[rows], series.values[rows], window[rows]
     base = seasonal.thresholds(state)
     # Per window with streamed rows: the position of its last streamed reading.
