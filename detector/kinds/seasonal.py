@@ -564,6 +564,16 @@ class SeasonalKind:
     ) -> tuple[FloatArray, FloatArray, FloatArray]:
         return expected_band(decode_state(params["state"]), timestamps)
 
+    def adjust(
+        self, state: FloatArray, applied: Sequence[float], wanted: Sequence[float]
+    ) -> FloatArray:
+        """A copy of ``state`` whose thresholds carry the feedback scales ``wanted`` instead
+        of ``applied`` (the version's thresholds are the state's divided by ``applied``)."""
+        row = np.array(state, dtype=np.float64, copy=True)
+        base = [t / a for t, a in zip(thresholds(row), applied, strict=True)]
+        apply_adjustment(row, base, wanted)
+        return row
+
     def encode_state(self, state: FloatArray) -> str:
         return encode_state(state)
 
