@@ -41,8 +41,7 @@ def fit_seasonal(client: httpx.Client, series_id: str) -> dict[str, float]:
 def readings(series_id: str, first: int, spike_at: int, spike: float, n: int = 40) -> list:
     """Quiet readings at the fit's mean with one spike."""
     return [
-        (series_id, START + STEP * (first + i), spike if i == spike_at else 100.0)
-        for i in range(n)
+        (series_id, START + STEP * (first + i), spike if i == spike_at else 100.0) for i in range(n)
     ]
 
 
@@ -61,7 +60,7 @@ def test_false_positive_feedback_reaches_a_running_worker(
     spike = fitted["mean"] + 9.0 * fitted["std"]
 
     async def wait_for(count: int, series_id: str) -> None:
-        while len(series_events(redis_client, s.stream_anomalies, series_id)) < count:
+        while len(series_events(redis_client, s.stream_anomalies, series_id)) < count:  # noqa: ASYNC110 (polling Redis)
             await asyncio.sleep(0.02)
 
     async def scenario() -> None:
