@@ -98,6 +98,7 @@ def test_false_positive_feedback_reaches_a_running_worker(
             assert time.monotonic() - posted < 30
         finally:
             task.cancel()
+            await asyncio.wait([task], timeout=5)  # its connections closed before the loop ends
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
 
