@@ -54,6 +54,10 @@ mlflow-ui: $(STAMP) ## Open the MLflow UI on http://127.0.0.1:5000 over make run
 nab-offline: $(STAMP) ## NAB score of the default (seasonal) kind replayed offline (no Redis), with leave-one-folder-out
 	$(BIN)/python -m evaluation --detector seasonal --lofo $(NAB_ARGS)
 
+.PHONY: nab-feedback
+nab-feedback: $(STAMP) ## NAB under the feedback protocol (seasonal, offline): feedback against none, in-sample and leave-one-folder-out
+	$(BIN)/python -m evaluation --detector seasonal --feedback --lofo $(NAB_ARGS)
+
 .PHONY: nab
 nab: $(STAMP) ## NAB through the real stream, beside in-sample, leave-one-folder-out and SKAB figures
 	$(BIN)/python -m bench.nab_stream $(NAB_ARGS)

@@ -19,7 +19,7 @@ from api.metrics import ApiMetrics
 from api.middleware import BodyGuard, HttpMetrics
 from api.plot_cache import PlotCache
 from api.pointer_cache import LatestPointerCache
-from api.routes import backfill, events, incidents, models, system
+from api.routes import backfill, events, feedback, incidents, models, system
 from api.schemas import ERROR_RESPONSES, declare_limits
 from detector.errors import POSTGRES_ERRORS
 from detector.mlflow_outbox import MlflowTracker
@@ -113,6 +113,8 @@ def create_app(
     app.include_router(models.write_router, dependencies=write, responses=ERROR_RESPONSES)
     app.include_router(models.router, dependencies=read, responses=ERROR_RESPONSES)
     app.include_router(backfill.router, dependencies=write, responses=ERROR_RESPONSES)
+    app.include_router(feedback.router, dependencies=write, responses=ERROR_RESPONSES)
+    app.include_router(feedback.read_router, dependencies=read, responses=ERROR_RESPONSES)
     app.include_router(system.read_router, dependencies=read, responses=ERROR_RESPONSES)
     app.include_router(events.router, dependencies=read, responses=ERROR_RESPONSES)
     app.include_router(incidents.router, dependencies=read, responses=ERROR_RESPONSES)

@@ -41,6 +41,10 @@ class ModelNotFoundError(AnomalyError):
     """No model for that series, or not that version (HTTP 404)."""
 
 
+class EpisodeNotFoundError(ModelNotFoundError):
+    """No recorded episode of that id (HTTP 404, as an unknown series)."""
+
+
 class TrainingDataDeletedError(AnomalyError):
     """The version exists but retention deleted its training points (HTTP 410)."""
 

@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from detector.errors import POSTGRES_ERRORS
 from detector.identifiers import format_version
-from detector.mlflow_runs import FitRecord, brief, init_worker, log_fit
+from detector.mlflow_runs import FitRecord, brief, init_worker, log_feedback, log_fit
 from detector.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,20 @@ WHERE head.next_try <= now()
 ORDER BY o.model_id
 LIMIT 1
 FOR UPDATE OF o SKIP LOCKED
+"""
+
+
+# Feedback not yet on the MLflow run of its version, once that run exists (a fit still in the
+# outbox has none yet: its feedback waits for it).
+_CLAIM_FEEDBACK = """
+SELECT f.id, f.series_id, f.episode_id, f.label, f.test, f.model_version, f.from_ts, f.to_ts,
+       f.note, f.mlflow_attempts, m.mlflow_run_id
+FROM feedback f
+JOIN model_versions m ON m.series_id = f.series_id AND m.version = f.model_version
+WHERE f.mlflow_logged_at IS NULL AND f.mlflow_next_try <= now() AND m.mlflow_run_id IS NOT NULL
+ORDER BY f.mlflow_next_try, f.id
+LIMIT 1
+FOR UPDATE OF f SKIP LOCKED
 """
 
 
@@ -163,13 +177,14 @@ class MlflowTracker:
         """Log up to batch_size due fits; stops at the first failure (MLflow is likely down,
         so the other rows would fail too). Returns (fits logged, whether one failed)."""
         logged = 0
-        while logged < self.batch_size:
-            outcome = await self._process_one()
-            if outcome is None:
-                return logged, False
-            if not outcome:
-                return logged, True
-            logged += 1
+        for process in (self._process_one, self._process_feedback):
+            while logged < self.batch_size:
+                outcome = await process()
+                if outcome is None:
+                    break
+                if not outcome:
+                    return logged, True
+                logged += 1
         return logged, False
 
     # ------------------------------------------------------------------ one row
@@ -218,6 +233,43 @@ class MlflowTracker:
             run_id,
             registered,
         )
+        if self.metrics:
+            self.metrics.runs.labels("logged").inc()
+        return True
+
+    async def _process_feedback(self) -> bool | None:
+        """None when no feedback is due, else whether the claimed row was recorded on its
+        version's run (``feedback.mlflow_logged_at``); a failure backs off as fits do."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(_CLAIM_FEEDBACK)
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            run_id = row.pop("mlflow_run_id")
+            attempts = row.pop("mlflow_attempts")
+            row["model_version"] = format_version(int(row["model_version"]))
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._executor, log_feedback, run_id, row)
+            except Exception as exc:  # as for a fit: retry later
+                if isinstance(exc, BrokenProcessPool):
+                    self._executor = self._new_executor()
+                delay = retry_delay(attempts + 1, cap=self.max_retry_delay)
+                await conn.execute(
+                    "UPDATE feedback SET mlflow_attempts = mlflow_attempts + 1,"
+                    " mlflow_error = %s, mlflow_next_try = now() + make_interval(secs => %s)"
+                    " WHERE id = %s",
+                    (brief(exc)[:2000], delay, row["id"]),
+                )
+                log.warning("MLflow logging of feedback %d failed: %s", row["id"], brief(exc))
+                if self.metrics:
+                    self.metrics.runs.labels("failed").inc()
+                return False
+            await conn.execute(
+                "UPDATE feedback SET mlflow_logged_at = now(), mlflow_error = NULL WHERE id = %s",
+                (row["id"],),
+            )
         if self.metrics:
             self.metrics.runs.labels("logged").inc()
         return True

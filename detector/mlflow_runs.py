@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 # when the process died between creating the run and recording its id in PostgreSQL. The
 # creation time is part of it so a rebuilt database (ids restarting at 1) never matches old runs.
 FIT_KEY_TAG = "anomaly.fit_key"
+
 
 @dataclass(frozen=True, slots=True)
 class FitRecord:
@@ -117,6 +119,13 @@ class MlflowLogger:
         run_id = self._find_run(fit) or self._create_run(fit)
         self._fill_run(run_id, fit)
         return run_id, self._register(run_id, fit)
+
+    def log_feedback(self, run_id: str, feedback: dict[str, Any]) -> None:
+        """Record one piece of feedback on the run of the version it is about: a tag
+        ``feedback.<id>`` holding it as JSON (set again on a retry: idempotent) and a
+        ``feedback_<label>`` metric of 1 at step ``id``."""
+        self.client.set_tag(run_id, f"feedback.{feedback['id']}", json.dumps(feedback)[:5000])
+        self.client.log_metric(run_id, f"feedback_{feedback['label']}", 1.0, step=feedback["id"])
 
     def _find_run(self, fit: FitRecord) -> str | None:
         runs = self.client.search_runs(
@@ -238,6 +247,17 @@ def log_fit(fit: FitRecord) -> tuple[str, str | None]:
         if _worker_logger is None:
             _worker_logger = MlflowLogger(*_worker_args)
         return _worker_logger.log_fit(fit)
+    except Exception as exc:
+        raise RuntimeError(brief(exc)) from None
+
+
+def log_feedback(run_id: str, feedback: dict[str, Any]) -> None:
+    """``MlflowLogger.log_feedback`` in the logging process (failures as in ``log_fit``)."""
+    global _worker_logger
+    try:
+        if _worker_logger is None:
+            _worker_logger = MlflowLogger(*_worker_args)
+        _worker_logger.log_feedback(run_id, feedback)
     except Exception as exc:
         raise RuntimeError(brief(exc)) from None
 

@@ -43,6 +43,12 @@ def episode_key(series_id: str, namespace: str = "") -> str:
     return f"{namespace}episode:{{{series_id}}}"
 
 
+def feedback_key(series_id: str) -> str:
+    """The series' feedback adjustment (``detector.feedback``): a hash of per-test threshold
+    scales and ``through``, the newest feedback revision it was computed from."""
+    return f"feedback:{{{series_id}}}"
+
+
 def backfill_namespace(job: str) -> str:
     """The prefix of a backfill job's state and episode keys."""
     return f"backfill:{job}:"

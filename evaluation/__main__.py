@@ -21,12 +21,14 @@ from typing import Any, TypeVar
 import numpy as np
 
 from detector.errors import InvalidInputError
+from detector.feedback import DEFAULT_RULE, FeedbackRule
 from detector.kinds import seasonal
 from detector.kinds.base import FitOptions
 from detector.kinds.multiscale import MultiscaleParams, group_alerts
 from detector.kinds.seasonal import SeasonalKind, SeasonalParams, TimeScale
 from detector.kinds.training import prepare_training_data
 from evaluation.corpus import BENCH, CORPORA, Corpus, load_corpus, load_named
+from evaluation.feedback import CorpusRun, corpus_job, errors
 from evaluation.nab import PROFILES, CorpusScore, FloatArray, NabScorer, probationary_length
 from evaluation.replay import (
     KIND_DEFAULTS,
@@ -94,6 +96,15 @@ SEASONAL_SWEEP: dict[str, tuple[Any, ...]] = {
         TimeScale(12 * 3600.0, 12.0, 144.0),
         TimeScale(24 * 3600.0, 12.0, 288.0),
     ),
+}
+
+# The feedback rule's grid (``detector.feedback.FeedbackRule``), for the feedback protocol's
+# leave-one-folder-out figure: for each folder, the rule best on the other six.
+FEEDBACK_GRID: dict[str, tuple[float, ...]] = {
+    "widen": (1.1, 1.25, 1.5),
+    "max_scale": (1.5, 2.0, 3.0),
+    "narrow": (0.85, 1.0),
+    "min_scale": (0.8,),
 }
 
 
@@ -312,6 +323,119 @@ def seasonal_leave_one_folder_out(
     return _choose_without_each_folder(corpus, grid, raw_by_folder, outputs)
 
 
+def _seasonal_params(choice: dict[str, Any]) -> SeasonalParams:
+    """The seasonal setting of one point of the seasonal grid."""
+    return SeasonalParams(
+        k_point=choice["k_point"],
+        fast=choice["fast"],
+        k_shift=choice["k_shift"],
+        k_divergence=choice["k_divergence"],
+        quiet=choice["quiet"],
+    )
+
+
+def feedback_rules() -> list[FeedbackRule]:
+    return [
+        FeedbackRule(**dict(zip(FEEDBACK_GRID, point, strict=True)))
+        for point in itertools.product(*FEEDBACK_GRID.values())
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackFigures:
+    """The feedback protocol beside the plain replay, in-sample and leave-one-folder-out."""
+
+    in_sample: tuple[CorpusRun, CorpusRun]  # (no feedback, feedback with DEFAULT_RULE)
+    lofo: tuple[dict[str, FloatArray], dict[str, FloatArray]] | None  # the same, LOFO
+    choices: list[str]
+
+
+def feedback_figures(corpus: Corpus, root: Path, jobs: int, with_lofo: bool) -> FeedbackFigures:
+    """The seasonal kind replayed under the feedback protocol (``evaluation.feedback``).
+
+    Leave-one-folder-out: each folder is scored with the seasonal setting the existing
+    machinery chooses without it (``seasonal_leave_one_folder_out``) and, with feedback, the
+    rule of FEEDBACK_GRID best on the other folders under that setting; so neither the
+    kind's nor the rule's constants are chosen on the folder they are scored on.
+    """
+    corpus.require_tunable()
+    jobs_in: list[tuple[str, Path | None, SeasonalParams | None, FeedbackRule | None]] = [
+        (corpus.name, root, None, None),
+        (corpus.name, root, None, DEFAULT_RULE),
+    ]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        plain, adjusted = pool.map(corpus_job, jobs_in)
+    if not with_lofo:
+        return FeedbackFigures((plain, adjusted), None, [])
+    swept, chosen = seasonal_leave_one_folder_out(corpus, root, jobs)
+    settings = {repr(c): _seasonal_params(c) for c in chosen.values()}
+    rules = feedback_rules()
+    work = [(key, rule) for key in settings for rule in (None, *rules)]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        runs = list(pool.map(corpus_job, [(corpus.name, root, settings[k], r) for k, r in work]))
+    by_key = {(k, r): run for (k, r), run in zip(work, runs, strict=True)}
+    scorer = NabScorer(corpus)
+    folder_of = {s.name: s.folder for s in corpus}
+    off: dict[str, FloatArray] = {}
+    on: dict[str, FloatArray] = {}
+    choices: list[str] = []
+    for folder, choice in chosen.items():
+        key = repr(choice)
+        members = [n for n, f in folder_of.items() if f == folder]
+        off.update({n: by_key[(key, None)].files[n].alerts for n in members})
+        raw = [_score_by_folder(corpus, scorer, by_key[(key, r)].outputs) for r in rules]
+        others = [sum(v for f, v in r.items() if f != folder) for r in raw]
+        rule = rules[int(np.argmax(others))]
+        on.update({n: by_key[(key, rule)].files[n].alerts for n in members})
+        choices.append(
+            f"  {folder:24s} widen={rule.widen:g} max={rule.max_scale:g}"
+            f" narrow={rule.narrow:g} min={rule.min_scale:g}"
+        )
+    for name, alerts in off.items():  # the replay is the sweep's own outputs, per file
+        if not np.array_equal(alerts, swept[name]):
+            raise AssertionError(f"{name}: the replay differs from the seasonal sweep")
+    return FeedbackFigures((plain, adjusted), (off, on), choices)
+
+
+def run_feedback(corpus: Corpus, root: Path, jobs: int, with_lofo: bool) -> int:
+    """``--feedback``: print the protocol's figures beside the plain replay."""
+    started = time.perf_counter()
+    figures = feedback_figures(corpus, root, jobs, with_lofo)
+    scorer = NabScorer(corpus)
+    rows: list[tuple[str, dict[str, FloatArray]]] = [
+        ("seasonal, no feedback (in-sample)", figures.in_sample[0].outputs),
+        ("seasonal, feedback (in-sample)", figures.in_sample[1].outputs),
+    ]
+    if figures.lofo is not None:
+        rows += [
+            ("seasonal, no feedback (leave-one-folder-out)", figures.lofo[0]),
+            ("seasonal, feedback (leave-one-folder-out)", figures.lofo[1]),
+        ]
+    header = (
+        f"{'run':46s} {'standard':>8s} {'low FP':>7s} {'low FN':>7s}"
+        f" {'false pos.':>10s} {'missed':>7s}"
+    )
+    lines = [header, "-" * len(header)]
+    for label, outputs in rows:
+        scores = score_profiles(scorer, outputs)
+        fp, missed = errors(corpus, outputs)
+        cells = " ".join(f"{scores[p].normalized:7.1f}" for p in PROFILES)
+        lines.append(f"{label:46s} {cells} {fp:10d} {missed:7d}")
+    print("\n".join(lines))
+    adjusted = figures.in_sample[1]
+    rule = DEFAULT_RULE
+    print(
+        f"\nin-sample rule: widen={rule.widen:g} max={rule.max_scale:g} narrow={rule.narrow:g}"
+        f" min={rule.min_scale:g}; feedback given: {adjusted.count('false_positive')}"
+        f" false_positive, {adjusted.count('missed')} missed;"
+        f" {corpus.window_count} windows; {time.perf_counter() - started:.0f} s."
+    )
+    if figures.choices:
+        print("leave-one-folder-out feedback rule per held-out folder:")
+        print("\n".join(figures.choices))
+    return 0
+
+
 Scores = dict[str, CorpusScore]
 
 
@@ -523,6 +647,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="every kind at its defaults, one row each (on nab: beside the held-out corpus)",
     )
+    parser.add_argument(
+        "--feedback",
+        action="store_true",
+        help="the seasonal kind under the feedback protocol beside the plain replay"
+        " (NAB only; with --lofo, leave-one-folder-out too)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
         "--score-only",
@@ -532,6 +662,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.lofo and args.corpus != "nab":
         parser.error(f"the {args.corpus} corpus is held out: no parameter may be chosen on it")
+    if args.feedback:
+        if args.detector != "seasonal" or args.corpus != "nab" or args.all or args.score_only:
+            parser.error("--feedback replays the seasonal kind on NAB: --detector seasonal")
+        return run_feedback(
+            load_named("nab", args.root), args.root or CORPORA["nab"][1], args.jobs, args.lofo
+        )
     if args.all:
         return run_all(args.corpus, args.root, args.lofo, args.results, args.jobs)
 

@@ -453,6 +453,23 @@ def expected_band(row: FloatArray, timestamps: Any) -> tuple[FloatArray, FloatAr
     return expected, expected - band, expected + band
 
 
+# The columns a feedback adjustment scales (``detector.feedback.Adjustment.scales``' order).
+ADJUSTED: Final = (K_POINT, K_SHIFT, K_DIVERGENCE)
+
+
+def thresholds(row: FloatArray) -> tuple[float, ...]:
+    """A state's point, shift and divergence thresholds."""
+    return tuple(float(row[c]) for c in ADJUSTED)
+
+
+def apply_adjustment(row: FloatArray, base: Sequence[float], scales: Sequence[float]) -> None:
+    """Set a state's thresholds, in place, to the version's own (``base``: ``thresholds`` of
+    its fitted state) times a feedback adjustment's per-test ``scales`` (``detector.feedback``).
+    Idempotent: they never compound, however often it is applied."""
+    for column, b, s in zip(ADJUSTED, base, scales, strict=True):
+        row[column] = b * s
+
+
 def encode_state(row: FloatArray) -> str:
     """A state row as text (base64 of its float64 bytes)."""
     return base64.b64encode(np.ascontiguousarray(row, dtype="<f8").tobytes()).decode()
@@ -546,6 +563,16 @@ class SeasonalKind:
         self, params: dict[str, Any], timestamps: FloatArray
     ) -> tuple[FloatArray, FloatArray, FloatArray]:
         return expected_band(decode_state(params["state"]), timestamps)
+
+    def adjust(
+        self, state: FloatArray, applied: Sequence[float], wanted: Sequence[float]
+    ) -> FloatArray:
+        """A copy of ``state`` whose thresholds carry the feedback scales ``wanted`` instead
+        of ``applied`` (the version's thresholds are the state's divided by ``applied``)."""
+        row = np.array(state, dtype=np.float64, copy=True)
+        base = [t / a for t, a in zip(thresholds(row), applied, strict=True)]
+        apply_adjustment(row, base, wanted)
+        return row
 
     def encode_state(self, state: FloatArray) -> str:
         return encode_state(state)

@@ -46,10 +46,12 @@ import orjson
 from redis.asyncio import Redis
 
 from detector.errors import ModelNotFoundError
+from detector.feedback import IDENTITY
 from detector.kinds.base import TESTS, Folded, StatefulKind, severity
 from detector.kinds.registry import prepare_stateful, stateful_kind
 from detector.redis_keys import state_key
 from detector.scripts import lua
+from detector.state.adjustments import Adjustments
 from detector.store.models import ModelStore
 from detector.wire.events import event_fields
 from detector.wire.readings import Reading
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 1000
 # Safety bound on the redelivery bookkeeping of one series (normally a few batches' worth).
 MAX_TRACKED = 100_000
+IDENTITY_SCALES = IDENTITY.scales()
 
 
 class StreamReading(NamedTuple):
@@ -88,20 +91,23 @@ class SeriesState:
     # Anomalous outcomes for re-emission:
     # [source_id, expected, std, z, ratio, onset, episode_id, test, lower, upper]
     recent: list[list[Any]] = field(default_factory=list)
+    # The feedback scales applied to the state's thresholds (``detector.feedback``).
+    scales: tuple[float, ...] = IDENTITY_SCALES
 
     def to_json(self) -> str:
         plugin = _plugin(self.kind)
-        return orjson.dumps(
-            {
-                "kind": self.kind,
-                "version": self.version,
-                "count": self.count,
-                "episode_id": self.episode_id,
-                "ids": self.ids,
-                "recent": self.recent,
-                "state": plugin.encode_state(self.state),
-            }
-        ).decode()
+        data: dict[str, Any] = {
+            "kind": self.kind,
+            "version": self.version,
+            "count": self.count,
+            "episode_id": self.episode_id,
+            "ids": self.ids,
+            "recent": self.recent,
+            "state": plugin.encode_state(self.state),
+        }
+        if self.scales != IDENTITY_SCALES:
+            data["scales"] = list(self.scales)
+        return orjson.dumps(data).decode()
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> SeriesState:
@@ -115,6 +121,7 @@ class SeriesState:
             episode_id=data["episode_id"],
             ids=list(data["ids"]),
             recent=list(data["recent"]),
+            scales=tuple(float(v) for v in data.get("scales", IDENTITY_SCALES)),
         )
 
 
@@ -172,6 +179,7 @@ def fold_states(
     *,
     acknowledged: Acknowledged | None,
     detected_at: float,
+    scales: Sequence[tuple[float, ...] | None] | None = None,
 ) -> list[tuple[SeriesState, dict[str, dict[str, str]], int]]:
     """Fold each series' readings into its state, in place: ``readings[i]`` belong to
     ``currents[i]`` (a state whose compare-and-set then fails is discarded and read again).
@@ -181,9 +189,16 @@ def fold_states(
     alerts were raised for the first time. A reading already folded (a redelivery) is not
     folded again: its event, if it had one, is emitted again, the same. ``acknowledged``
     (None: unknown) tells which source ids were committed for good: they are skipped and
-    forgotten.
+    forgotten. ``scales[i]`` (None: unknown, keep) is the feedback adjustment of series i,
+    applied to its state before its readings are folded (kinds with an ``adjust``).
     """
     news = list(currents)
+    for new, wanted in zip(news, scales or [None] * len(news), strict=True):
+        if wanted is not None and wanted != new.scales:
+            adjust = getattr(_plugin(new.kind), "adjust", None)
+            if adjust is not None:
+                new.state = adjust(new.state, new.scales, wanted)
+                new.scales = wanted
     events: list[dict[str, dict[str, str]]] = [{} for _ in news]
     opened = [0] * len(news)
     todo: list[list[StreamReading]] = []
@@ -302,8 +317,11 @@ class SeriesStates:
         group: str | None = None,
         cache_size: int = 50_000,
         namespace: str = "",
+        adjustments: Adjustments | None = None,
     ) -> None:
         self.redis = client
+        # The series' feedback adjustments (None: the versions' own thresholds, always).
+        self.adjustments = adjustments
         self.store = store
         self.namespace = namespace  # ``redis_keys.state_key``'s: a backfill job's own states
         self.readings_stream, self.group = readings_stream, group
@@ -333,6 +351,7 @@ class SeriesStates:
         opened = 0
         todo = list(by_series)
         cache = self._cache
+        scales = await self.adjustments.resolve(todo) if self.adjustments is not None else {}
         for _ in range(MAX_ATTEMPTS):
             misses = [series_id for series_id in todo if series_id not in cache]
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -381,7 +400,11 @@ class SeriesStates:
             if not todo:
                 return events, opened
             results = fold_states(
-                currents, [by_series[s] for s in todo], acknowledged=done, detected_at=detected_at
+                currents,
+                [by_series[s] for s in todo],
+                acknowledged=done,
+                detected_at=detected_at,
+                scales=[scales.get(s) for s in todo],
             )
             args: list[str] = []
             for seq, (new, _, _) in zip(seqs, results, strict=True):

@@ -17,12 +17,12 @@ from detector.kinds.training import MAX_TIMESTAMP
 # without a transaction block, however many anomalies the batch holds.
 _INSERT = """
 INSERT INTO anomalies (series_id, ts, value, model_version, mean, std, lower_bound,
-    upper_bound, score, source, source_stream, source_id, detected_at, episode_id, onset)
-SELECT s, t, v, mv, m, sd, lo, up, sc, %s, %s, sid, da, eid, ons
+    upper_bound, score, source, source_stream, source_id, detected_at, episode_id, onset, test)
+SELECT s, t, v, mv, m, sd, lo, up, sc, %s, %s, sid, da, eid, ons, tst
 FROM unnest(%s::text[], %s::bigint[], %s::float8[], %s::int[], %s::float8[], %s::float8[],
     %s::float8[], %s::float8[], %s::float8[], %s::text[], %s::timestamptz[], %s::text[],
-    %s::boolean[])
-    AS u(s, t, v, mv, m, sd, lo, up, sc, sid, da, eid, ons)
+    %s::boolean[], %s::text[])
+    AS u(s, t, v, mv, m, sd, lo, up, sc, sid, da, eid, ons, tst)
 ON CONFLICT (source_stream, source_id) DO NOTHING
 """
 
@@ -42,7 +42,7 @@ async def record_anomalies(
     """
     if not events:
         return
-    columns: tuple[list[Any], ...] = tuple([] for _ in range(13))
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(14))
     for e in events:
         for column, value in zip(
             columns,
@@ -60,6 +60,7 @@ async def record_anomalies(
                 datetime.fromtimestamp(float(e["detected_at"]), tz=UTC),
                 e.get("episode_id"),
                 None if "onset" not in e else e["onset"] == "1",
+                e.get("test") or None,
             ),
             strict=True,
         ):

@@ -110,3 +110,41 @@ CREATE TABLE IF NOT EXISTS incidents (
     PRIMARY KEY (source, incident_id)
 );
 CREATE INDEX IF NOT EXISTS incidents_first_onset ON incidents (first_onset, incident_id);
+-- The test that fired (point, shift, divergence, threshold): what feedback on an episode
+-- widens (detector.feedback).
+ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS test text;
+CREATE INDEX IF NOT EXISTS anomalies_episode ON anomalies (episode_id) WHERE onset;
+
+-- Feedback on detections (POST /anomalies/{episode_id}/feedback, POST /series/{id}/feedback):
+-- the source of truth of each series' threshold adjustment, which the API writes to Redis
+-- (`feedback:{<series_id>}`) for the workers. One judgment per episode (a later one replaces
+-- the label), one row per missed range; `mlflow_logged_at` is NULL until the row is recorded
+-- on the MLflow run of its version (drained like mlflow_outbox).
+CREATE SEQUENCE IF NOT EXISTS feedback_revision;
+CREATE TABLE IF NOT EXISTS feedback (
+    id               bigserial PRIMARY KEY,
+    -- Bumped by every insert and change: the newest of a series' rows orders its Redis writes.
+    revision         bigint NOT NULL DEFAULT nextval('feedback_revision'),
+    series_id        text NOT NULL,
+    episode_id       text,
+    label            text NOT NULL
+        CHECK (label IN ('false_positive', 'true_positive', 'missed')),
+    test             text,
+    model_version    integer,
+    from_ts          bigint,
+    to_ts            bigint,
+    note             text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    mlflow_logged_at timestamptz,
+    mlflow_attempts  integer NOT NULL DEFAULT 0,
+    mlflow_next_try  timestamptz NOT NULL DEFAULT now(),
+    mlflow_error     text
+);
+CREATE UNIQUE INDEX IF NOT EXISTS feedback_episode ON feedback (series_id, episode_id)
+    WHERE episode_id IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS feedback_missed_range ON feedback (series_id, from_ts, to_ts)
+    WHERE episode_id IS NULL;
+CREATE INDEX IF NOT EXISTS feedback_series ON feedback (series_id, id);
+CREATE INDEX IF NOT EXISTS feedback_mlflow_due ON feedback (mlflow_next_try)
+    WHERE mlflow_logged_at IS NULL;

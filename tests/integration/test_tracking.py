@@ -193,3 +193,30 @@ def test_names_and_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert local_artifact_location(f"sqlite:///{db}") == (tmp_path / "mlartifacts").as_uri()
     assert retry_delay(1) == 2.0
     assert retry_delay(100) == 300.0
+
+
+def test_feedback_is_recorded_on_its_versions_run(
+    tracking_settings: Settings, mlflow_store: dict[str, str], series_id: str
+) -> None:
+    """Feedback waits in PostgreSQL until its version's run exists, then lands on it once."""
+    proc, base_url = start_api(tracking_settings, **mlflow_store)
+    try:
+        fit(base_url, series_id, [1.0, 2.0, 4.0, 9.0])
+        missed = {"label": "missed", "from": 1, "to": 3, "note": "an outage"}
+        r = httpx.post(f"{base_url}/series/{series_id}/feedback", json=missed, timeout=10)
+        assert r.status_code == 200, r.text
+        feedback_id = r.json()["id"]
+
+        def logged() -> bool | None:
+            listed = httpx.get(f"{base_url}/series/{series_id}/feedback", timeout=10).json()
+            return True if listed["feedback"][0]["mlflow_logged"] else None
+
+        wait_for(logged, "the feedback on the run")
+        (run_id,) = run_ids(base_url, series_id)
+    finally:
+        stop(proc)
+    client = MlflowClient(tracking_uri=mlflow_store["MLFLOW_TRACKING_URI"])
+    run = client.get_run(str(run_id))
+    recorded = run.data.tags[f"feedback.{feedback_id}"]
+    assert '"label": "missed"' in recorded and '"note": "an outage"' in recorded
+    assert run.data.metrics["feedback_missed"] == 1.0

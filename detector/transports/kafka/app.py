@@ -21,6 +21,7 @@ from detector.metrics import WorkerMetrics
 from detector.pipeline import Pipeline
 from detector.retry import retry_while
 from detector.settings import Settings
+from detector.state.adjustments import Adjustments
 from detector.state.incidents import incident_tracker
 from detector.state.series import Acknowledged, SeriesStates
 from detector.state.silence import silence_watch
@@ -157,7 +158,11 @@ class KafkaScorer:
             store,
             source=f"kafka:{anomalies.get_topic_name()}",
             metrics=metrics,
-            streams=SeriesStates(self.redis, store),
+            streams=SeriesStates(
+                self.redis,
+                store,
+                adjustments=Adjustments(self.redis, settings.model_refresh_seconds),
+            ),
             silence=silence_watch(
                 settings, self.redis, store, output=anomalies.get_topic_name(), mode="lease"
             ),

@@ -26,6 +26,7 @@ from detector.metrics import WorkerMetrics
 from detector.pipeline import Outcome, Pipeline
 from detector.retry import Backoff, retry_while
 from detector.settings import Settings
+from detector.state.adjustments import Adjustments
 from detector.state.incidents import incident_tracker
 from detector.state.series import SeriesStates
 from detector.state.silence import silence_watch
@@ -88,6 +89,7 @@ class Worker:
                 self.store,
                 readings_stream=settings.stream_readings,
                 group=settings.stream_group,
+                adjustments=Adjustments(redis_client, settings.model_refresh_seconds),
             ),
             stopping=lambda: self._stopping,
             silence=silence_watch(settings, redis_client, self.store),

@@ -1,0 +1,180 @@
+"""Feedback on detections: an episode judged a false or true positive, a range marked missed.
+
+Stored in PostgreSQL (``detector.store.feedback``); the series' threshold adjustment
+(``detector.feedback``) is written to Redis, where every worker finds it within
+``MODEL_REFRESH_SECONDS``, and each row is recorded on the MLflow run of the version it is
+about (drained with the fits' outbox, so MLflow being down delays it and loses nothing).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import SeriesIdDep, ServicesDep, find_model
+from detector.errors import InvalidInputError
+from detector.identifiers import validate_series_id
+from detector.kinds.training import MAX_TIMESTAMP
+from detector.store.feedback import (
+    find_episode,
+    list_feedback,
+    public,
+    publish_adjustment,
+    record_feedback,
+    series_adjustment,
+)
+
+router = APIRouter(tags=["feedback"])
+read_router = APIRouter(tags=["feedback"])
+
+# An episode id is its opener's source id: a `readings` entry id (`1700000000000-0`) or a
+# Kafka record's `topic/partition/offset`.
+EPISODE_ID = re.compile(r"^[!-~]{1,512}$")
+Timestamp = Annotated[int, Field(strict=True, ge=0, le=MAX_TIMESTAMP)]
+Note = Annotated[str, Field(max_length=2000)]
+
+
+class EpisodeFeedback(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    label: Literal["false_positive", "true_positive", "missed"] = Field(
+        description="false_positive or true_positive (missed ranges: POST /series/{id}/feedback)"
+    )
+    series_id: str | None = Field(
+        default=None,
+        description="The episode's series, if several series have an episode of that id.",
+    )
+    from_: Timestamp | None = Field(default=None, alias="from", description="Not taken here.")
+    to: Timestamp | None = Field(default=None, description="Not taken here.")
+    note: Note | None = None
+
+
+class MissedFeedback(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    label: Literal["false_positive", "true_positive", "missed"] = Field(
+        default="missed", description="missed (false and true positives judge an episode)"
+    )
+    from_: Timestamp | None = Field(
+        default=None, alias="from", description="First reading timestamp of the missed range."
+    )
+    to: Timestamp | None = Field(default=None, description="Last reading timestamp, inclusive.")
+    note: Note | None = None
+
+
+class FeedbackAnswer(BaseModel):
+    id: int
+    series_id: str
+    episode_id: str | None
+    label: str
+    changed: bool = Field(description="False when the same feedback was already stored.")
+    adjustment: dict[str, float] = Field(
+        description="The series' per-test threshold scales now in force (1.0: the version's)."
+    )
+
+
+async def _publish(services: ServicesDep, series_id: str) -> dict[str, float]:
+    rows = await list_feedback(services.store.pool, series_id)
+    found, through = series_adjustment(rows)
+    await publish_adjustment(services.store.redis, series_id, found, through)
+    return found.to_dict()
+
+
+@router.post(
+    "/anomalies/{episode_id:path}/feedback",
+    response_model=FeedbackAnswer,
+    summary="Judge an episode: a false or a true positive",
+)
+async def episode_feedback(
+    episode_id: Annotated[str, Path(description="The episode's id (its opener's source id).")],
+    body: EpisodeFeedback,
+    services: ServicesDep,
+) -> FeedbackAnswer:
+    """A false positive widens the threshold of the test that fired on the episode's opener
+    for its series' stream (a true positive changes nothing); see the stream contract. The
+    same feedback again changes nothing; another label for the same episode replaces it."""
+    if not EPISODE_ID.match(episode_id):
+        raise InvalidInputError("an episode id is 1-512 printable ASCII characters, no spaces")
+    if body.label == "missed":
+        raise InvalidInputError(
+            "a missed range is not an episode's: POST /series/{series_id}/feedback"
+            ' with {"label": "missed", "from": ..., "to": ...}'
+        )
+    if body.from_ is not None or body.to is not None:
+        raise InvalidInputError("from and to are for missed ranges, not for an episode")
+    named = None if body.series_id is None else validate_series_id(body.series_id)
+    episode = await find_episode(services.store.pool, episode_id, named)
+    row_id, changed = await record_feedback(
+        services.store.pool,
+        series_id=episode.series_id,
+        label=body.label,
+        episode=episode,
+        episode_id=episode_id,
+        note=body.note,
+    )
+    adjustment = await _publish(services, episode.series_id)
+    return FeedbackAnswer(
+        id=row_id,
+        series_id=episode.series_id,
+        episode_id=episode_id,
+        label=body.label,
+        changed=changed,
+        adjustment=adjustment,
+    )
+
+
+@router.post(
+    "/series/{series_id}/feedback",
+    response_model=FeedbackAnswer,
+    summary="Mark a time range of a series as a missed anomaly",
+)
+async def series_feedback(
+    series_id: SeriesIdDep, body: MissedFeedback, services: ServicesDep
+) -> FeedbackAnswer:
+    """A missed range (no alert where there should have been one) narrows every test's
+    threshold for the series' stream. It needs no episode; the same range again changes
+    nothing."""
+    if body.label != "missed":
+        raise InvalidInputError(
+            f"{body.label} judges an episode: POST /anomalies/{{episode_id}}/feedback"
+        )
+    if body.from_ is None or body.to is None:
+        raise InvalidInputError("a missed range needs from and to (reading timestamps)")
+    if body.from_ > body.to:
+        raise InvalidInputError(f"from ({body.from_}) is after to ({body.to})")
+    model = await find_model(services.store, series_id, None)  # 404 for an unknown series
+    row_id, changed = await record_feedback(
+        services.store.pool,
+        series_id=series_id,
+        label="missed",
+        version=model.version,
+        from_ts=body.from_,
+        to_ts=body.to,
+        note=body.note,
+    )
+    adjustment = await _publish(services, series_id)
+    return FeedbackAnswer(
+        id=row_id,
+        series_id=series_id,
+        episode_id=None,
+        label="missed",
+        changed=changed,
+        adjustment=adjustment,
+    )
+
+
+@read_router.get("/series/{series_id}/feedback", summary="A series' feedback and adjustment")
+async def get_feedback(series_id: SeriesIdDep, services: ServicesDep) -> dict[str, Any]:
+    """Every piece of feedback on the series, oldest first, and the threshold scales they
+    add up to (``adjustment``)."""
+    await find_model(services.store, series_id, None)  # 404 for an unknown series
+    rows = await list_feedback(services.store.pool, series_id)
+    found, _ = series_adjustment(rows)
+    return {
+        "series_id": series_id,
+        "adjustment": found.to_dict(),
+        "feedback": [public(r) for r in rows],
+    }

@@ -1,0 +1,57 @@
+"""The worker's view of each series' feedback adjustment (``feedback:{<series_id>}``).
+
+The API writes a series' adjustment to Redis whenever its feedback changes
+(``detector.store.feedback``); a worker re-reads a series' key once its cached entry is
+``ttl`` seconds old (``MODEL_REFRESH_SECONDS``, as for the latest-version pointers), so new
+feedback is in force on every worker within that time plus one batch. A series without
+feedback has no key and keeps the version's own thresholds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from redis.asyncio import Redis
+
+from detector.feedback import IDENTITY, TESTS
+from detector.redis_keys import feedback_key
+
+Scales = tuple[float, ...]
+
+
+def _parse(raw: list[bytes | str | None]) -> Scales:
+    if any(v is None for v in raw):
+        return IDENTITY.scales()
+    try:
+        return tuple(float(v) for v in raw)  # type: ignore[arg-type]
+    except ValueError:
+        return IDENTITY.scales()
+
+
+class Adjustments:
+    """Per-series threshold scales, each re-read from Redis at most every ``ttl`` seconds."""
+
+    def __init__(
+        self, client: Redis, ttl: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.redis = client
+        self.ttl = ttl
+        self.clock = clock
+        self._entries: dict[str, tuple[Scales, float]] = {}
+
+    async def resolve(self, series_ids: Iterable[str]) -> dict[str, Scales]:
+        """The scales of each series, one pipeline for the entries that are stale."""
+        now = self.clock()
+        wanted = list(series_ids)
+        stale = [s for s in wanted if (e := self._entries.get(s)) is None or e[1] <= now]
+        if stale:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for series_id in stale:
+                    pipe.hmget(feedback_key(series_id), *TESTS)
+                replies = await pipe.execute()
+            for series_id, raw in zip(stale, replies, strict=True):
+                self._entries[series_id] = (_parse(raw), now + self.ttl)
+            if len(self._entries) > 4 * max(len(wanted), 50_000):  # bound the memory
+                self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+        return {s: self._entries[s][0] for s in wanted}
