@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
-
 from detector.kinds.base import Direction, FitOptions, Fitted
+from detector.kinds.moments import median_interval
 from detector.kinds.registry import get_kind
 from detector.kinds.training import TrainingData, prepare_training_data
 from detector.settings import Settings
@@ -68,9 +67,7 @@ async def fit_version(
 
 
 def fit_cadence(timestamps: Any) -> float | None:
-    """A series' cadence: the median positive interval of its training timestamps (seconds),
-    None when every timestamp is the same. Stored in ``params["cadence"]``; versions fitted
-    before it was stored have none, and the stream watch falls back to observed spacing."""
-    gaps = np.diff(np.sort(np.asarray(timestamps, dtype=np.float64)))
-    positive = gaps[gaps > 0]
-    return float(np.median(positive)) if positive.size else None
+    """A series' cadence (``median_interval``), stored in ``params["cadence"]``; versions
+    fitted before it was stored have none, and the stream watch falls back to observed
+    spacing."""
+    return median_interval(timestamps)

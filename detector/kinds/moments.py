@@ -85,9 +85,19 @@ def fit_readings(timestamps: Any, values: Any) -> tuple[FloatArray, FloatArray, 
         raise ValueError("fit needs at least two readings with one timestamp each")
     if not (np.all(np.isfinite(ts)) and np.all(np.isfinite(xs))):
         raise ValueError("timestamps and values must be finite")
-    gaps = np.diff(np.sort(ts))
+    cadence = median_interval(ts)
+    return ts, xs, 1.0 if cadence is None else cadence
+
+
+def median_interval(timestamps: Any) -> float | None:
+    """A series' cadence: the median positive interval between its sorted timestamps, None
+    when they are all the same (training data comes sorted: no sort then)."""
+    ts = np.asarray(timestamps, dtype=np.float64).ravel()
+    gaps = np.diff(ts)
+    if gaps.size and float(gaps.min()) < 0:
+        gaps = np.diff(np.sort(ts))
     positive = gaps[gaps > 0]
-    return ts, xs, float(np.median(positive)) if positive.size else 1.0
+    return float(np.median(positive)) if positive.size else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,12 +177,14 @@ class SeasonalParams:
 
 
 def hour_of_day(t: Any) -> Any:
-    return (np.floor_divide(t, HOUR) % HOURS).astype(np.intp)
+    """The UTC hour of Unix seconds (whole and non-negative, as every reading's are: integer
+    division is the floor, and several times faster than a float floor_divide)."""
+    return ((np.asarray(t).astype(np.int64) // HOUR) % HOURS).astype(np.intp)
 
 
 def day_of_week(t: Any) -> Any:
     """0 is Monday (1970-01-01, day 0, was a Thursday)."""
-    return ((np.floor_divide(t, DAY) + 3) % WEEKDAYS).astype(np.intp)
+    return ((np.asarray(t).astype(np.int64) // DAY + 3) % WEEKDAYS).astype(np.intp)
 
 
 def _profile(slots: IntArray, residuals: FloatArray, size: int) -> tuple[FloatArray, float]:

@@ -31,7 +31,7 @@ from detector.kinds.static import StaticModel
 from detector.kinds.training import TrainingData
 from detector.redis_keys import model_key, write_probe_key
 from detector.store.caches import PointerCache, VersionCache
-from detector.store.codec import ModelVersion, parse_points
+from detector.store.codec import ModelVersion, parse_arrays, parse_points
 from detector.store.fit_rows import allocate_version, version_exists, write_fit
 from detector.store.publish import VersionPublisher
 
@@ -295,15 +295,22 @@ class ModelStore:
                     )
                 if row[2] is not None:
                     raise _points_deleted(series_id, version)
-                buffer = bytearray()
-                async with conn.cursor().copy(
-                    "COPY (SELECT ts, value FROM training_points WHERE model_id = %s ORDER BY ts)"
+                arrays = await _copy_out(
+                    conn,
+                    "COPY (SELECT ts, value FROM training_arrays WHERE model_id = %s)"
                     " TO STDOUT (FORMAT BINARY)",
-                    (row[0],),
-                ) as copy:
-                    async for chunk in copy:
-                        buffer += chunk
-            data = parse_points(bytes(buffer))
+                    row[0],
+                )
+                found = parse_arrays(arrays)
+                if found is None:  # stored before training_arrays: a row a point
+                    rows = await _copy_out(
+                        conn,
+                        "COPY (SELECT ts, value FROM training_points WHERE model_id = %s"
+                        " ORDER BY ts) TO STDOUT (FORMAT BINARY)",
+                        row[0],
+                    )
+                    found = parse_points(rows)
+            data = found
             if len(data) < int(row[1]):  # retention is deleting them right now
                 raise _points_deleted(series_id, version)
             return data
@@ -393,6 +400,14 @@ class ModelStore:
                 return await cur.fetchall()
 
         return await self._pg(query)
+
+
+async def _copy_out(conn: psycopg.AsyncConnection[Any], sql: str, model_id: int) -> bytes:
+    buffer = bytearray()
+    async with conn.cursor().copy(sql, (model_id,)) as copy:
+        async for chunk in copy:
+            buffer += chunk
+    return bytes(buffer)
 
 
 def _points_deleted(series_id: str, version: int) -> TrainingDataDeletedError:

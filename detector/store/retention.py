@@ -122,7 +122,12 @@ async def _trim_training_points(
         cur = await conn.execute(_VERSIONS_TO_TRIM, {"keep": keep, "limit": _VERSIONS_A_ROUND})
         model_ids = [int(r[0]) for r in await cur.fetchall()]
         for model_id in model_ids:
-            done.training_points += await _drain(
+            cur = await conn.execute(
+                "DELETE FROM training_arrays WHERE model_id = %s RETURNING cardinality(ts)",
+                (model_id,),
+            )
+            done.training_points += sum(int(r[0]) for r in await cur.fetchall())
+            done.training_points += await _drain(  # a version stored a row a point
                 conn, _DELETE_POINTS, {"model_id": model_id, "batch": _BATCH_ROWS}
             )
             await conn.execute(

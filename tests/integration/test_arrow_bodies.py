@@ -54,7 +54,7 @@ def stored(client, pg, series_id):
         v.pop("created_at")
         v.pop("mlflow_run_id")
     rows = pg.execute(
-        "SELECT m.version, p.ts, p.value FROM training_points p "
+        "SELECT m.version, p.ts, p.value FROM training_point_rows p "
         "JOIN model_versions m ON m.id = p.model_id WHERE m.series_id = %s ORDER BY 1, 2",
         (series_id,),
     ).fetchall()

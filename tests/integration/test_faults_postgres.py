@@ -119,7 +119,7 @@ def test_postgres_stopped_predictions_go_on_and_fits_503_without_half_writes(
             for v, n, stored in pg_rows(
                 s,
                 "SELECT m.version, m.points_used,"
-                " (SELECT count(*) FROM training_points p WHERE p.model_id = m.id)"
+                " (SELECT count(*) FROM training_point_rows p WHERE p.model_id = m.id)"
                 " FROM model_versions m WHERE m.series_id = %s",
                 series_id,
             )

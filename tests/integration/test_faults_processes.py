@@ -170,7 +170,7 @@ def test_api_sigterm_completes_the_requests_in_flight(fault_settings: Settings) 
     assert versions == sorted(f"v{i}.0.0" for i in range(1, fits + 1))
     stored = pg_rows(
         s,
-        "SELECT m.version, (SELECT count(*) FROM training_points p WHERE p.model_id = m.id)"
+        "SELECT m.version, (SELECT count(*) FROM training_point_rows p WHERE p.model_id = m.id)"
         " FROM model_versions m WHERE m.series_id = %s ORDER BY m.version",
         series_id,
     )

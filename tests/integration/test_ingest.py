@@ -140,7 +140,7 @@ def test_generate_fit_trains_on_the_window_just_before_the_stream(
         fitted = [
             ts
             for (ts,) in pg.execute(
-                "SELECT p.ts FROM training_points p JOIN model_versions m ON m.id = p.model_id"
+                "SELECT p.ts FROM training_point_rows p JOIN model_versions m ON m.id = p.model_id"
                 " WHERE m.series_id = %s ORDER BY p.ts",
                 (series_id,),
             )

@@ -104,7 +104,7 @@ def test_old_versions_lose_their_points_but_stay_listed_and_plot_says_410(
             assert done is not None and done.versions_trimmed >= 2
             stored = db.execute(
                 "SELECT m.version, count(p.model_id) FROM model_versions m"
-                " LEFT JOIN training_points p ON p.model_id = m.id"
+                " LEFT JOIN training_point_rows p ON p.model_id = m.id"
                 " WHERE m.series_id = %s GROUP BY m.version ORDER BY m.version",
                 (series_id,),
             ).fetchall()
