@@ -26,8 +26,8 @@ from embedded.processes import free_port
 from embedded.servers import PostgresServer, RedisServer
 
 _SIZES = """
-SELECT (SELECT count(*) FROM training_points),
-       pg_total_relation_size('training_points'),
+SELECT (SELECT count(*) FROM training_point_rows),
+       pg_total_relation_size('training_arrays') + pg_total_relation_size('training_points'),
        (SELECT count(*) FROM model_versions)
 """
 
@@ -48,14 +48,15 @@ async def measure(settings: Settings, fits: int, points: int) -> None:
             started = time.perf_counter()
             done = await run_retention(pool, settings)
             took = time.perf_counter() - started
+            await conn.execute("VACUUM training_arrays")
             await conn.execute("VACUUM training_points")
             after = await (await conn.execute(_SIZES)).fetchone()
         assert before is not None and after is not None
         print(f"{fits} fits x {points} points, one series")
-        print(f"before: {before[0]} training_points rows, {before[1] / 2**20:.1f} MiB")
+        print(f"before: {before[0]} training points, {before[1] / 2**20:.1f} MiB")
         print(f"retention pass: {took:.2f} s, {done}")
         print(
-            f"after (VACUUM): {after[0]} rows, {after[1] / 2**20:.1f} MiB;"
+            f"after (VACUUM): {after[0]} points, {after[1] / 2**20:.1f} MiB;"
             f" {after[2]} versions still listed"
         )
         await store.publisher.close()
