@@ -168,6 +168,42 @@ def test_two_workers_share_the_partitions(settings, client, kafka_bootstrap, nam
     assert sources == {ids[n] for n in anomalous}
 
 
+def test_a_worker_killed_mid_stream_hands_its_partitions_to_the_other(
+    settings, client, kafka_bootstrap, names
+):
+    """Two workers share the partitions; one is killed (SIGKILL) while readings flow: after
+    the session timeout its partitions move to the survivor, which scores everything past
+    the dead worker's last commit, so no anomaly is lost."""
+    series = fit_series(client, 8)
+    rows, anomalous = make_readings(series, 12_000, seed=13)
+    workers = [KafkaWorker(settings, kafka_bootstrap, names, KAFKA_BATCH_COUNT="100")]
+    workers.append(KafkaWorker(settings, kafka_bootstrap, names, KAFKA_BATCH_COUNT="100"))
+    try:
+        wait_for(lambda: members(kafka_bootstrap, names.app_id) == 2, "a group of two")
+        ids = publish(kafka_bootstrap, names.readings, rows[:6000])
+        wait_for(lambda: all(w.scored() > 0 for w in workers), "both workers scoring")
+        workers[0].kill()  # mid-stream: no shutdown, no final commit
+        ids += publish(kafka_bootstrap, names.readings, rows[6000:])
+        wait_for(
+            lambda: group_caught_up(kafka_bootstrap, names.app_id, names.readings),
+            "the survivor to commit every partition",
+            timeout=120,
+        )
+        assert members(kafka_bootstrap, names.app_id) == 1
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.stop()
+    sources = Counter(
+        value["source_id"] for _, _, _, value in read_topic(kafka_bootstrap, names.anomalies)
+    )
+    assert set(sources) == {ids[n] for n in anomalous}  # nothing lost
+    print(
+        f"kill -9 of one of two: {len(sources)} events, {sum(sources.values()) - len(sources)}"
+        " repeated past the dead worker's last commit"
+    )
+
+
 def members(bootstrap: str, group: str) -> int:
     """Members of a stable group with partitions assigned."""
     import asyncio
