@@ -36,7 +36,7 @@ from detector.wire.readings import DeadLetter, ReadingBatch
 
 log = logging.getLogger(__name__)
 
-JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def new_job_id() -> str:

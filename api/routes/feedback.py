@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import SeriesIdDep, ServicesDep, find_model
+from api.deps import SeriesIdDep, ServicesDep, find_model, json_body
+from api.schemas import body_schema
 from detector.errors import InvalidInputError
-from detector.identifiers import validate_series_id
+from detector.identifiers import SERIES_ID_SCHEMA, validate_series_id
 from detector.kinds.training import MAX_TIMESTAMP
 from detector.store.feedback import (
     find_episode,
@@ -33,7 +34,8 @@ read_router = APIRouter(tags=["feedback"])
 # An episode id is its opener's source id: a `readings` entry id (`1700000000000-0`) or a
 # Kafka record's `topic/partition/offset`.
 EPISODE_ID = re.compile(r"^[!-~]{1,512}$")
-Timestamp = Annotated[int, Field(strict=True, ge=0, le=MAX_TIMESTAMP)]
+# Lax: an integral JSON number (1.0) is the integer 1, as in a fit's body (and JSON Schema).
+Timestamp = Annotated[int, Field(ge=0, le=MAX_TIMESTAMP)]
 Note = Annotated[str, Field(max_length=2000)]
 
 
@@ -65,6 +67,25 @@ class MissedFeedback(BaseModel):
     note: Note | None = None
 
 
+# What the routes document (OpenAPI): the bodies they accept. They parse with the models
+# above, which take any label and say, for the wrong one, which route takes it.
+class EpisodeFeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: Literal["false_positive", "true_positive"]
+    series_id: str | None = Field(default=None, json_schema_extra=dict(SERIES_ID_SCHEMA))  # type: ignore[arg-type]
+    note: Note | None = None
+
+
+class MissedFeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    label: Literal["missed"] = "missed"
+    from_: Timestamp = Field(alias="from", description="First reading timestamp (≤ to).")
+    to: Timestamp = Field(description="Last reading timestamp, inclusive.")
+    note: Note | None = None
+
+
 class FeedbackAnswer(BaseModel):
     id: int
     series_id: str
@@ -87,10 +108,17 @@ async def _publish(services: ServicesDep, series_id: str) -> dict[str, float]:
     "/anomalies/{episode_id:path}/feedback",
     response_model=FeedbackAnswer,
     summary="Judge an episode: a false or a true positive",
+    openapi_extra=body_schema(EpisodeFeedbackBody),
 )
 async def episode_feedback(
-    episode_id: Annotated[str, Path(description="The episode's id (its opener's source id).")],
-    body: EpisodeFeedback,
+    episode_id: Annotated[
+        str,
+        Path(
+            pattern=EPISODE_ID.pattern,
+            description="The episode's id (its opener's source id).",
+        ),
+    ],
+    body: Annotated[EpisodeFeedback, Depends(json_body(EpisodeFeedback))],
     services: ServicesDep,
 ) -> FeedbackAnswer:
     """A false positive widens the threshold of the test that fired on the episode's opener
@@ -130,9 +158,12 @@ async def episode_feedback(
     "/series/{series_id}/feedback",
     response_model=FeedbackAnswer,
     summary="Mark a time range of a series as a missed anomaly",
+    openapi_extra=body_schema(MissedFeedbackBody),
 )
 async def series_feedback(
-    series_id: SeriesIdDep, body: MissedFeedback, services: ServicesDep
+    series_id: SeriesIdDep,
+    body: Annotated[MissedFeedback, Depends(json_body(MissedFeedback))],
+    services: ServicesDep,
 ) -> FeedbackAnswer:
     """A missed range (no alert where there should have been one) narrows every test's
     threshold for the series' stream. It needs no episode; the same range again changes

@@ -12,8 +12,13 @@ import redis
 from bench.client import predict_requests, run_loadgen
 from bench.context import Context
 from bench.report import Row, reported
+from detector.kinds.base import FitOptions
+from detector.kinds.registry import stateful_kind
 from detector.kinds.static import StaticModel
-from detector.redis_keys import model_key
+from detector.kinds.training import prepare_training_data
+from detector.redis_keys import model_key, state_key
+from detector.settings import Settings
+from detector.state.series import SeriesState
 from detector.store.codec import ModelVersion
 
 log = logging.getLogger("bench")
@@ -38,6 +43,7 @@ def scenario_memory(ctx: Context) -> list[Row]:
     run_loadgen(ctx, paths, bodies, connections=16, duration=3.0 if ctx.quick else 6.0)
     n = 20_000 if ctx.quick else 100_000
     per_model = redis_bytes_per_model(ctx, n, rng)
+    per_state = redis_bytes_per_state(ctx, n // 5)
     return [
         reported("memory", "API RSS with the models cached", rss_mb(ctx.api_pid), "MiB"),
         Row(
@@ -50,6 +56,17 @@ def scenario_memory(ctx: Context) -> list[Row]:
             None,
             "≤ 300 bytes",
             per_model <= 300,
+        ),
+        Row(
+            "memory",
+            "Redis used memory per streaming state (default kind)",
+            per_state,
+            "bytes",
+            None,
+            f"used_memory delta storing {n // 5:,} states",
+            None,
+            "≤ 1,024 bytes",
+            per_state <= 1024,
         ),
     ]
 
@@ -81,6 +98,43 @@ def redis_bytes_per_model(ctx: Context, n: int, rng: np.random.Generator) -> flo
         log.info("Redis hash encoding of a stored model: %s", encodings)
         for start in range(0, n, 10_000):
             r.delete(*keys[start : start + 10_000])
+    finally:
+        r.close()
+    return (after - before) / n
+
+
+def redis_bytes_per_state(ctx: Context, n: int) -> float:
+    """used_memory before and after storing ``n`` streaming states of the default kind as the
+    worker writes them after a batch (``seq`` and ``data``: the state row and its redelivery
+    bookkeeping, here the one id of the batch's reading), then removed."""
+    kind = str(Settings.model_fields["default_kind"].default)
+    plugin = stateful_kind(kind)
+    if plugin is None:
+        return 0.0
+    start = 1_700_000_000
+    fit = plugin.fit(
+        prepare_training_data(
+            [start + 60 * i for i in range(10_080)],
+            (50 + 5 * np.sin(np.arange(10_080) * 2 * np.pi / 1440)).tolist(),
+        ),
+        FitOptions(),
+    )
+    initial = plugin.initial_state(fit.params)
+    r = redis.Redis.from_url(ctx.redis_url)
+    try:
+        before = int(r.info("memory")["used_memory"])
+        keys = [state_key(f"mem-state-{i:07d}") for i in range(n)]
+        for lo in range(0, n, 10_000):
+            with r.pipeline(transaction=False) as pipe:
+                for i in range(lo, min(n, lo + 10_000)):
+                    state = SeriesState(
+                        kind, 1, initial, count=1, ids=[f"{1_796_000_000_000 + i}-0"]
+                    )
+                    pipe.set(keys[i], b"1\n" + state.to_bytes())
+                pipe.execute()
+        after = int(r.info("memory")["used_memory"])
+        for lo in range(0, n, 10_000):
+            r.delete(*keys[lo : lo + 10_000])
     finally:
         r.close()
     return (after - before) / n

@@ -34,16 +34,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import islice
 from operator import itemgetter, lt
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import orjson
 from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
+from redis.exceptions import NoScriptError
 
 from detector.errors import ModelNotFoundError
 from detector.feedback import IDENTITY
@@ -94,8 +96,10 @@ class SeriesState:
     # The feedback scales applied to the state's thresholds (``detector.feedback``).
     scales: tuple[float, ...] = IDENTITY_SCALES
 
-    def to_json(self) -> str:
-        plugin = _plugin(self.kind)
+    def to_bytes(self) -> bytes:
+        """The stored form: a JSON header (kind, version, bookkeeping), then, for a kind whose
+        state is a row of floats (seasonal), a NUL and the row's little-endian bytes as they
+        are (JSON never holds a raw NUL); another kind's state goes in the header."""
         data: dict[str, Any] = {
             "kind": self.kind,
             "version": self.version,
@@ -103,20 +107,30 @@ class SeriesState:
             "episode_id": self.episode_id,
             "ids": self.ids,
             "recent": self.recent,
-            "state": plugin.encode_state(self.state),
         }
         if self.scales != IDENTITY_SCALES:
             data["scales"] = list(self.scales)
-        return orjson.dumps(data).decode()
+        if isinstance(self.state, np.ndarray):
+            return orjson.dumps(data) + b"\0" + np.ascontiguousarray(self.state, "<f8").tobytes()
+        data["state"] = _plugin(self.kind).encode_state(self.state)
+        return orjson.dumps(data)
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> SeriesState:
-        data = orjson.loads(raw)
+    def from_bytes(cls, raw: bytes) -> SeriesState:
+        """``to_bytes``' form, or the JSON of states stored before it (the state in the header,
+        a float row as base64 text)."""
+        head, raw_row, row = raw.partition(b"\0")
+        data = orjson.loads(head)
         kind = data.get("kind", "multiscale")  # states written before kinds were named
+        state = (
+            np.frombuffer(row, dtype="<f8").astype(np.float64)
+            if raw_row
+            else _plugin(kind).decode_state(data["state"])
+        )
         return cls(
             kind=kind,
             version=int(data["version"]),
-            state=_plugin(kind).decode_state(data["state"]),
+            state=state,
             count=int(data["count"]),
             episode_id=data["episode_id"],
             ids=list(data["ids"]),
@@ -162,6 +176,9 @@ def fold_order(group: Sequence[StreamReading]) -> Sequence[StreamReading]:
 
 
 _SOURCE_ID, _TIMESTAMP, _VALUE = itemgetter(0), itemgetter(2), itemgetter(3)  # StreamReading's
+# States are bytes (a float row as it is): their replies are read without decoding.
+_RAW_REPLY: dict[str, Any] = {NEVER_DECODE: True}
+T = TypeVar("T")
 
 
 # Whether a source id has been committed for good (it can never be delivered again).
@@ -326,6 +343,8 @@ class SeriesStates:
         self.namespace = namespace  # ``redis_keys.state_key``'s: a backfill job's own states
         self.readings_stream, self.group = readings_stream, group
         self._cas = client.register_script(lua("compare_and_set_states"))
+        self._read = client.register_script(lua("read_states"))
+        self._loaded = False
         self.conflicts = 0  # series folded again because another worker wrote first
         # The states this process wrote last, with their seq: folded again without a read.
         # A state another process wrote since fails the compare-and-set and is read again.
@@ -354,25 +373,21 @@ class SeriesStates:
         scales = await self.adjustments.resolve(todo) if self.adjustments is not None else {}
         for _ in range(MAX_ATTEMPTS):
             misses = [series_id for series_id in todo if series_id not in cache]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for series_id in misses:
-                    pipe.hmget(state_key(series_id, self.namespace), "seq", "data")
-                if self.readings_stream and self.group:
-                    pipe.xpending(self.readings_stream, self.group)
-                replies = await pipe.execute() if len(pipe) else []
+            stored_states, summary = await self._retry_noscript(partial(self._read_stored, misses))
             done = acknowledged
-            if self.readings_stream and self.group:
-                summary = replies.pop()
-                if summary and summary.get("pending") and summary.get("min"):
-                    done = below(entry_order(str(summary["min"])))
-            read = dict(zip(misses, replies, strict=True))
+            if summary and summary.get("pending") and summary.get("min"):
+                done = below(entry_order(str(summary["min"])))
+            read = {
+                series_id: _split_stored(value)
+                for series_id, value in zip(misses, stored_states, strict=True)
+            }
             loaded: list[tuple[str, str | None, SeriesState | None, StreamReading]] = []
             for series_id in todo:
                 group = by_series[series_id]
                 newest = group[0] if len(group) == 1 else max(group, key=lambda r: r.version)
                 if series_id in read:
                     seq, raw = read[series_id]
-                    stored = None if raw is None else SeriesState.from_json(raw)
+                    stored = None if raw is None else SeriesState.from_bytes(raw)
                 else:
                     seq, stored = cache[series_id]
                 loaded.append((series_id, seq, stored, newest))
@@ -406,10 +421,13 @@ class SeriesStates:
                 detected_at=detected_at,
                 scales=[scales.get(s) for s in todo],
             )
-            args: list[str] = []
+            args: list[str | bytes] = []
             for seq, (new, _, _) in zip(seqs, results, strict=True):
-                args += [seq, new.to_json()]
-            reply = await self._cas(keys=[state_key(s, self.namespace) for s in todo], args=args)
+                args += [seq, new.to_bytes()]
+            keys = [state_key(s, self.namespace) for s in todo]
+            reply = await self._retry_noscript(
+                partial(_eval_raw, self.redis, self._cas.sha, keys, args)
+            )
             conflicted = {int(i) - 1 for i in reply}
             for i, (new, found, n) in enumerate(results):
                 if i in conflicted:
@@ -427,6 +445,41 @@ class SeriesStates:
             if not todo:
                 return events, opened
         raise RuntimeError(f"stream state of {todo} kept changing under {MAX_ATTEMPTS} tries")
+
+    async def _read_stored(
+        self, misses: list[str]
+    ) -> tuple[list[bytes | None], dict[str, Any] | None]:
+        """The stored states of ``misses`` (raw, ``read_states.lua``) and, for a Redis group,
+        its pending summary, in one round trip."""
+        stream, group = self.readings_stream, self.group
+        grouped = bool(stream and group)
+        if not misses and not grouped:
+            return [], None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if misses:
+                keys = [state_key(s, self.namespace) for s in misses]
+                pipe.execute_command("EVALSHA", self._read.sha, len(keys), *keys, **_RAW_REPLY)
+            if stream and group:
+                pipe.xpending(stream, group)
+            replies = await pipe.execute()
+        return (replies[0] if misses else []), (replies[-1] if grouped else None)
+
+    async def _ensure_scripts(self) -> None:
+        if not self._loaded:
+            for script in (self._read, self._cas):
+                await self.redis.script_load(script.script)
+            self._loaded = True
+
+    async def _retry_noscript(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call`` (EVALSHA of our scripts, raw replies), once more after loading them if
+        Redis lost them (a restart, SCRIPT FLUSH)."""
+        await self._ensure_scripts()
+        try:
+            return await call()
+        except NoScriptError:
+            self._loaded = False
+            await self._ensure_scripts()
+            return await call()
 
     def prepare(self) -> asyncio.Task[None]:
         """Start loading what the stateful kinds need to fold (the seasonal kind's compiled
@@ -462,7 +515,26 @@ class SeriesStates:
         return fresh
 
 
+async def _eval_raw(
+    client: Redis, sha: str, keys: Sequence[str], args: Sequence[str | bytes]
+) -> Any:
+    """EVALSHA whose reply is read without decoding (states are bytes)."""
+    run: Any = client.execute_command
+    return await run("EVALSHA", sha, len(keys), *keys, *args, **_RAW_REPLY)
+
+
+def _split_stored(value: bytes | None) -> tuple[str | None, bytes | None]:
+    """A stored state's seq and bytes (``read_states.lua``: "<seq>\\n<state>")."""
+    if value is None:
+        return None, None
+    seq, _, raw = value.partition(b"\n")
+    return seq.decode(), raw or None
+
+
 async def read_state(client: Redis, series_id: str, namespace: str = "") -> SeriesState | None:
     """The series' stored streaming state (for tests and tools)."""
-    raw = await client.hget(state_key(series_id, namespace), "data")
-    return None if raw is None else SeriesState.from_json(raw)
+    script = client.register_script(lua("read_states"))
+    await client.script_load(script.script)
+    (value,) = await _eval_raw(client, script.sha, [state_key(series_id, namespace)], [])
+    _, raw = _split_stored(value)
+    return None if raw is None else SeriesState.from_bytes(raw)

@@ -27,7 +27,8 @@ def test_fit_accepts_unsorted_points_and_stores_them_sorted(client, series_id, p
     )
     assert response.status_code == 200, response.text
     rows = pg.execute(
-        "SELECT p.ts, p.value FROM training_point_rows p JOIN model_versions m ON m.id = p.model_id "
+        "SELECT p.ts, p.value FROM training_point_rows p"
+        " JOIN model_versions m ON m.id = p.model_id "
         "WHERE m.series_id = %s ORDER BY p.ts",
         (series_id,),
     ).fetchall()

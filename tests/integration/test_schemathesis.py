@@ -48,6 +48,9 @@ ROUTES = [
     "GET /plot",
     "GET /metrics",
     "GET /incidents",
+    "POST /anomalies/{episode_id}/feedback",
+    "POST /series/{series_id}/feedback",
+    "GET /series/{series_id}/feedback",
 ]
 
 
@@ -89,6 +92,8 @@ def _usable(route, case):
     are cut to one length, and training series that are constant or nearly so (a spread that
     underflows float64, e.g. values within 1e-313 of each other: a documented 422) are skipped."""
     body = case.body
+    if isinstance(body, dict) and all(isinstance(body.get(k), int | float) for k in ("from", "to")):
+        return body["from"] <= body["to"]  # a missed range runs forward: a documented 422
     if not isinstance(body, dict) or "timestamps" not in body or "values" not in body:
         return True
     n = min(len(body["timestamps"]), len(body["values"]))

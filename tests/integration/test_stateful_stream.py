@@ -45,9 +45,7 @@ def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def fit_stateful(
-    client: httpx.Client, series_id: str, kind: str, seed: int = 1
-) -> dict[str, Any]:
+def fit_stateful(client: httpx.Client, series_id: str, kind: str, seed: int = 1) -> dict[str, Any]:
     answer = client.post(
         f"/fit/{series_id}",
         json={
@@ -262,3 +260,52 @@ def test_initial_states_of_many_refits_come_from_one_query_and_match(
 
     loaded, one_by_one = asyncio.run(go())
     assert loaded == one_by_one and all(loaded)
+
+
+def test_a_state_stored_as_a_hash_before_is_read_folded_and_replaced_keeping_its_ttl(
+    settings: Settings, client: httpx.Client, redis_client: redis.Redis, kind: str
+) -> None:
+    """States were a hash of `seq` and `data` (JSON, a float row as base64): a worker reads
+    one, folds onto it (the readings it recorded are not folded again) and writes it back as
+    one string, seq moved on, its time to live (a backfill job's) kept."""
+    from detector.kinds.registry import stateful_kind
+
+    s = stream_settings(settings)
+    series_id = fresh_series()
+    fitted = fit_stateful(client, series_id, kind)
+    assert fitted["version"] == "v1.0.0"
+    plugin = stateful_kind(kind)
+    assert plugin is not None
+
+    async def params() -> dict[str, Any]:
+        r, pool = async_redis_client(settings), postgres_pool(settings)
+        await pool.open()
+        try:
+            from detector.store.models import ModelStore
+
+            return await ModelStore(r, pool).params(series_id, 1)
+        finally:
+            await pool.close()
+            await r.aclose()
+
+    initial = plugin.initial_state(asyncio.run(params()))
+    legacy = {
+        "kind": kind,
+        "version": 1,
+        "count": 7,
+        "episode_id": None,
+        "ids": ["1-0"],
+        "recent": [],
+        "state": plugin.encode_state(initial),
+    }
+    key = state_key(series_id)
+    redis_client.hset(key, mapping={"seq": "5", "data": orjson.dumps(legacy).decode()})
+    redis_client.expire(key, 3600)
+    publish(redis_client, s.stream_readings, stream_rows(series_id, noise(3, 9)))
+    asyncio.run(run_worker_async(s))
+
+    assert redis_client.type(key) == "string"
+    assert redis_client.getrange(key, 0, 1) == "6\n"  # seq 5 moved on, in the string form
+    assert 3500 < redis_client.ttl(key) <= 3600
+    state = state_of(settings, series_id)
+    assert (state.version, state.count) == (1, 10)
