@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     # incident, with an `incident` event when it opens and when it closes; 0 series turn it
     # off. Every worker sweeps every INCIDENT_SWEEP_SECONDS to close a quiet incident.
     incident_min_series: int = Field(default=3, ge=0)
+    # ... and at least this share of the series seen on the stream (the silence watch's):
+    # a fleet's background of onsets is not an outage.
+    incident_min_share: float = Field(default=0.05, ge=0, le=1)
     incident_window_seconds: int = Field(default=300, ge=1, le=86_400)
     incident_sweep_seconds: float = Field(default=5.0, gt=0, le=3600)
 

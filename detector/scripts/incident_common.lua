@@ -10,10 +10,13 @@
 -- series → episode id, and the field ' arrival': the Redis time a pending onset was last
 -- added), [6] `outbox` (hash source id → event as JSON, kept until the worker recorded it,
 -- and on Kafka produced it), [7] `leases` (sorted set source id → when the worker's claim on
--- it runs out), [8] the anomalies stream (written to in 'xadd' mode only).
+-- it runs out), [8] the anomalies stream (written to in 'xadd' mode only), [9] the watched
+-- series (the silence watch's hash of every series seen on the stream: the fleet).
 -- ARGV (both scripts): [1] the window in seconds, [2] the fewest series that make an
 -- incident, [3] the mode ('xadd': the script writes the events to the stream; 'lease': the
--- caller produces them), [4] the stream's MAXLEN ~, [5] the lease in seconds.
+-- caller produces them), [4] the stream's MAXLEN ~, [5] the lease in seconds, [6] the
+-- smallest share of the fleet that makes an incident (the fewest series is the larger of
+-- [2] and that share of KEYS[9]'s size).
 
 -- Redis' own clock: one clock for every worker.
 local function now_seconds()
@@ -26,6 +29,10 @@ end
 
 local window, need, mode, maxlen, lease =
     tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
+local share = tonumber(ARGV[6])
+if share > 0 then
+    need = math.max(need, math.ceil(share * redis.call('HLEN', KEYS[9])))
+end
 local ARRIVAL = ' arrival'  -- not a series id (they have no blanks)
 
 -- redis.call(command, key, items...) in slices: Lua's unpack has a stack limit.

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import orjson
 from redis.asyncio import Redis
 
-from detector.redis_keys import incident_key
+from detector.redis_keys import incident_key, silence_key
 from detector.scripts import lua
 from detector.settings import Settings
 
@@ -83,6 +83,7 @@ class IncidentTracker:
         source: str | None = None,
         window_seconds: int,
         min_series: int,
+        min_share: float = 0.0,
         mode: Literal["xadd", "lease"] = "xadd",
         maxlen: int = 1_000_000,
     ) -> None:
@@ -90,8 +91,17 @@ class IncidentTracker:
         self.output = output
         self.source = source or output  # what PostgreSQL records them under
         self.mode = mode
-        self.keys = [*(incident_key(output, part) for part in _PARTS), output]
-        self._args: list[Any] = [window_seconds, min_series, mode, maxlen, LEASE_SECONDS]
+        # The fleet: the series the silence watch has seen on this output's stream.
+        fleet = silence_key(output, "series")
+        self.keys = [*(incident_key(output, part) for part in _PARTS), output, fleet]
+        self._args: list[Any] = [
+            window_seconds,
+            min_series,
+            mode,
+            maxlen,
+            LEASE_SECONDS,
+            repr(float(min_share)),
+        ]
         shared = lua("incident_common")
         self._onsets = client.register_script(shared + lua("incident_onsets"))
         self._sweep = client.register_script(shared + lua("incident_sweep"))
@@ -162,6 +172,7 @@ def incident_tracker(
         source=source,
         window_seconds=settings.incident_window_seconds,
         min_series=settings.incident_min_series,
+        min_share=settings.incident_min_share if settings.silence_cadences > 0 else 0.0,
         mode=mode,
         maxlen=settings.stream_anomalies_maxlen,
     )

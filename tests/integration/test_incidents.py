@@ -185,6 +185,42 @@ def test_one_series_episode_is_no_incident_and_two_outages_far_apart_are_two(
         stop_process(proc)
 
 
+def test_on_a_larger_fleet_an_incident_takes_a_share_of_it(
+    s: Settings, client: httpx.Client, redis_client: redis.Redis, series_id: str
+) -> None:
+    """100 series seen on the stream and INCIDENT_MIN_SHARE 5 %: onsets of 4 series within
+    the window are the fleet's background, not an incident (3 would be on a small fleet);
+    onsets of 6 are one."""
+    fleet = [f"{series_id}-{i}" for i in range(100)]
+    for sid in fleet:
+        fit(client, sid, TRAINING)
+    start = base_time()
+    log = worker_log()
+    proc = start_worker(s, "w1", log, **ON, INCIDENT_MIN_SHARE="0.05")
+    try:
+        wait_consuming(s, "w1", proc)
+        publish(redis_client, s.stream_readings, [(sid, start, 100.0) for sid in fleet])
+        publish(redis_client, s.stream_readings, outage(fleet[:4], start + 1000))
+        # The next outage, 10,000 s later, comes once the first was scored (its episodes
+        # recorded), so the two never share a window.
+        wait_for(
+            lambda: (
+                sum(f.get("type") == "anomaly" for _, f in redis_client.xrange(s.stream_anomalies))
+                == 4
+            ),
+            "the 4 series' anomalies",
+            30,
+        )
+        assert incident_events(redis_client, s) == []
+        publish(redis_client, s.stream_readings, outage(fleet[10:16], start + 11_000))
+        wait_for(lambda: len(incident_events(redis_client, s)) == 2, "the incident closed", 60)
+        opened, closed = incident_events(redis_client, s)
+        assert int(opened["min_series"]) == 5  # 5 % of the 100 watched series
+        assert int(closed["series_count"]) == 6
+    finally:
+        stop_process(proc)
+
+
 @pytest.mark.parametrize(
     "params",
     [
