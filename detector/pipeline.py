@@ -55,6 +55,9 @@ class ScoredBatch:
     opened: int = 0  # episodes opened by stateful kinds (their own alerts)
     # Per reading, the version that judged it; None without a model (the silence watch).
     versions: list[int | None] = field(default_factory=list)
+    # Events of readings a stateful series held in earlier batches, released by this one:
+    # event source id → the batch's reading whose commit writes it (``state.lateness``).
+    carriers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -74,6 +77,9 @@ class Outcome:
     started: float
     notices: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     incidents: list[dict[str, str]] = field(default_factory=list)
+    # Events (by their source id) written with another entry of the batch, their carrier:
+    # readings held by a stateful series' reorder buffer (``detector.state.lateness``).
+    carriers: dict[str, str] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -195,6 +201,7 @@ class Pipeline:
             started=started,
             notices=notices,
             incidents=changes.events if changes is not None else [],
+            carriers=scored.carriers,
         )
         if outcome.events and self.settings.stream_record_postgres:
             await self._record(
@@ -373,7 +380,7 @@ async def score_batch(
         stamps, floats, row_of = batch.timestamps.tolist(), values.tolist(), index.tolist()
         kind_of = [(0, "") if m is None else (m[0], m[1].kind) for m in models]
         source_ids = batch.source_ids
-        folded, scored.opened = await streams.fold(
+        folded, scored.opened, scored.carriers = await streams.fold(
             [
                 StreamReading(
                     source_ids[i], series_ids[i], stamps[i], floats[i], *kind_of[row_of[i]]
@@ -385,7 +392,13 @@ async def score_batch(
         )
         if folded:
             merged = scored.events | folded
-            scored.events = {i: merged[i] for i in batch.source_ids if i in merged}
+            order: Iterable[str] = batch.source_ids
+            if scored.carriers:  # released held readings go just before their carrier
+                carried: dict[str, list[str]] = {}
+                for event_id, carrier in scored.carriers.items():
+                    carried.setdefault(carrier, []).append(event_id)
+                order = [e for i in batch.source_ids for e in (*carried.get(i, ()), i)]
+            scored.events = {i: merged[i] for i in order if i in merged}
     return scored
 
 

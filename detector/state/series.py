@@ -52,6 +52,7 @@ from detector.kinds.registry import prepare_stateful, stateful_kind
 from detector.redis_keys import state_key
 from detector.scripts import lua
 from detector.state.adjustments import Adjustments
+from detector.state.lateness import release
 from detector.store.models import ModelStore
 from detector.wire.events import event_fields
 from detector.wire.readings import Reading
@@ -93,6 +94,12 @@ class SeriesState:
     recent: list[list[Any]] = field(default_factory=list)
     # The feedback scales applied to the state's thresholds (``detector.feedback``).
     scales: tuple[float, ...] = IDENTITY_SCALES
+    # The reorder buffer (only with a lateness tolerance, ``detector.state.lateness``): the
+    # newest timestamp seen, the newest folded, and the readings held until the watermark
+    # (newest − tolerance) passes them, as [source_id, timestamp, value] in fold order.
+    newest: int | None = None
+    through: int | None = None
+    held: list[list[Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         plugin = _plugin(self.kind)
@@ -107,6 +114,8 @@ class SeriesState:
         }
         if self.scales != IDENTITY_SCALES:
             data["scales"] = list(self.scales)
+        if self.newest is not None:  # absent without a tolerance: the format of before
+            data["newest"], data["through"], data["held"] = self.newest, self.through, self.held
         return orjson.dumps(data).decode()
 
     @classmethod
@@ -122,6 +131,9 @@ class SeriesState:
             ids=list(data["ids"]),
             recent=list(data["recent"]),
             scales=tuple(float(v) for v in data.get("scales", IDENTITY_SCALES)),
+            newest=data.get("newest"),
+            through=data.get("through"),
+            held=list(data.get("held", ())),
         )
 
 
@@ -173,6 +185,17 @@ def below(watermark: tuple[int, int]) -> Acknowledged:
     return lambda source_id: entry_order(source_id) < watermark
 
 
+class Folding(NamedTuple):
+    """One series' result of ``fold_states``: its new state, its anomaly events (source id →
+    fields, in fold order), the alerts raised for the first time, and the carriers of events
+    of readings held before this batch (event source id → the batch reading that writes it)."""
+
+    state: SeriesState
+    events: dict[str, dict[str, str]]
+    opened: int
+    carriers: dict[str, str]
+
+
 def fold_states(
     currents: Sequence[SeriesState],
     readings: Sequence[Sequence[StreamReading]],
@@ -180,17 +203,21 @@ def fold_states(
     acknowledged: Acknowledged | None,
     detected_at: float,
     scales: Sequence[tuple[float, ...] | None] | None = None,
-) -> list[tuple[SeriesState, dict[str, dict[str, str]], int]]:
+    lateness: int = 0,
+) -> list[Folding]:
     """Fold each series' readings into its state, in place: ``readings[i]`` belong to
     ``currents[i]`` (a state whose compare-and-set then fails is discarded and read again).
     All series of one kind are folded by one call of the kind's ``fold``.
 
-    Returns, per series, the new state, the anomaly events (source id → fields) and how many
-    alerts were raised for the first time. A reading already folded (a redelivery) is not
-    folded again: its event, if it had one, is emitted again, the same. ``acknowledged``
-    (None: unknown) tells which source ids were committed for good: they are skipped and
-    forgotten. ``scales[i]`` (None: unknown, keep) is the feedback adjustment of series i,
-    applied to its state before its readings are folded (kinds with an ``adjust``).
+    Returns, per series, the new state, the anomaly events (source id → fields), how many
+    alerts were raised for the first time and the carriers of released held readings. A
+    reading already folded (a redelivery) is not folded again: its event, if it had one, is
+    emitted again, the same, with those it carried. ``acknowledged`` (None: unknown) tells
+    which source ids were committed for good: they are skipped and forgotten. ``scales[i]``
+    (None: unknown, keep) is the feedback adjustment of series i, applied to its state before
+    its readings are folded (kinds with an ``adjust``). ``lateness`` is the reorder buffer's
+    tolerance in event seconds (``detector.state.lateness``; 0: none, readings folded in
+    timestamp order within the batch).
     """
     news = list(currents)
     for new, wanted in zip(news, scales or [None] * len(news), strict=True):
@@ -200,19 +227,32 @@ def fold_states(
                 new.state = adjust(new.state, new.scales, wanted)
                 new.scales = wanted
     events: list[dict[str, dict[str, str]]] = [{} for _ in news]
+    carriers: list[dict[str, str]] = [{} for _ in news]
     opened = [0] * len(news)
+    fresh_ids: set[str] = set()  # readings first seen in this batch: each writes its own
     todo: list[list[StreamReading]] = []
-    for new, group, found in zip(news, readings, events, strict=True):
+    lates: list[list[StreamReading]] = []
+    carrier_of: list[str | None] = []
+    for i, (new, group) in enumerate(zip(news, readings, strict=True)):
+        found = events[i]
         if acknowledged is not None:  # committed for good: never delivered again, forgotten
             if new.ids:
-                new.ids = [i for i in new.ids if not acknowledged(i)]
-            if new.recent:
-                new.recent = [o for o in new.recent if not acknowledged(o[0])]
+                new.ids = [s for s in new.ids if not acknowledged(s)]
+            if new.recent:  # an outcome is needed until its carrier is committed
+                new.recent = [o for o in new.recent if not acknowledged(_carrier(o))]
         folded = set(new.ids)
         outcomes = {r[0]: r for r in new.recent} if new.recent else {}
+        carried: dict[str, list[list[Any]]] = defaultdict(list)
+        for o in new.recent:
+            if _carrier(o) != o[0]:
+                carried[_carrier(o)].append(o)
+        holding = lateness > 0 or bool(new.held)
         fresh = []
-        for r in fold_order(group):
+        for r in group if holding else fold_order(group):
             if r.source_id in folded:  # redelivered: emit its event again, do not fold again
+                for o in carried.get(r.source_id, ()):
+                    found[o[0]] = _event(_held_reading(r, o), new, o, detected_at)
+                    carriers[i][o[0]] = r.source_id
                 again = outcomes.get(r.source_id)
                 if again is not None:
                     found[r.source_id] = _event(r, new, again, detected_at)
@@ -221,20 +261,25 @@ def fold_states(
                 continue  # already acknowledged: another consumer committed (and folded) it
             folded.add(r.source_id)
             fresh.append(r)
-        todo.append(fresh)
+        new.ids += map(_SOURCE_ID, fresh)
+        fresh_ids.update(map(_SOURCE_ID, fresh))
+        if holding:
+            split = release(new, fresh, lateness)
+            todo.append(split.ready)
+            lates.append(split.late)
+            carrier_of.append(None if split.carrier is None else split.carrier.source_id)
+        else:
+            todo.append(fresh)
+            lates.append([])
+            carrier_of.append(None)
     by_kind: dict[str, list[int]] = defaultdict(list)
     for i, new in enumerate(news):
-        if todo[i]:
+        if todo[i] or lates[i]:
             by_kind[new.kind].append(i)
     for kind, members in by_kind.items():
-        flat = [r for i in members for r in todo[i]]
-        sizes = [len(todo[i]) for i in members]
-        slots = np.repeat(np.arange(len(members), dtype=np.intp), sizes)
-        timestamps = np.fromiter(map(_TIMESTAMP, flat), dtype=np.float64, count=len(flat))
-        values = np.fromiter(map(_VALUE, flat), dtype=np.float64, count=len(flat))
-        states, verdicts = _plugin(kind).fold(
-            [news[i].state for i in members], slots, timestamps, values
-        )
+        plugin = _plugin(kind)
+        flat, slots = _flatten([todo[i] for i in members])
+        states, verdicts = plugin.fold([news[i].state for i in members], slots, *_columns(flat))
         for slot, i in enumerate(members):
             news[i].state = states[slot]
         for j in np.flatnonzero(verdicts.anomaly).tolist():
@@ -244,19 +289,69 @@ def fold_states(
             if verdicts.alert[j]:
                 new.episode_id = r.source_id
                 opened[i] += 1
+            carrier = r.source_id
+            held_before = carrier_of[i]
+            if held_before is not None and r.source_id not in fresh_ids:
+                carrier = held_before  # held by an earlier batch: written with its carrier
+                carriers[i][r.source_id] = carrier
             outcome = _outcome(r, new.episode_id or r.source_id, verdicts, j)
+            if carrier != r.source_id:
+                outcome += [0, carrier, r.timestamp, r.value]  # its reading, for again
             new.recent.append(outcome)
             events[i][r.source_id] = _event(r, new, outcome, detected_at)
+        late_members = [i for i in members if lates[i]]
+        if late_members:  # scored against the states as they now stand, which are kept
+            flat, slots = _flatten([lates[i] for i in late_members])
+            _, verdicts = plugin.fold([news[i].state for i in late_members], slots, *_columns(flat))
+            for j in np.flatnonzero(verdicts.anomaly).tolist():
+                r = flat[j]
+                new = news[late_members[int(slots[j])]]
+                outcome = _outcome(r, new.episode_id or r.source_id, verdicts, j)
+                outcome[5] = 0  # never an alert: a late reading opens no episode
+                outcome += [1, r.source_id]
+                new.recent.append(outcome)
+                events[late_members[int(slots[j])]][r.source_id] = _event(
+                    r, new, outcome, detected_at
+                )
         for i in members:
-            new = news[i]
-            new.count += len(todo[i])
-            new.ids += map(_SOURCE_ID, todo[i])
+            news[i].count += len(todo[i])
     for new in news:
         if len(new.ids) > MAX_TRACKED:
             new.ids = new.ids[-MAX_TRACKED:]
         if len(new.recent) > MAX_TRACKED:
             new.recent = new.recent[-MAX_TRACKED:]
-    return list(zip(news, events, opened, strict=True))
+    return [Folding(*r) for r in zip(news, events, opened, carriers, strict=True)]
+
+
+def _flatten(groups: Sequence[Sequence[StreamReading]]) -> tuple[list[StreamReading], Any]:
+    flat = [r for group in groups for r in group]
+    slots = np.repeat(np.arange(len(groups), dtype=np.intp), [len(g) for g in groups])
+    return flat, slots
+
+
+def _columns(flat: Sequence[StreamReading]) -> tuple[Any, Any]:
+    n = len(flat)
+    timestamps = np.fromiter(map(_TIMESTAMP, flat), dtype=np.float64, count=n)
+    values = np.fromiter(map(_VALUE, flat), dtype=np.float64, count=n)
+    return timestamps, values
+
+
+def _carrier(outcome: list[Any]) -> str:
+    """The source id whose commit writes an outcome's event (its own, unless it was held)."""
+    return str(outcome[11]) if len(outcome) > 11 and outcome[11] else str(outcome[0])
+
+
+def _held_reading(carrier: StreamReading, outcome: list[Any]) -> StreamReading:
+    """A carried outcome's reading (its timestamp and value are kept in the outcome: the
+    reading itself is not in the carrier's batch)."""
+    return StreamReading(
+        str(outcome[0]),
+        carrier.series_id,
+        int(outcome[12]),
+        float(outcome[13]),
+        carrier.version,
+        carrier.kind,
+    )
 
 
 def _outcome(r: StreamReading, episode: str, v: Folded, j: int) -> list[Any]:
@@ -280,6 +375,7 @@ def _event(
     _, expected, std, z, ratio, onset, episode, *rest = outcome
     # Outcomes recorded before bounds were kept have no lower and upper: NaN says unknown.
     test, lower, upper = (rest + ["", float("nan"), float("nan")][len(rest) :])[:3]
+    late = len(rest) > 3 and bool(rest[3])
     return event_fields(
         Reading(r.source_id, r.series_id, r.timestamp, r.value),
         version=state.version,
@@ -297,6 +393,7 @@ def _event(
             "expected": repr(float(expected)),
             "severity": f"{float(severity(ratio)):.1f}",
             "detector_score": repr(float(ratio)),
+            **({"late": "1"} if late else {}),
         },
     )
 
@@ -318,8 +415,11 @@ class SeriesStates:
         cache_size: int = 50_000,
         namespace: str = "",
         adjustments: Adjustments | None = None,
+        lateness: int = 0,
     ) -> None:
         self.redis = client
+        # The reorder buffer's tolerance, event seconds (``detector.state.lateness``; 0: none).
+        self.lateness = lateness
         # The series' feedback adjustments (None: the versions' own thresholds, always).
         self.adjustments = adjustments
         self.store = store
@@ -339,8 +439,10 @@ class SeriesStates:
         *,
         detected_at: float,
         acknowledged: Acknowledged | None = None,
-    ) -> tuple[dict[str, dict[str, str]], int]:
-        """Events (source id → fields) of the anomalous readings, and alerts raised.
+    ) -> tuple[dict[str, dict[str, str]], int, dict[str, str]]:
+        """Events (source id → fields) of the anomalous readings, alerts raised, and the
+        carriers of events of readings held by earlier batches (event source id → the
+        reading of this batch whose commit writes it; ``detector.state.lateness``).
 
         ``acknowledged`` is the transport's word on which source ids are committed for good;
         without one, a Redis consumer group's oldest pending entry decides (when named)."""
@@ -348,6 +450,7 @@ class SeriesStates:
         for r in readings:
             by_series[r.series_id].append(r)
         events: dict[str, dict[str, str]] = {}
+        carriers: dict[str, str] = {}
         opened = 0
         todo = list(by_series)
         cache = self._cache
@@ -398,24 +501,26 @@ class SeriesStates:
                 written.append(series_id)
             todo = written
             if not todo:
-                return events, opened
+                return events, opened, carriers
             results = fold_states(
                 currents,
                 [by_series[s] for s in todo],
                 acknowledged=done,
                 detected_at=detected_at,
                 scales=[scales.get(s) for s in todo],
+                lateness=self.lateness,
             )
             args: list[str] = []
-            for seq, (new, _, _) in zip(seqs, results, strict=True):
-                args += [seq, new.to_json()]
+            for seq, result in zip(seqs, results, strict=True):
+                args += [seq, result.state.to_json()]
             reply = await self._cas(keys=[state_key(s, self.namespace) for s in todo], args=args)
             conflicted = {int(i) - 1 for i in reply}
-            for i, (new, found, n) in enumerate(results):
+            for i, (new, found, n, carried) in enumerate(results):
                 if i in conflicted:
                     cache.pop(todo[i], None)  # another process wrote it: read it again
                     continue
                 events.update(found)
+                carriers.update(carried)
                 opened += n
                 if self.cache_size:
                     cache[todo[i]] = (str(int(seqs[i]) + 1), new)
@@ -425,7 +530,7 @@ class SeriesStates:
             self.conflicts += len(conflicted)
             todo = [s for i, s in enumerate(todo) if i in conflicted]
             if not todo:
-                return events, opened
+                return events, opened, carriers
         raise RuntimeError(f"stream state of {todo} kept changing under {MAX_ATTEMPTS} tries")
 
     def prepare(self) -> asyncio.Task[None]:
@@ -457,8 +562,9 @@ class SeriesStates:
             log.warning("no initial %s state for %s v%d: skipped", kind, series_id, version)
             return None
         fresh = SeriesState(kind, version, initial)
-        if stored is not None:  # keep the redelivery bookkeeping across the refit
+        if stored is not None:  # keep the redelivery bookkeeping and the buffer across it
             fresh.ids, fresh.recent = stored.ids, stored.recent
+            fresh.newest, fresh.through, fresh.held = stored.newest, stored.through, stored.held
         return fresh
 
 

@@ -90,6 +90,7 @@ class Worker:
                 readings_stream=settings.stream_readings,
                 group=settings.stream_group,
                 adjustments=Adjustments(redis_client, settings.model_refresh_seconds),
+                lateness=settings.lateness_seconds,
             ),
             stopping=lambda: self._stopping,
             silence=silence_watch(settings, redis_client, self.store),
@@ -355,8 +356,11 @@ class Worker:
         outputs: dict[str, list[Output]] = {}
         for i, notice in outcome.notices:
             outputs.setdefault(i, []).append(Output(i, "n", notice))
+        carriers = outcome.carriers
         for i, event in outcome.events.items():
-            outputs.setdefault(i, []).append(Output(i, "a", event))
+            # A released held reading's event is written with its carrier, in this batch.
+            carrier = carriers.get(i, i) if carriers else i
+            outputs.setdefault(carrier, []).append(Output(carrier, "a", event))
         for letter in outcome.dead:
             i = letter.source_id
             outputs.setdefault(i, []).append(Output(i, "d", letter.to_fields()))
