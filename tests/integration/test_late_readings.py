@@ -1,0 +1,128 @@
+"""Late and out-of-order readings through the real worker: a stateful series' readings
+shuffled within LATENESS_SECONDS give the events of the in-order stream; later ones are
+flagged `late` and open no episode."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+import numpy as np
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detector.settings import Settings
+from detector.wire.events import EVENT_FIELDS
+from tests.support.streams import events, publish, run_worker_async, stream_settings
+
+START = 1_700_000_000
+STEP = 300  # the fit's cadence (5 minutes)
+FIT_POINTS = 600
+TOLERANCE = 3 * STEP
+N = 80
+SEED = 7  # every series of a test is fitted on the same noise: their states start equal
+
+
+def noise(n: int, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return [round(float(x), 6) for x in 100.0 + rng.normal(0.0, 1.0, n)]
+
+
+def fit_seasonal(client: httpx.Client) -> str:
+    series_id = f"late-{uuid.uuid4().hex[:10]}"
+    answer = client.post(
+        f"/fit/{series_id}",
+        json={
+            "timestamps": [START + STEP * i for i in range(FIT_POINTS)],
+            "values": noise(FIT_POINTS, SEED),
+            "kind": "seasonal",
+        },
+    )
+    assert answer.status_code == 200 and answer.json()["kind"] == "seasonal", answer.text
+    return series_id
+
+
+def stream_values(seed: int) -> list[float]:
+    xs = noise(N, seed)
+    xs[20:23] = [x + 40.0 for x in xs[20:23]]  # a spike: point alerts
+    xs[50:] = [x + 12.0 for x in xs[50:]]  # a level shift: a shift alert
+    return xs
+
+
+def comparable(found: list[dict[str, str]]) -> dict[tuple[int, str], dict[str, Any]]:
+    """Events by (series' place, timestamp) without ids and detection time; the episode by
+    its opener's timestamp (ids follow arrival order)."""
+    stamp = {f["source_id"]: f["timestamp"] for f in found}
+    out = {}
+    for f in found:
+        rest = {k: v for k, v in f.items() if k not in ("source_id", "detected_at", "series_id")}
+        rest["episode_id"] = stamp.get(f["episode_id"], "?")
+        out[(f["series_id"], f["timestamp"])] = rest
+    return out
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    seed=st.integers(0, 10**6),
+    delays=st.lists(st.integers(0, TOLERANCE), min_size=N, max_size=N),
+    batch=st.integers(3, 40),
+)
+def test_readings_shuffled_within_the_tolerance_give_the_in_order_events(
+    settings: Settings,
+    client: httpx.Client,
+    redis_client: redis.Redis,
+    seed: int,
+    delays: list[int],
+    batch: int,
+) -> None:
+    s = stream_settings(settings, stream_batch_count=batch, lateness_seconds=TOLERANCE)
+    ordered, shuffled = fit_seasonal(client), fit_seasonal(client)
+    xs = stream_values(seed)
+    stamps = [START + STEP * (FIT_POINTS + i) for i in range(N)]
+    # The last reading is far ahead: the watermark passes every other reading.
+    stamps[-1] += 10 * TOLERANCE
+    arrival = [*sorted(range(N - 1), key=lambda i: (stamps[i] + delays[i], i)), N - 1]
+    rows = []
+    for k, i in enumerate(arrival):  # the two series interleaved, one in order, one shuffled
+        rows += [(ordered, stamps[k], xs[k]), (shuffled, stamps[i], xs[i])]
+    publish(redis_client, s.stream_readings, rows)
+    asyncio.run(run_worker_async(s))
+
+    found = [f for _, f in events(redis_client, s.stream_anomalies)]
+    assert all(list(f)[: len(EVENT_FIELDS)] == list(EVENT_FIELDS) for f in found)
+    want = comparable([f for f in found if f["series_id"] == ordered])
+    got = comparable([f for f in found if f["series_id"] == shuffled])
+    assert want, "the example raised no event"
+    assert {k[1]: v for k, v in got.items()} == {k[1]: v for k, v in want.items()}
+    assert not any("late" in f for f in found)
+    # Each event written once, though the held ones were written with later readings.
+    assert len({f["source_id"] for f in found}) == len(found)
+
+
+def test_a_reading_later_than_the_tolerance_is_flagged_late_and_opens_no_episode(
+    settings: Settings, client: httpx.Client, redis_client: redis.Redis
+) -> None:
+    s = stream_settings(settings, stream_batch_count=10, lateness_seconds=TOLERANCE)
+    series_id = fit_seasonal(client)
+    xs = noise(N, 11)
+    stamps = [START + STEP * (FIT_POINTS + i) for i in range(N)]
+    late_at = stamps[N // 2]  # half the stream behind the newest reading, and a spike
+    rows = [(series_id, t, x) for t, x in zip(stamps, xs, strict=True)]
+    rows.append((series_id, late_at + 1, 160.0))
+    ids = publish(redis_client, s.stream_readings, rows)
+    asyncio.run(run_worker_async(s))
+
+    found = {f["source_id"]: f for _, f in events(redis_client, s.stream_anomalies)}
+    late = found[ids[-1]]
+    assert late["late"] == "1" and late["onset"] == "0"
+    assert list(late)[-1] == "late"  # a new field after every existing one
+    assert float(late["detector_score"]) > 1.0
+    assert all("late" not in f for i, f in found.items() if i != ids[-1])
+    assert all(f["onset"] == "0" or f["source_id"] != ids[-1] for f in found.values())
