@@ -22,6 +22,11 @@ entry id below the group's oldest pending entry has been acknowledged and can ne
 delivered again, so such ids are dropped from the state at each write (bounded memory); a
 reading whose id is already below it was committed by another consumer and is skipped.
 
+**Out of order.** With a lateness tolerance (``LATENESS_SECONDS``) the state also holds the
+series' newest readings until its watermark passes them, so readings shuffled within the
+tolerance are folded in timestamp order across batches; later ones are scored without being
+folded and flagged ``late`` (``detector.state.lateness``).
+
 **Versions.** The state carries its version. When the series' latest version is newer (a
 refit), the state starts again from that version's initial state (fitted on its training data,
 stored in ``model_versions.params``); when the state is newer than the version a worker
