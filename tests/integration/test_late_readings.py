@@ -13,8 +13,13 @@ import numpy as np
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
+from detector.metrics import WorkerMetrics
 from detector.settings import Settings
+from detector.store.connections import postgres_pool
+from detector.store.connections import redis_client as async_redis_client
+from detector.transports.redis.worker import Worker
 from detector.wire.events import EVENT_FIELDS
 from tests.support.streams import events, publish, run_worker_async, stream_settings
 
@@ -126,3 +131,82 @@ def test_a_reading_later_than_the_tolerance_is_flagged_late_and_opens_no_episode
     assert float(late["detector_score"]) > 1.0
     assert all("late" not in f for i, f in found.items() if i != ids[-1])
     assert all(f["onset"] == "0" or f["source_id"] != ids[-1] for f in found.values())
+
+
+def in_order_and_shuffled(
+    client: httpx.Client, seed: int, tolerance: int
+) -> tuple[str, str, list[tuple[str, int, float]]]:
+    """Two series fitted alike; rows of one in order, of the other shuffled within
+    ``tolerance`` (each reading delayed by a pseudo-random part of it), interleaved."""
+    ordered, shuffled = fit_seasonal(client), fit_seasonal(client)
+    xs = stream_values(seed)
+    stamps = [START + STEP * (FIT_POINTS + i) for i in range(N)]
+    stamps[-1] += 10 * tolerance
+    delays = np.random.default_rng(seed).integers(0, tolerance + 1, N)
+    arrival = [*sorted(range(N - 1), key=lambda i: (stamps[i] + delays[i], i)), N - 1]
+    rows = []
+    for k, i in enumerate(arrival):
+        rows += [(ordered, stamps[k], xs[k]), (shuffled, stamps[i], xs[i])]
+    return ordered, shuffled, rows
+
+
+def test_two_workers_on_a_shuffled_stream_give_the_in_order_events(
+    settings: Settings, client: httpx.Client, redis_client: redis.Redis
+) -> None:
+    tolerance = 10 * STEP  # covers the readings' own disorder and two workers' interleaving
+    s = stream_settings(settings, stream_batch_count=4, lateness_seconds=tolerance)
+    ordered, shuffled, rows = in_order_and_shuffled(client, 3, 3 * STEP)
+    publish(redis_client, s.stream_readings, rows)
+
+    async def both() -> None:
+        await asyncio.gather(run_worker_async(s, consumer="a"), run_worker_async(s, consumer="b"))
+
+    asyncio.run(both())
+    found = [f for _, f in events(redis_client, s.stream_anomalies)]
+    want = comparable([f for f in found if f["series_id"] == ordered])
+    got = comparable([f for f in found if f["series_id"] == shuffled])
+    assert want and {k[1]: v for k, v in got.items()} == {k[1]: v for k, v in want.items()}
+    assert len({f["source_id"] for f in found}) == len(found)
+
+
+def test_a_redelivered_batch_writes_the_held_readings_it_released_once(
+    settings: Settings, client: httpx.Client, redis_client: redis.Redis
+) -> None:
+    s = stream_settings(settings, stream_batch_count=1000, lateness_seconds=TOLERANCE)
+    series_id = fit_seasonal(client)
+    stamps = [START + STEP * (FIT_POINTS + i) for i in range(12)]
+    values = noise(12, 4)
+    values[9] += 40.0  # a spike among the readings the first batch holds
+    publish(redis_client, s.stream_readings, [(series_id, stamps[i], values[i]) for i in range(11)])
+    asyncio.run(run_worker_async(s))
+    assert events(redis_client, s.stream_anomalies) == []  # the spike is held
+    carrier = publish(redis_client, s.stream_readings, [(series_id, stamps[11] + 10**4, 100.0)])
+
+    async def crash_after_folding() -> list[dict[str, str]]:
+        """Score and fold the carrier's batch, then 'crash' before committing it."""
+        client_ = async_redis_client(s)
+        pool = postgres_pool(s)
+        await pool.open()
+        try:
+            worker = Worker(
+                s, client_, pool, metrics=WorkerMetrics(CollectorRegistry()), consumer="w"
+            )
+            await worker.ops.ensure_group()
+            outcome = await worker.pipeline.run(await worker.ops.read("w", ">", 1000))
+            assert set(outcome.carriers.values()) == set(carrier)
+            return list(outcome.events.values())
+        finally:
+            await pool.close()
+            await client_.aclose()
+
+    first = asyncio.run(crash_after_folding())
+    assert [int(f["timestamp"]) for f in first] == [stamps[9]]
+    assert events(redis_client, s.stream_anomalies) == []
+    asyncio.run(run_worker_async(s, consumer="w"))  # restarts: re-reads its pending entry
+    got = [f for _, f in events(redis_client, s.stream_anomalies)]
+
+    def key(f: dict[str, str]) -> tuple[str, ...]:
+        return tuple(f[k] for k in ("source_id", "timestamp", "score", "episode_id", "onset"))
+
+    assert [key(f) for f in got] == [key(f) for f in first]  # written once, the same
+    assert redis_client.xpending(s.stream_readings, s.stream_group)["pending"] == 0
