@@ -233,6 +233,24 @@ class Pipeline:
         if tracker.mode == "xadd":
             await tracker.delivered(changes.events)
 
+    async def flushed(self, events: Sequence[dict[str, str]]) -> None:
+        """After a sweep wrote the events of held readings (``SeriesStates.flush``): their
+        onsets count for incidents and they are recorded in the history, as a batch's are."""
+        label = self.metrics.transport
+        opened = sum(e.get("onset") == "1" for e in events)
+        if opened:
+            self.metrics.episodes_opened.labels(label).inc(opened)
+        if self.incidents is not None:
+            onsets = onsets_of({e["source_id"]: e for e in events})
+            if onsets:
+                await self.settle_incidents(await self.incidents.observe(onsets))
+        if self.settings.stream_record_postgres:
+            await self._record(
+                lambda: record_anomalies(
+                    self.store.pool, self.source, list(events), source=self.history_source
+                )
+            )
+
     async def incidents_delivered(self, events: Sequence[dict[str, str]]) -> None:
         """Kafka: the broker acknowledged these `incident` events."""
         if self.incidents is not None:

@@ -18,7 +18,9 @@ names its carrier).
 
 Bounded: at most ``MAX_HELD`` readings a series (about 40 bytes each in the state); past it
 the oldest are folded at once, as if the watermark had passed them, and a reading older than
-them that arrives later is late.
+them that arrives later is late. A series that stops reporting would keep its last readings
+held: ``SeriesStates.flush`` (a Redis worker's sweep) folds them once it has had no reading
+for the tolerance plus ``LATENESS_FLUSH_SECONDS`` of wall time, writing their events itself.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ class Release:
     carrier: StreamReading | None = None
 
 
-def release(state: SeriesState, fresh: Sequence[StreamReading], tolerance: int) -> Release:
+def release(
+    state: SeriesState,
+    fresh: Sequence[StreamReading],
+    tolerance: int,
+    *,
+    flush: str | None = None,
+) -> Release:
     """Split ``fresh`` (readings never seen before, in delivery order) into on-time and late,
     add the on-time ones to the state's buffer, and take out of it what the watermark now
     passes (updating ``state.newest``, ``through`` and ``held`` in place).
@@ -53,11 +61,22 @@ def release(state: SeriesState, fresh: Sequence[StreamReading], tolerance: int) 
     A reading is late when its timestamp is below the watermark at its arrival (newest seen
     before it, in delivery order, minus ``tolerance``) or below the newest reading already
     folded. A tolerance of 0 with readings still held (the tolerance was lowered) releases
-    them all."""
+    them all. ``flush`` (the series id) releases every held reading with no carrier: the
+    sweep of a series that stopped reporting writes their events itself."""
     from detector.state.series import StreamReading, entry_order
 
     out = Release()
     if not fresh and not state.held:
+        return out
+    if flush is not None:
+        out.ready = [
+            StreamReading(str(sid), flush, int(t), float(v), state.version, state.kind)
+            for sid, t, v in state.held
+        ]
+        if out.ready:
+            last = max(r.timestamp for r in out.ready)
+            state.through = last if state.through is None else max(state.through, last)
+        state.held = []
         return out
     newest, through = state.newest, state.through
     on_time: list[StreamReading] = []

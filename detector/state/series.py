@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ from detector.errors import ModelNotFoundError
 from detector.feedback import IDENTITY
 from detector.kinds.base import TESTS, Folded, StatefulKind, severity
 from detector.kinds.registry import prepare_stateful, stateful_kind
-from detector.redis_keys import state_key
+from detector.redis_keys import held_key, state_key
 from detector.scripts import lua
 from detector.state.adjustments import Adjustments
 from detector.state.lateness import release
@@ -209,6 +210,7 @@ def fold_states(
     detected_at: float,
     scales: Sequence[tuple[float, ...] | None] | None = None,
     lateness: int = 0,
+    flush: Sequence[str] | None = None,
 ) -> list[Folding]:
     """Fold each series' readings into its state, in place: ``readings[i]`` belong to
     ``currents[i]`` (a state whose compare-and-set then fails is discarded and read again).
@@ -222,7 +224,8 @@ def fold_states(
     (None: unknown, keep) is the feedback adjustment of series i, applied to its state before
     its readings are folded (kinds with an ``adjust``). ``lateness`` is the reorder buffer's
     tolerance in event seconds (``detector.state.lateness``; 0: none, readings folded in
-    timestamp order within the batch).
+    timestamp order within the batch). ``flush`` (the series' ids, with no readings) folds
+    every held reading now, their events carried by nobody (``SeriesStates.flush``).
     """
     news = list(currents)
     for new, wanted in zip(news, scales or [None] * len(news), strict=True):
@@ -269,7 +272,7 @@ def fold_states(
         new.ids += map(_SOURCE_ID, fresh)
         fresh_ids.update(map(_SOURCE_ID, fresh))
         if holding:
-            split = release(new, fresh, lateness)
+            split = release(new, fresh, lateness, flush=None if flush is None else flush[i])
             todo.append(split.ready)
             lates.append(split.late)
             carrier_of.append(None if split.carrier is None else split.carrier.source_id)
@@ -421,10 +424,15 @@ class SeriesStates:
         namespace: str = "",
         adjustments: Adjustments | None = None,
         lateness: int = 0,
+        flush_after: float | None = None,
     ) -> None:
         self.redis = client
         # The reorder buffer's tolerance, event seconds (``detector.state.lateness``; 0: none).
         self.lateness = lateness
+        # Wall seconds beyond the tolerance after which a series' held readings are flushed
+        # (``flush``); None: no sweep, held readings wait for the series' next readings.
+        self.flush_after = flush_after
+        self._flush = client.register_script(lua("flush_held"))
         # The series' feedback adjustments (None: the versions' own thresholds, always).
         self.adjustments = adjustments
         self.store = store
@@ -456,6 +464,7 @@ class SeriesStates:
             by_series[r.series_id].append(r)
         events: dict[str, dict[str, str]] = {}
         carriers: dict[str, str] = {}
+        holding: dict[str, bool] = {}  # written series using the buffer → whether it holds
         opened = 0
         todo = list(by_series)
         cache = self._cache
@@ -527,6 +536,8 @@ class SeriesStates:
                 events.update(found)
                 carriers.update(carried)
                 opened += n
+                if new.newest is not None:
+                    holding[todo[i]] = bool(new.held)
                 if self.cache_size:
                     cache[todo[i]] = (str(int(seqs[i]) + 1), new)
                     cache.move_to_end(todo[i])
@@ -535,8 +546,81 @@ class SeriesStates:
             self.conflicts += len(conflicted)
             todo = [s for i, s in enumerate(todo) if i in conflicted]
             if not todo:
+                await self._deadlines(holding)
                 return events, opened, carriers
         raise RuntimeError(f"stream state of {todo} kept changing under {MAX_ATTEMPTS} tries")
+
+    async def _deadlines(self, holding: dict[str, bool]) -> None:
+        """Keep the held set: a series that holds readings is due for a flush once it has
+        had no reading for the tolerance plus ``flush_after`` (pushed back by each batch);
+        one that holds none leaves it. Not atomic with the states' write, and need not be: a
+        missing entry is added by the series' next batch, a stale one flushes nothing."""
+        if self.flush_after is None or not holding:
+            return
+        due = time.time() + self.lateness + self.flush_after
+        key = held_key(self.namespace)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            adds = {s: due for s, held in holding.items() if held}
+            if adds:
+                pipe.zadd(key, adds)
+            gone = [s for s, held in holding.items() if not held]
+            if gone:
+                pipe.zrem(key, *gone)
+            await pipe.execute()
+
+    async def flush(self, *, anomalies: str, maxlen: int, limit: int = 100) -> list[dict[str, str]]:
+        """Fold the held readings of series due in the held set (they stopped reporting) and
+        write their states, events and removal from the set in one script: the events are
+        carried by no reading, so the script writes them. Returns the events written (for the
+        anomaly history, recorded after: its writes are idempotent)."""
+        key = held_key(self.namespace)
+        due = [
+            s.decode() if isinstance(s, bytes) else str(s)
+            for s in await self.redis.zrangebyscore(key, "-inf", time.time(), 0, limit)
+        ]
+        if not due:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for series_id in due:
+                pipe.hmget(state_key(series_id, self.namespace), "seq", "data")
+            replies = await pipe.execute()
+        items, keys, found = [], [], []
+        stale = []
+        for series_id, (seq, raw) in zip(due, replies, strict=True):
+            state = None if raw is None else SeriesState.from_json(raw)
+            if state is None or not state.held:
+                stale.append(series_id)
+                continue
+            (result,) = fold_states(
+                [state],
+                [[]],
+                acknowledged=None,
+                detected_at=time.time(),
+                lateness=self.lateness,
+                flush=[series_id],
+            )
+            events = list(result.events.values())
+            items.append(
+                [
+                    str(seq or "0"),
+                    result.state.to_json(),
+                    series_id,
+                    [[x for kv in e.items() for x in kv] for e in events],
+                ]
+            )
+            keys.append(state_key(series_id, self.namespace))
+            self._cache.pop(series_id, None)
+            found.append(events)
+        if stale:
+            await self.redis.zrem(key, *stale)
+        if not items:
+            return []
+        written = await self._flush(
+            keys=[key, anomalies, *keys], args=[maxlen, orjson.dumps(items).decode()]
+        )
+        # A state that changed meanwhile was left, its events unwritten: its next batch (or
+        # sweep) releases them.
+        return [e for i in written for e in found[int(i) - 1]]
 
     def prepare(self) -> asyncio.Task[None]:
         """Start loading what the stateful kinds need to fold (the seasonal kind's compiled

@@ -5,6 +5,7 @@ flagged `late` and open no episode."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from detector.metrics import WorkerMetrics
+from detector.redis_keys import held_key
 from detector.settings import Settings
 from detector.store.connections import postgres_pool
 from detector.store.connections import redis_client as async_redis_client
@@ -156,12 +158,16 @@ def test_two_workers_on_a_shuffled_stream_give_the_in_order_events(
     tolerance = 10 * STEP  # covers the readings' own disorder and two workers' interleaving
     s = stream_settings(settings, stream_batch_count=4, lateness_seconds=tolerance)
     ordered, shuffled, rows = in_order_and_shuffled(client, 3, 3 * STEP)
-    publish(redis_client, s.stream_readings, rows)
+    publish(redis_client, s.stream_readings, rows[:-2])
 
     async def both() -> None:
         await asyncio.gather(run_worker_async(s, consumer="a"), run_worker_async(s, consumer="b"))
 
     asyncio.run(both())
+    # The readings far ahead, which release the held ones, come once both are done (had a
+    # worker taken them before the other's batch, that batch would be late).
+    publish(redis_client, s.stream_readings, rows[-2:])
+    asyncio.run(run_worker_async(s))
     found = [f for _, f in events(redis_client, s.stream_anomalies)]
     want = comparable([f for f in found if f["series_id"] == ordered])
     got = comparable([f for f in found if f["series_id"] == shuffled])
@@ -210,3 +216,29 @@ def test_a_redelivered_batch_writes_the_held_readings_it_released_once(
 
     assert [key(f) for f in got] == [key(f) for f in first]  # written once, the same
     assert redis_client.xpending(s.stream_readings, s.stream_group)["pending"] == 0
+
+
+def test_the_held_readings_of_a_series_that_stops_are_flushed_by_the_sweep(
+    settings: Settings, client: httpx.Client, redis_client: redis.Redis
+) -> None:
+    tolerance = 2  # event seconds; the flush comes this much wall time after the last reading
+    s = stream_settings(
+        settings, lateness_seconds=tolerance, lateness_flush_seconds=0.0, silence_sweep_seconds=0.1
+    )
+    series_id = fit_seasonal(client)
+    stamps = [START + STEP * (FIT_POINTS + i) for i in range(10)]
+    stamps[-1] = stamps[-2] + 1  # the last two readings within the tolerance of the newest
+    values = noise(10, 8)
+    values[-2] += 40.0  # a spike, held when the stream stops
+    ids = publish(redis_client, s.stream_readings, list(zip([series_id] * 10, stamps, values)))
+    asyncio.run(run_worker_async(s))
+    assert events(redis_client, s.stream_anomalies) == []
+    assert redis_client.zscore(held_key(), series_id) is not None
+
+    time.sleep(tolerance + 0.5)
+    asyncio.run(run_worker_async(s))  # its first sweep finds the series due
+    found = [f for _, f in events(redis_client, s.stream_anomalies)]
+    assert [f["source_id"] for f in found] == [ids[-2]] and found[0]["onset"] == "1"
+    assert redis_client.zscore(held_key(), series_id) is None
+    asyncio.run(run_worker_async(s))  # nothing is flushed twice
+    assert len(events(redis_client, s.stream_anomalies)) == 1

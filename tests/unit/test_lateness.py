@@ -194,3 +194,17 @@ def test_a_redelivered_carrier_writes_the_events_it_carried_again() -> None:
         lateness=300,
     )
     assert done.state.recent == []
+
+
+def test_a_flush_releases_every_held_reading_with_no_carrier() -> None:
+    spike = reading(3, 160.0)
+    state, found, _ = run([[reading(0, 100.0), reading(1, 100.0), reading(2, 100.0), spike]])
+    assert found == {} and len(state.held) == 4  # all within 300 s of the newest
+    (result,) = fold_states(
+        [state], [[]], acknowledged=None, detected_at=0.0, lateness=300, flush=["s"]
+    )
+    assert result.state.held == [] and result.state.through == spike.timestamp
+    assert result.carriers == {} and result.events[spike.source_id]["series_id"] == "s"
+    assert result.state.count == 4
+    late = release(result.state, [reading(2, 100.0, 9)], 300)  # behind what was flushed
+    assert len(late.late) == 1
