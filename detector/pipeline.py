@@ -55,6 +55,9 @@ class ScoredBatch:
     opened: int = 0  # episodes opened by stateful kinds (their own alerts)
     # Per reading, the version that judged it; None without a model (the silence watch).
     versions: list[int | None] = field(default_factory=list)
+    # Events of readings a stateful series held in earlier batches, released by this one:
+    # event source id → the batch's reading whose commit writes it (``state.lateness``).
+    carriers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -74,6 +77,9 @@ class Outcome:
     started: float
     notices: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     incidents: list[dict[str, str]] = field(default_factory=list)
+    # Events (by their source id) written with another entry of the batch, their carrier:
+    # readings held by a stateful series' reorder buffer (``detector.state.lateness``).
+    carriers: dict[str, str] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -195,6 +201,7 @@ class Pipeline:
             started=started,
             notices=notices,
             incidents=changes.events if changes is not None else [],
+            carriers=scored.carriers,
         )
         if outcome.events and self.settings.stream_record_postgres:
             await self._record(
@@ -225,6 +232,24 @@ class Pipeline:
             await self._record(lambda: record_incidents(self.store.pool, tracker.source, rows))
         if tracker.mode == "xadd":
             await tracker.delivered(changes.events)
+
+    async def flushed(self, events: Sequence[dict[str, str]]) -> None:
+        """After a sweep wrote the events of held readings (``SeriesStates.flush``): their
+        onsets count for incidents and they are recorded in the history, as a batch's are."""
+        label = self.metrics.transport
+        opened = sum(e.get("onset") == "1" for e in events)
+        if opened:
+            self.metrics.episodes_opened.labels(label).inc(opened)
+        if self.incidents is not None:
+            onsets = onsets_of({e["source_id"]: e for e in events})
+            if onsets:
+                await self.settle_incidents(await self.incidents.observe(onsets))
+        if self.settings.stream_record_postgres:
+            await self._record(
+                lambda: record_anomalies(
+                    self.store.pool, self.source, list(events), source=self.history_source
+                )
+            )
 
     async def incidents_delivered(self, events: Sequence[dict[str, str]]) -> None:
         """Kafka: the broker acknowledged these `incident` events."""
@@ -373,7 +398,7 @@ async def score_batch(
         stamps, floats, row_of = batch.timestamps.tolist(), values.tolist(), index.tolist()
         kind_of = [(0, "") if m is None else (m[0], m[1].kind) for m in models]
         source_ids = batch.source_ids
-        folded, scored.opened = await streams.fold(
+        folded, scored.opened, scored.carriers = await streams.fold(
             [
                 StreamReading(
                     source_ids[i], series_ids[i], stamps[i], floats[i], *kind_of[row_of[i]]
@@ -385,7 +410,13 @@ async def score_batch(
         )
         if folded:
             merged = scored.events | folded
-            scored.events = {i: merged[i] for i in batch.source_ids if i in merged}
+            order: Iterable[str] = batch.source_ids
+            if scored.carriers:  # released held readings go just before their carrier
+                carried: dict[str, list[str]] = {}
+                for event_id, carrier in scored.carriers.items():
+                    carried.setdefault(carrier, []).append(event_id)
+                order = [e for i in batch.source_ids for e in (*carried.get(i, ()), i)]
+            scored.events = {i: merged[i] for i in order if i in merged}
     return scored
 
 

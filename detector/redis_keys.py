@@ -38,6 +38,12 @@ def state_key(series_id: str, namespace: str = "") -> str:
     return f"{namespace}state:{{{series_id}}}"
 
 
+def held_key(namespace: str = "") -> str:
+    """The series whose stateful state holds readings (``detector.state.lateness``): a
+    sorted set, score the wall-clock time by which the sweep folds them if nothing else has."""
+    return f"{namespace}state:held"
+
+
 def episode_key(series_id: str, namespace: str = "") -> str:
     """The series' current episode and a few closed ones (``namespace``: as for states)."""
     return f"{namespace}episode:{{{series_id}}}"

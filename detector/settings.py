@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     episodes: bool = True
     episode_quiet_seconds: int = Field(default=3600, ge=0)
     episode_history: int = Field(default=8, ge=0, le=1000)
+    # Late and out-of-order readings (docs/stream-contract.md#late-and-out-of-order-readings):
+    # a stateful series' readings up to this far (event time) behind its newest are held and
+    # folded in timestamp order; older ones are flagged `late`. 0: off (no hold, no flag).
+    lateness_seconds: int = Field(default=0, ge=0, le=7 * 86_400)
+    # A series that holds readings and received none for LATENESS_SECONDS plus this (wall
+    # clock) has them folded and their events written by a worker's sweep.
+    lateness_flush_seconds: float = Field(default=60.0, ge=0)
     # Silent series (docs/stream-contract.md#silent-series): a fitted series seen on the stream
     # that sends nothing for SILENCE_CADENCES of its cadence (the fit's median interval), and
     # at least SILENCE_MIN_SECONDS, of arrival time gets a `no_data` event; 0 cadences turn

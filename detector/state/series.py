@@ -22,6 +22,11 @@ entry id below the group's oldest pending entry has been acknowledged and can ne
 delivered again, so such ids are dropped from the state at each write (bounded memory); a
 reading whose id is already below it was committed by another consumer and is skipped.
 
+**Out of order.** With a lateness tolerance (``LATENESS_SECONDS``) the state also holds the
+series' newest readings until its watermark passes them, so readings shuffled within the
+tolerance are folded in timestamp order across batches; later ones are scored without being
+folded and flagged ``late`` (``detector.state.lateness``).
+
 **Versions.** The state carries its version. When the series' latest version is newer (a
 refit), the state starts again from that version's initial state (fitted on its training data,
 stored in ``model_versions.params``); when the state is newer than the version a worker
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,9 +57,10 @@ from detector.errors import ModelNotFoundError
 from detector.feedback import IDENTITY
 from detector.kinds.base import TESTS, Folded, StatefulKind, severity
 from detector.kinds.registry import prepare_stateful, stateful_kind
-from detector.redis_keys import state_key
+from detector.redis_keys import held_key, state_key
 from detector.scripts import lua
 from detector.state.adjustments import Adjustments
+from detector.state.lateness import release
 from detector.store.models import ModelStore
 from detector.wire.events import event_fields
 from detector.wire.readings import Reading
@@ -95,6 +102,12 @@ class SeriesState:
     recent: list[list[Any]] = field(default_factory=list)
     # The feedback scales applied to the state's thresholds (``detector.feedback``).
     scales: tuple[float, ...] = IDENTITY_SCALES
+    # The reorder buffer (only with a lateness tolerance, ``detector.state.lateness``): the
+    # newest timestamp seen, the newest folded, and the readings held until the watermark
+    # (newest − tolerance) passes them, as [source_id, timestamp, value] in fold order.
+    newest: int | None = None
+    through: int | None = None
+    held: list[list[Any]] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         """The stored form: a JSON header (kind, version, bookkeeping), then, for a kind whose
@@ -110,6 +123,8 @@ class SeriesState:
         }
         if self.scales != IDENTITY_SCALES:
             data["scales"] = list(self.scales)
+        if self.newest is not None:  # absent without a tolerance: the format of before
+            data["newest"], data["through"], data["held"] = self.newest, self.through, self.held
         if isinstance(self.state, np.ndarray):
             return orjson.dumps(data) + b"\0" + np.ascontiguousarray(self.state, "<f8").tobytes()
         data["state"] = _plugin(self.kind).encode_state(self.state)
@@ -136,6 +151,9 @@ class SeriesState:
             ids=list(data["ids"]),
             recent=list(data["recent"]),
             scales=tuple(float(v) for v in data.get("scales", IDENTITY_SCALES)),
+            newest=data.get("newest"),
+            through=data.get("through"),
+            held=list(data.get("held", ())),
         )
 
 
@@ -190,6 +208,17 @@ def below(watermark: tuple[int, int]) -> Acknowledged:
     return lambda source_id: entry_order(source_id) < watermark
 
 
+class Folding(NamedTuple):
+    """One series' result of ``fold_states``: its new state, its anomaly events (source id →
+    fields, in fold order), the alerts raised for the first time, and the carriers of events
+    of readings held before this batch (event source id → the batch reading that writes it)."""
+
+    state: SeriesState
+    events: dict[str, dict[str, str]]
+    opened: int
+    carriers: dict[str, str]
+
+
 def fold_states(
     currents: Sequence[SeriesState],
     readings: Sequence[Sequence[StreamReading]],
@@ -197,17 +226,23 @@ def fold_states(
     acknowledged: Acknowledged | None,
     detected_at: float,
     scales: Sequence[tuple[float, ...] | None] | None = None,
-) -> list[tuple[SeriesState, dict[str, dict[str, str]], int]]:
+    lateness: int = 0,
+    flush: Sequence[str] | None = None,
+) -> list[Folding]:
     """Fold each series' readings into its state, in place: ``readings[i]`` belong to
     ``currents[i]`` (a state whose compare-and-set then fails is discarded and read again).
     All series of one kind are folded by one call of the kind's ``fold``.
 
-    Returns, per series, the new state, the anomaly events (source id → fields) and how many
-    alerts were raised for the first time. A reading already folded (a redelivery) is not
-    folded again: its event, if it had one, is emitted again, the same. ``acknowledged``
-    (None: unknown) tells which source ids were committed for good: they are skipped and
-    forgotten. ``scales[i]`` (None: unknown, keep) is the feedback adjustment of series i,
-    applied to its state before its readings are folded (kinds with an ``adjust``).
+    Returns, per series, the new state, the anomaly events (source id → fields), how many
+    alerts were raised for the first time and the carriers of released held readings. A
+    reading already folded (a redelivery) is not folded again: its event, if it had one, is
+    emitted again, the same, with those it carried. ``acknowledged`` (None: unknown) tells
+    which source ids were committed for good: they are skipped and forgotten. ``scales[i]``
+    (None: unknown, keep) is the feedback adjustment of series i, applied to its state before
+    its readings are folded (kinds with an ``adjust``). ``lateness`` is the reorder buffer's
+    tolerance in event seconds (``detector.state.lateness``; 0: none, readings folded in
+    timestamp order within the batch). ``flush`` (the series' ids, with no readings) folds
+    every held reading now, their events carried by nobody (``SeriesStates.flush``).
     """
     news = list(currents)
     for new, wanted in zip(news, scales or [None] * len(news), strict=True):
@@ -217,19 +252,32 @@ def fold_states(
                 new.state = adjust(new.state, new.scales, wanted)
                 new.scales = wanted
     events: list[dict[str, dict[str, str]]] = [{} for _ in news]
+    carriers: list[dict[str, str]] = [{} for _ in news]
     opened = [0] * len(news)
+    fresh_ids: set[str] = set()  # readings first seen in this batch: each writes its own
     todo: list[list[StreamReading]] = []
-    for new, group, found in zip(news, readings, events, strict=True):
+    lates: list[list[StreamReading]] = []
+    carrier_of: list[str | None] = []
+    for i, (new, group) in enumerate(zip(news, readings, strict=True)):
+        found = events[i]
         if acknowledged is not None:  # committed for good: never delivered again, forgotten
             if new.ids:
-                new.ids = [i for i in new.ids if not acknowledged(i)]
-            if new.recent:
-                new.recent = [o for o in new.recent if not acknowledged(o[0])]
+                new.ids = [s for s in new.ids if not acknowledged(s)]
+            if new.recent:  # an outcome is needed until its carrier is committed
+                new.recent = [o for o in new.recent if not acknowledged(_carrier(o))]
         folded = set(new.ids)
         outcomes = {r[0]: r for r in new.recent} if new.recent else {}
+        carried: dict[str, list[list[Any]]] = defaultdict(list)
+        for o in new.recent:
+            if _carrier(o) != o[0]:
+                carried[_carrier(o)].append(o)
+        holding = lateness > 0 or bool(new.held)
         fresh = []
-        for r in fold_order(group):
+        for r in group if holding else fold_order(group):
             if r.source_id in folded:  # redelivered: emit its event again, do not fold again
+                for o in carried.get(r.source_id, ()):
+                    found[o[0]] = _event(_held_reading(r, o), new, o, detected_at)
+                    carriers[i][o[0]] = r.source_id
                 again = outcomes.get(r.source_id)
                 if again is not None:
                     found[r.source_id] = _event(r, new, again, detected_at)
@@ -238,20 +286,25 @@ def fold_states(
                 continue  # already acknowledged: another consumer committed (and folded) it
             folded.add(r.source_id)
             fresh.append(r)
-        todo.append(fresh)
+        new.ids += map(_SOURCE_ID, fresh)
+        fresh_ids.update(map(_SOURCE_ID, fresh))
+        if holding:
+            split = release(new, fresh, lateness, flush=None if flush is None else flush[i])
+            todo.append(split.ready)
+            lates.append(split.late)
+            carrier_of.append(None if split.carrier is None else split.carrier.source_id)
+        else:
+            todo.append(fresh)
+            lates.append([])
+            carrier_of.append(None)
     by_kind: dict[str, list[int]] = defaultdict(list)
     for i, new in enumerate(news):
-        if todo[i]:
+        if todo[i] or lates[i]:
             by_kind[new.kind].append(i)
     for kind, members in by_kind.items():
-        flat = [r for i in members for r in todo[i]]
-        sizes = [len(todo[i]) for i in members]
-        slots = np.repeat(np.arange(len(members), dtype=np.intp), sizes)
-        timestamps = np.fromiter(map(_TIMESTAMP, flat), dtype=np.float64, count=len(flat))
-        values = np.fromiter(map(_VALUE, flat), dtype=np.float64, count=len(flat))
-        states, verdicts = _plugin(kind).fold(
-            [news[i].state for i in members], slots, timestamps, values
-        )
+        plugin = _plugin(kind)
+        flat, slots = _flatten([todo[i] for i in members])
+        states, verdicts = plugin.fold([news[i].state for i in members], slots, *_columns(flat))
         for slot, i in enumerate(members):
             news[i].state = states[slot]
         for j in np.flatnonzero(verdicts.anomaly).tolist():
@@ -261,19 +314,69 @@ def fold_states(
             if verdicts.alert[j]:
                 new.episode_id = r.source_id
                 opened[i] += 1
+            carrier = r.source_id
+            held_before = carrier_of[i]
+            if held_before is not None and r.source_id not in fresh_ids:
+                carrier = held_before  # held by an earlier batch: written with its carrier
+                carriers[i][r.source_id] = carrier
             outcome = _outcome(r, new.episode_id or r.source_id, verdicts, j)
+            if carrier != r.source_id:
+                outcome += [0, carrier, r.timestamp, r.value]  # its reading, for again
             new.recent.append(outcome)
             events[i][r.source_id] = _event(r, new, outcome, detected_at)
+        late_members = [i for i in members if lates[i]]
+        if late_members:  # scored against the states as they now stand, which are kept
+            flat, slots = _flatten([lates[i] for i in late_members])
+            _, verdicts = plugin.fold([news[i].state for i in late_members], slots, *_columns(flat))
+            for j in np.flatnonzero(verdicts.anomaly).tolist():
+                r = flat[j]
+                new = news[late_members[int(slots[j])]]
+                outcome = _outcome(r, new.episode_id or r.source_id, verdicts, j)
+                outcome[5] = 0  # never an alert: a late reading opens no episode
+                outcome += [1, r.source_id]
+                new.recent.append(outcome)
+                events[late_members[int(slots[j])]][r.source_id] = _event(
+                    r, new, outcome, detected_at
+                )
         for i in members:
-            new = news[i]
-            new.count += len(todo[i])
-            new.ids += map(_SOURCE_ID, todo[i])
+            news[i].count += len(todo[i])
     for new in news:
         if len(new.ids) > MAX_TRACKED:
             new.ids = new.ids[-MAX_TRACKED:]
         if len(new.recent) > MAX_TRACKED:
             new.recent = new.recent[-MAX_TRACKED:]
-    return list(zip(news, events, opened, strict=True))
+    return [Folding(*r) for r in zip(news, events, opened, carriers, strict=True)]
+
+
+def _flatten(groups: Sequence[Sequence[StreamReading]]) -> tuple[list[StreamReading], Any]:
+    flat = [r for group in groups for r in group]
+    slots = np.repeat(np.arange(len(groups), dtype=np.intp), [len(g) for g in groups])
+    return flat, slots
+
+
+def _columns(flat: Sequence[StreamReading]) -> tuple[Any, Any]:
+    n = len(flat)
+    timestamps = np.fromiter(map(_TIMESTAMP, flat), dtype=np.float64, count=n)
+    values = np.fromiter(map(_VALUE, flat), dtype=np.float64, count=n)
+    return timestamps, values
+
+
+def _carrier(outcome: list[Any]) -> str:
+    """The source id whose commit writes an outcome's event (its own, unless it was held)."""
+    return str(outcome[11]) if len(outcome) > 11 and outcome[11] else str(outcome[0])
+
+
+def _held_reading(carrier: StreamReading, outcome: list[Any]) -> StreamReading:
+    """A carried outcome's reading (its timestamp and value are kept in the outcome: the
+    reading itself is not in the carrier's batch)."""
+    return StreamReading(
+        str(outcome[0]),
+        carrier.series_id,
+        int(outcome[12]),
+        float(outcome[13]),
+        carrier.version,
+        carrier.kind,
+    )
 
 
 def _outcome(r: StreamReading, episode: str, v: Folded, j: int) -> list[Any]:
@@ -297,6 +400,7 @@ def _event(
     _, expected, std, z, ratio, onset, episode, *rest = outcome
     # Outcomes recorded before bounds were kept have no lower and upper: NaN says unknown.
     test, lower, upper = (rest + ["", float("nan"), float("nan")][len(rest) :])[:3]
+    late = len(rest) > 3 and bool(rest[3])
     return event_fields(
         Reading(r.source_id, r.series_id, r.timestamp, r.value),
         version=state.version,
@@ -314,6 +418,7 @@ def _event(
             "expected": repr(float(expected)),
             "severity": f"{float(severity(ratio)):.1f}",
             "detector_score": repr(float(ratio)),
+            **({"late": "1"} if late else {}),
         },
     )
 
@@ -335,8 +440,16 @@ class SeriesStates:
         cache_size: int = 50_000,
         namespace: str = "",
         adjustments: Adjustments | None = None,
+        lateness: int = 0,
+        flush_after: float | None = None,
     ) -> None:
         self.redis = client
+        # The reorder buffer's tolerance, event seconds (``detector.state.lateness``; 0: none).
+        self.lateness = lateness
+        # Wall seconds beyond the tolerance after which a series' held readings are flushed
+        # (``flush``); None: no sweep, held readings wait for the series' next readings.
+        self.flush_after = flush_after
+        self._flush = client.register_script(lua("flush_held"))
         # The series' feedback adjustments (None: the versions' own thresholds, always).
         self.adjustments = adjustments
         self.store = store
@@ -358,8 +471,10 @@ class SeriesStates:
         *,
         detected_at: float,
         acknowledged: Acknowledged | None = None,
-    ) -> tuple[dict[str, dict[str, str]], int]:
-        """Events (source id → fields) of the anomalous readings, and alerts raised.
+    ) -> tuple[dict[str, dict[str, str]], int, dict[str, str]]:
+        """Events (source id → fields) of the anomalous readings, alerts raised, and the
+        carriers of events of readings held by earlier batches (event source id → the
+        reading of this batch whose commit writes it; ``detector.state.lateness``).
 
         ``acknowledged`` is the transport's word on which source ids are committed for good;
         without one, a Redis consumer group's oldest pending entry decides (when named)."""
@@ -367,6 +482,8 @@ class SeriesStates:
         for r in readings:
             by_series[r.series_id].append(r)
         events: dict[str, dict[str, str]] = {}
+        carriers: dict[str, str] = {}
+        holding: dict[str, bool] = {}  # written series using the buffer → whether it holds
         opened = 0
         todo = list(by_series)
         cache = self._cache
@@ -413,28 +530,32 @@ class SeriesStates:
                 written.append(series_id)
             todo = written
             if not todo:
-                return events, opened
+                return events, opened, carriers
             results = fold_states(
                 currents,
                 [by_series[s] for s in todo],
                 acknowledged=done,
                 detected_at=detected_at,
                 scales=[scales.get(s) for s in todo],
+                lateness=self.lateness,
             )
             args: list[str | bytes] = []
-            for seq, (new, _, _) in zip(seqs, results, strict=True):
-                args += [seq, new.to_bytes()]
+            for seq, result in zip(seqs, results, strict=True):
+                args += [seq, result.state.to_bytes()]
             keys = [state_key(s, self.namespace) for s in todo]
             reply = await self._retry_noscript(
                 partial(_eval_raw, self.redis, self._cas.sha, keys, args)
             )
             conflicted = {int(i) - 1 for i in reply}
-            for i, (new, found, n) in enumerate(results):
+            for i, (new, found, n, carried) in enumerate(results):
                 if i in conflicted:
                     cache.pop(todo[i], None)  # another process wrote it: read it again
                     continue
                 events.update(found)
+                carriers.update(carried)
                 opened += n
+                if new.newest is not None:
+                    holding[todo[i]] = bool(new.held)
                 if self.cache_size:
                     cache[todo[i]] = (str(int(seqs[i]) + 1), new)
                     cache.move_to_end(todo[i])
@@ -443,23 +564,24 @@ class SeriesStates:
             self.conflicts += len(conflicted)
             todo = [s for i, s in enumerate(todo) if i in conflicted]
             if not todo:
-                return events, opened
+                await self._deadlines(holding)
+                return events, opened, carriers
         raise RuntimeError(f"stream state of {todo} kept changing under {MAX_ATTEMPTS} tries")
 
     async def _read_stored(
-        self, misses: list[str]
+        self, misses: list[str], *, pending: bool = True
     ) -> tuple[list[bytes | None], dict[str, Any] | None]:
-        """The stored states of ``misses`` (raw, ``read_states.lua``) and, for a Redis group,
-        its pending summary, in one round trip."""
+        """The stored states of ``misses`` (raw, ``read_states.lua``) and, for a Redis group
+        (``pending``), its pending summary, in one round trip."""
         stream, group = self.readings_stream, self.group
-        grouped = bool(stream and group)
+        grouped = bool(pending and stream and group)
         if not misses and not grouped:
             return [], None
         async with self.redis.pipeline(transaction=False) as pipe:
             if misses:
                 keys = [state_key(s, self.namespace) for s in misses]
                 pipe.execute_command("EVALSHA", self._read.sha, len(keys), *keys, **_RAW_REPLY)
-            if stream and group:
+            if grouped and stream and group:
                 pipe.xpending(stream, group)
             replies = await pipe.execute()
         return (replies[0] if misses else []), (replies[-1] if grouped else None)
@@ -480,6 +602,75 @@ class SeriesStates:
             self._loaded = False
             await self._ensure_scripts()
             return await call()
+
+    async def _deadlines(self, holding: dict[str, bool]) -> None:
+        """Keep the held set: a series that holds readings is due for a flush once it has
+        had no reading for the tolerance plus ``flush_after`` (pushed back by each batch);
+        one that holds none leaves it. Not atomic with the states' write, and need not be: a
+        missing entry is added by the series' next batch, a stale one flushes nothing."""
+        if self.flush_after is None or not holding:
+            return
+        due = time.time() + self.lateness + self.flush_after
+        key = held_key(self.namespace)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            adds = {s: due for s, held in holding.items() if held}
+            if adds:
+                pipe.zadd(key, adds)
+            gone = [s for s, held in holding.items() if not held]
+            if gone:
+                pipe.zrem(key, *gone)
+            await pipe.execute()
+
+    async def flush(self, *, anomalies: str, maxlen: int, limit: int = 100) -> list[dict[str, str]]:
+        """Fold the held readings of series due in the held set (they stopped reporting) and
+        write their states, events and removal from the set in one script: the events are
+        carried by no reading, so the script writes them. Returns the events written (for the
+        anomaly history, recorded after: its writes are idempotent)."""
+        key = held_key(self.namespace)
+        due = [
+            s.decode() if isinstance(s, bytes) else str(s)
+            for s in await self.redis.zrangebyscore(key, "-inf", time.time(), 0, limit)
+        ]
+        if not due:
+            return []
+        stored, _ = await self._retry_noscript(partial(self._read_stored, due, pending=False))
+        items: list[list[Any]] = []
+        keys: list[str] = []
+        states: list[bytes] = []
+        found: list[list[dict[str, str]]] = []
+        stale = []
+        for series_id, value in zip(due, stored, strict=True):
+            seq, raw = _split_stored(value)
+            state = None if raw is None else SeriesState.from_bytes(raw)
+            if state is None or not state.held:
+                stale.append(series_id)
+                continue
+            (result,) = fold_states(
+                [state],
+                [[]],
+                acknowledged=None,
+                detected_at=time.time(),
+                lateness=self.lateness,
+                flush=[series_id],
+            )
+            events = list(result.events.values())
+            items.append(
+                [str(seq or "0"), series_id, [[x for kv in e.items() for x in kv] for e in events]]
+            )
+            states.append(result.state.to_bytes())
+            keys.append(state_key(series_id, self.namespace))
+            self._cache.pop(series_id, None)
+            found.append(events)
+        if stale:
+            await self.redis.zrem(key, *stale)
+        if not items:
+            return []
+        written = await self._flush(
+            keys=[key, anomalies, *keys], args=[maxlen, orjson.dumps(items).decode(), *states]
+        )
+        # A state that changed meanwhile was left, its events unwritten: its next batch (or
+        # sweep) releases them.
+        return [e for i in written for e in found[int(i) - 1]]
 
     def prepare(self) -> asyncio.Task[None]:
         """Start loading what the stateful kinds need to fold (the seasonal kind's compiled
@@ -510,8 +701,9 @@ class SeriesStates:
             log.warning("no initial %s state for %s v%d: skipped", kind, series_id, version)
             return None
         fresh = SeriesState(kind, version, initial)
-        if stored is not None:  # keep the redelivery bookkeeping across the refit
+        if stored is not None:  # keep the redelivery bookkeeping and the buffer across it
             fresh.ids, fresh.recent = stored.ids, stored.recent
+            fresh.newest, fresh.through, fresh.held = stored.newest, stored.through, stored.held
         return fresh
 
 

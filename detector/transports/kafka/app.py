@@ -162,6 +162,7 @@ class KafkaScorer:
                 self.redis,
                 store,
                 adjustments=Adjustments(self.redis, settings.model_refresh_seconds),
+                lateness=settings.lateness_seconds,
             ),
             silence=silence_watch(
                 settings, self.redis, store, output=anomalies.get_topic_name(), mode="lease"

@@ -90,6 +90,8 @@ class Worker:
                 readings_stream=settings.stream_readings,
                 group=settings.stream_group,
                 adjustments=Adjustments(redis_client, settings.model_refresh_seconds),
+                lateness=settings.lateness_seconds,
+                flush_after=settings.lateness_flush_seconds,
             ),
             stopping=lambda: self._stopping,
             silence=silence_watch(settings, redis_client, self.store),
@@ -115,6 +117,7 @@ class Worker:
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
         self._next_incident_sweep = 0.0
+        self._next_flush = 0.0
         self._label = metrics.transport
         self._started = time.monotonic()
         self._prefetched: asyncio.Task[list[RawEntry]] | None = None
@@ -220,6 +223,7 @@ class Worker:
         await self._heartbeat()
         await self._sweep()
         await self._sweep_incidents()
+        await self._flush_held()
         s = self.settings
         if self._recovering:
             entries = await self._read(self._pending_cursor, block=None)
@@ -355,8 +359,11 @@ class Worker:
         outputs: dict[str, list[Output]] = {}
         for i, notice in outcome.notices:
             outputs.setdefault(i, []).append(Output(i, "n", notice))
+        carriers = outcome.carriers
         for i, event in outcome.events.items():
-            outputs.setdefault(i, []).append(Output(i, "a", event))
+            # A released held reading's event is written with its carrier, in this batch.
+            carrier = carriers.get(i, i) if carriers else i
+            outputs.setdefault(carrier, []).append(Output(carrier, "a", event))
         for letter in outcome.dead:
             i = letter.source_id
             outputs.setdefault(i, []).append(Output(i, "d", letter.to_fields()))
@@ -380,6 +387,24 @@ class Worker:
             log.info("%d series went silent", swept.claimed)
             self.metrics.no_data_events.labels(self._label, "open").inc(swept.claimed)
         self.metrics.series_silent.labels(self._label).set(swept.silent)
+
+    async def _flush_held(self) -> None:
+        """With a lateness tolerance, every ``silence_sweep_seconds``: fold the held readings
+        of series that stopped reporting and write their events (one script: whichever worker
+        sweeps writes them once), then record them and count their onsets for incidents."""
+        s = self.settings
+        now = time.monotonic()
+        if s.lateness_seconds <= 0 or now < self._next_flush:
+            return
+        self._next_flush = now + s.silence_sweep_seconds
+        flushed = await self.streams.flush(
+            anomalies=s.stream_anomalies, maxlen=s.stream_anomalies_maxlen
+        )
+        if not flushed:
+            return
+        log.info("%d event(s) of held readings flushed", len(flushed))
+        self.metrics.count_batch(0, 0, [], len(flushed))
+        await self.pipeline.flushed(flushed)
 
     async def _sweep_incidents(self) -> None:
         """Every ``incident_sweep_seconds``, close an incident no onset joined for its window
