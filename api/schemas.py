@@ -285,7 +285,7 @@ def declare_limits(openapi: dict[str, Any], settings: Settings) -> dict[str, Any
     predict = openapi["paths"]["/predict/{series_id}"]["post"]["requestBody"]
     timestamp = predict["content"]["application/json"]["schema"]["properties"]["timestamp"]
     timestamp["anyOf"] = [
-        {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        {"type": "integer", "minimum": 0, "maximum": MAX_TIMESTAMP},
         # 19 digits may pass 2**63 - 1: the schema promises the 18 that always fit.
         {"type": "string", "pattern": r"^[0-9]{1,18}$"},
     ]

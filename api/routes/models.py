@@ -172,10 +172,8 @@ def add_predict_route(app: FastAPI, dependencies: Sequence[params.Depends]) -> N
 
 def _check_timestamp(timestamp: int | float | str) -> int:
     """Predict timestamps: an integer, an integral JSON number, or a string of digits."""
-    if isinstance(timestamp, float):
-        if not timestamp.is_integer() or timestamp < 0:
-            raise InvalidInputError("timestamp must be a non-negative integer (Unix seconds)")
-        return int(timestamp)
+    if isinstance(timestamp, float) and not timestamp.is_integer():
+        raise InvalidInputError("timestamp must be a non-negative integer (Unix seconds)")
     value = int(timestamp)
     if value < 0 or value > MAX_TIMESTAMP:
         raise InvalidInputError("timestamp must be a non-negative integer (Unix seconds)")

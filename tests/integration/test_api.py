@@ -123,6 +123,9 @@ def test_predict_answers_exactly_two_keys(client, series_id):
         {"timestamp": "-1", "value": 1},
         {"timestamp": -1, "value": 1},
         {"timestamp": 1.5, "value": 1},
+        {"timestamp": -1.0, "value": 1},
+        {"timestamp": 1e19, "value": 1},  # an integral float beyond the largest timestamp
+        {"timestamp": 2**62 + 1, "value": 1},
         {"timestamp": 1, "value": "1"},
         {"timestamp": 1, "value": True},
         {"timestamp": 1},
