@@ -19,6 +19,7 @@ and a restarted worker loses nothing. The next reading of a silent series closes
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +34,8 @@ from detector.settings import Settings
 from detector.store.models import ModelStore
 
 log = logging.getLogger(__name__)
+# Series a process remembers having told the watch about (then it forgets them all).
+_TOLD_MAX = 1_000_000
 
 # Series claimed per script call; a sweep calls again while a call fills it.
 SWEEP_LIMIT = 1000
@@ -100,13 +103,40 @@ class SilenceWatch:
         self._observe = client.register_script(shared + lua("observe_silence"))
         self._claim = client.register_script(shared + lua("claim_silent"))
         self.redis = client
+        # Per series this process told the watch about: its version, and when (monotonic)
+        # its deadline must be pushed again. Every threshold is at least the floor, so a
+        # deadline pushed at most a tenth of the floor late is at most that early: a series
+        # reporting thousands of times a minute costs a script entry every few seconds, not
+        # one a reading.
+        self.slack = 0.1 * floor
+        self._told: dict[str, tuple[int, float]] = {}
 
     async def observe(self, seen: Sequence[SeriesSeen]) -> list[dict[str, str]]:
         """Record that ``seen`` reported; returns the closed events of those that were silent
         (to be committed with the batch). One script call, a second only for series new to
         the watch or refitted (their fit cadence is looked up in between)."""
+        now = time.monotonic()
+        told = self._told
+        seen = [
+            s
+            for s in seen
+            if (known := told.get(s.series_id)) is None or known[0] != s.version or known[1] <= now
+        ]
         if not seen:
             return []
+        closed = await self._observe_due(seen)
+        if self.slack > 0:
+            if len(told) > _TOLD_MAX:
+                told.clear()
+            # A series that just resumed is told again next time: a retried batch gets its
+            # closed event again (the script keeps it for the resuming reading).
+            resumed = {e.get("series_id") for e in closed}
+            for s in seen:
+                if s.series_id not in resumed:
+                    told[s.series_id] = (s.version, now + self.slack)
+        return closed
+
+    async def _observe_due(self, seen: Sequence[SeriesSeen]) -> list[dict[str, str]]:
         need, closed = await self._call_observe([self._item(s, 0.0) for s in seen])
         if need:
             wanted = set(need)

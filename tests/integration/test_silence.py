@@ -232,3 +232,58 @@ def test_kafka_two_workers_one_event_per_silence_closed_by_the_next_reading(
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_a_series_reporting_again_and_again_is_told_to_the_watch_once_a_slack(
+    settings: Settings, client: httpx.Client
+) -> None:
+    """The watch's per-batch script gets a series again only once a tenth of the floor has
+    passed (or on a refit): a fleet streaming fast costs Redis a few entries a second, not
+    one a reading; its deadline is pushed before it could run out."""
+    import asyncio
+    import uuid
+
+    from detector.state.silence import SeriesSeen, SilenceWatch
+    from detector.store.connections import postgres_pool
+    from detector.store.connections import redis_client as async_redis_client
+    from detector.store.models import ModelStore
+
+    series = [f"told-{uuid.uuid4().hex[:8]}-{i}" for i in range(3)]
+    for sid in series:
+        for _ in range(2):  # versions 1 and 2
+            fit(client, sid, [float(v) for v in range(10)])
+
+    async def go() -> tuple[str, str, str, float]:
+        r, pool = async_redis_client(settings), postgres_pool(settings)
+        await pool.open()
+        try:
+            output = f"anomalies-{uuid.uuid4().hex[:8]}"
+            watch = SilenceWatch(r, ModelStore(r, pool), output=output, cadences=10, floor=3.0)
+
+            def seen(version: int = 1) -> list[SeriesSeen]:
+                return [SeriesSeen(s, version, 5, 5, 5, 1, "1-0") for s in series]
+
+            async def calls() -> str:
+                """The watch's record of a series: it changes at each entry it gets."""
+                return str(await r.hget(watch.keys["series"], series[0]))
+
+            await watch.observe(seen())
+            first = await calls()
+            for _ in range(20):
+                await watch.observe(seen())  # within the slack (0.3 s): nothing sent
+            quiet = await calls()
+            await watch.observe(seen(version=2))  # a refit is told at once
+            refit = await calls()
+            await asyncio.sleep(0.35)
+            deadline = await r.zscore(watch.keys["deadlines"], series[0])
+            await watch.observe(seen(version=2))
+            pushed = await r.zscore(watch.keys["deadlines"], series[0])
+            return first, quiet, refit, (pushed or 0) - (deadline or 0)
+        finally:
+            await pool.close()
+            await r.aclose()
+
+    first, quiet, refit, moved = asyncio.run(go())
+    assert quiet == first  # not one entry within the slack
+    assert refit != quiet and refit.startswith("2 ")  # the refit's version, at once
+    assert moved > 0.3  # past the slack, the deadline moves on
