@@ -449,13 +449,13 @@ class SeriesStates:
         # Wall seconds beyond the tolerance after which a series' held readings are flushed
         # (``flush``); None: no sweep, held readings wait for the series' next readings.
         self.flush_after = flush_after
-        self._flush = client.register_script(lua("flush_held"))
+        self._flush = client.register_script(lua("state_common") + lua("flush_held"))
         # The series' feedback adjustments (None: the versions' own thresholds, always).
         self.adjustments = adjustments
         self.store = store
         self.namespace = namespace  # ``redis_keys.state_key``'s: a backfill job's own states
         self.readings_stream, self.group = readings_stream, group
-        self._cas = client.register_script(lua("compare_and_set_states"))
+        self._cas = client.register_script(lua("state_common") + lua("compare_and_set_states"))
         self._read = client.register_script(lua("read_states"))
         self._loaded = False
         self.conflicts = 0  # series folded again because another worker wrote first
