@@ -32,8 +32,8 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.schemas import ARROW_MEDIA_TYPE, Direction, FitOptions, Kind
-from detector.errors import AnomalyError, TooLargeError
-from detector.kinds.training import FloatArray
+from detector.errors import AnomalyError, InvalidInputError, TooLargeError
+from detector.kinds.training import FloatArray, IntArray, as_timestamps, as_values
 
 # Bodies above this size are parsed in a worker thread so the event loop keeps serving.
 THREAD_PARSE_BYTES = 256 * 1024
@@ -67,6 +67,22 @@ class ArrayBody:
     sigma: float | None = None
     direction: Direction | None = None
     kind: Kind | None = None
+
+
+def checked_points(
+    body: ArrayBody, limit: int, too_many: Callable[[int], str]
+) -> tuple[IntArray, FloatArray]:
+    """A batch's or a backfill's points under the training data's rules: as many timestamps
+    as values, at most ``limit`` of them (else ``too_many(n)`` as a 413), each valid (JSON
+    cannot carry NaN or infinity; an Arrow body can)."""
+    n = len(body.values)
+    if len(body.timestamps) != n:
+        raise InvalidInputError(
+            f"timestamps and values must have the same length (got {len(body.timestamps)} and {n})"
+        )
+    if n > limit:
+        raise TooLargeError(too_many(n))
+    return as_timestamps(body.timestamps), as_values(body.values)
 
 
 def _invalid(loc: tuple[str | int, ...], msg: str, kind: str) -> RequestValidationError:

@@ -7,12 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
-from api.bodies import ArrayBody, batch_body
+from api.bodies import ArrayBody, batch_body, checked_points
 from api.deps import SeriesIdDep, ServicesDep, find_model
 from api.schemas import UNSUPPORTED_MEDIA_TYPE, BackfillResponse, BatchPredictRequest, body_schema
 from detector.backfill import JOB_ID, Backfill
-from detector.errors import InvalidInputError, TooLargeError
-from detector.kinds.training import as_timestamps, as_values
 from detector.wire.events import decode_event
 
 router = APIRouter(tags=["backfill"])
@@ -47,18 +45,16 @@ async def backfill(
     `source=backfill`); live states, episodes and alerts are not touched. A long history is
     sent in requests of up to `MAX_BATCH_POINTS` readings with the same `job`, each `start` the
     previous answer's `next_start`."""
-    n = len(body.values)
-    if len(body.timestamps) != n:
-        raise InvalidInputError(
-            f"timestamps and values must have the same length (got {len(body.timestamps)} and {n})"
-        )
-    if n > services.settings.max_batch_points:
-        raise TooLargeError(
-            f"a backfill request takes at most {services.settings.max_batch_points} readings "
-            f"(got {n}); send the rest with the same job and start = next_start"
-        )
-    timestamps = as_timestamps(body.timestamps)
-    values = as_values(body.values)
+    limit = services.settings.max_batch_points
+    timestamps, values = checked_points(
+        body,
+        limit,
+        lambda n: (
+            f"a backfill request takes at most {limit} readings (got {n}); send the rest"
+            " with the same job and start = next_start"
+        ),
+    )
+    n = len(values)
     await find_model(services.store, series_id, None)  # a 404 names an unknown series
     job_run = Backfill(services.settings, services.store, job)
     result = await job_run.score([series_id] * n, timestamps, values, start=start)

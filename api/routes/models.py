@@ -12,7 +12,7 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, params
 from starlette.concurrency import run_in_threadpool
 
-from api.bodies import ArrayBody, batch_body, fit_body
+from api.bodies import ArrayBody, batch_body, checked_points, fit_body
 from api.deps import (
     SeriesIdDep,
     Services,
@@ -38,7 +38,7 @@ from api.schemas import (
     VersionInfo,
     body_schema,
 )
-from detector.errors import AnomalyError, InvalidInputError, TooLargeError
+from detector.errors import AnomalyError, InvalidInputError
 from detector.fitting import fit_version
 from detector.identifiers import (
     SERIES_ID_SCHEMA,
@@ -46,7 +46,7 @@ from detector.identifiers import (
     validate_series_id,
 )
 from detector.kinds.base import severity
-from detector.kinds.training import MAX_TIMESTAMP, FloatArray, as_timestamps, as_values
+from detector.kinds.training import MAX_TIMESTAMP, FloatArray
 from detector.store.codec import ModelVersion
 
 router = APIRouter(tags=["models"])  # reads: batch, models (predict: add_predict_route)
@@ -194,17 +194,9 @@ async def predict_batch(
     services: ServicesDep,
 ) -> Response:
     metrics = services.metrics
+    limit = services.settings.max_batch_points
+    checked_points(body, limit, lambda n: f"a batch takes at most {limit} points (got {n})")
     n = len(body.values)
-    if len(body.timestamps) != n:
-        raise InvalidInputError(
-            f"timestamps and values must have the same length (got {len(body.timestamps)} and {n})"
-        )
-    if n > services.settings.max_batch_points:
-        raise TooLargeError(
-            f"a batch takes at most {services.settings.max_batch_points} points (got {n})"
-        )
-    as_timestamps(body.timestamps)  # the same rules as for training data
-    as_values(body.values)  # (JSON cannot carry NaN or infinity; an Arrow body can)
     start = time.perf_counter()
     try:
         found = await find_model(services.store, series_id, version)
