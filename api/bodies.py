@@ -117,9 +117,26 @@ def _as_array(
     try:
         if as_float:
             return np.asarray(items, dtype=np.float64)
-        return np.asarray(items, dtype=np.int64 if found <= {int} else np.float64)
+        if found <= {int}:
+            return np.asarray(items, dtype=np.int64)
     except OverflowError:
         raise _invalid((field,), "Numbers should fit in 64 bits", "number_overflow") from None
+    return _whole_numbers(items)
+
+
+def _whole_numbers(items: list[int | float]) -> np.ndarray[Any, Any]:
+    """Integers and integral floats (``393.0``) as the int64 integers they are, exactly: read
+    as float64, integers beyond 2**53 would round and two distinct timestamps could become one.
+    float64 when one has a fraction or is beyond int64 (the timestamp rule refuses those)."""
+    as_floats = np.asarray(items, dtype=np.float64)
+    if not np.all(np.isfinite(as_floats)) or not np.all(as_floats == np.floor(as_floats)):
+        return as_floats
+    if as_floats.size == 0 or np.abs(as_floats).max() < 2**53:
+        return as_floats.astype(np.int64)  # every item is exact in float64
+    try:
+        return np.array([int(item) for item in items], dtype=np.int64)
+    except OverflowError:
+        return as_floats
 
 
 class _NotFlat(Exception):
@@ -152,7 +169,7 @@ class _FlatArray:
                 raise _NotFlat from None
             as_float = out.dtype == np.float64
             part = _as_array(items, field, index, as_float=as_float, found=_item_types(piece))
-            if part.dtype != out.dtype:  # a float among integer timestamps: all become floats
+            if part.dtype != out.dtype:  # a fractional timestamp: all become floats
                 out = out.astype(np.float64)
             out[index : index + len(part)] = part
             index, pos = index + len(part), cut + 1

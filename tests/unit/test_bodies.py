@@ -85,5 +85,33 @@ def test_a_flat_array_beside_one_that_is_not():
     with pytest.raises(RequestValidationError) as caught:
         bodies._parse(bytearray(raw), with_options=True)
     assert caught.value.errors()[0]["loc"] == ("body", "values", 1)
-    body = bodies._parse(bytearray(b'{"timestamps": [1, 2.0], "values": [ ]}'), with_options=True)
+    body = bodies._parse(bytearray(b'{"timestamps": [1, 2.5], "values": [ ]}'), with_options=True)
     assert body.timestamps.dtype == np.float64 and body.values.size == 0
+
+
+@settings(max_examples=200)
+@given(
+    items=st.lists(
+        st.tuples(st.integers(0, 2**62), st.booleans()).map(
+            lambda t: float(t[0]) if t[1] else t[0]
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    slice_bytes=st.sampled_from([1, 7, 1024 * 1024]),
+)
+def test_integral_timestamps_are_read_exactly(items, slice_bytes, monkeypatch_module):
+    """An integral float among integer timestamps (``393.0``) leaves every integer exact: read
+    as float64, 2**62 - 1 and 2**62 would become one timestamp."""
+    monkeypatch_module.setattr(bodies, "_SLICE_BYTES", slice_bytes)
+    raw = json.dumps({"timestamps": items, "values": [0.0] * len(items)}).encode()
+    for parse in (_whole, lambda r: bodies._parse(bytearray(r), with_options=True)):
+        body = parse(raw)
+        assert body.timestamps.dtype == np.int64
+        assert body.timestamps.tolist() == [int(x) for x in items]
+
+
+def test_a_fit_body_of_timestamps_near_the_bound_with_an_integral_float():
+    raw = b'{"timestamps": [4611686018427387904, 2688125373, 4611686018427387903, 393.0]'
+    body = bodies._parse(bytearray(raw + b', "values": [1, 2, 3, 4]}'), with_options=True)
+    assert body.timestamps.tolist() == [2**62, 2688125373, 2**62 - 1, 393]
