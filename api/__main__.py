@@ -12,6 +12,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from api.app import create_app
+from detector.collector import tune_collector
 from detector.settings import get_settings
 
 log = logging.getLogger("api")
@@ -45,6 +46,7 @@ def main() -> None:
             "series (set API_KEYS, and API_READ_KEYS for read-only clients)",
             args.host,
         )
+    tune_collector()
     uvicorn.run(
         create_app(settings),
         host=args.host,

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, Response
 from api.app import create_app
 from api.deps import parse_json_body
 from api.schemas import PredictRequest
+from detector.collector import tune_collector
 from detector.identifiers import validate_series_id
 
 _CONSTANT = b'{"anomaly":false,"model_version":"v1.0.0"}'
@@ -43,7 +44,11 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="serve the bare baseline app")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    app = baseline_app() if args.baseline else create_app()
+    if args.baseline:
+        app = baseline_app()
+    else:
+        app = create_app()
+        tune_collector()  # as `python -m api` does
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

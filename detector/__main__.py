@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from detector.collector import tune_collector
 from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
@@ -95,6 +96,7 @@ def main() -> None:
     )
     if args.check:
         sys.exit(asyncio.run(check(Settings(), args.consumer)))
+    tune_collector()
     asyncio.run(serve(Settings(), burst=args.burst, consumer=args.consumer))
 
 

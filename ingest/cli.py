@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import redis
 
 from detector.backfill import Backfill, BackfillResult
+from detector.collector import tune_collector
 from detector.identifiers import parse_version
 from detector.settings import Settings
 from detector.store.connections import postgres_pool
@@ -447,6 +448,7 @@ def _add_publish_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = Settings()
+    tune_collector()
     if getattr(args, "maxlen", 0) is None:
         args.maxlen = settings.stream_readings_maxlen
     client = redis.Redis.from_url(

@@ -6,6 +6,7 @@ import sys
 
 from prometheus_client import CollectorRegistry
 
+from detector.collector import tune_collector
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
 from detector.transports.kafka.app import create_app
@@ -18,6 +19,7 @@ def main() -> None:
     # and two workers on one host would fight over 6066.
     if args[:1] == ["worker"] and not any(a.startswith("--with") for a in args):
         sys.argv.insert(2, "--without-web")
+    tune_collector()
     create_app(Settings(), metrics).main()
 
 
