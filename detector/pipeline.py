@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import itemgetter
 
 import numpy as np
@@ -348,7 +349,10 @@ async def score_batch(
         rows[key] = len(models)
         models.append(entry[0])
         rule_rows.append(entry[1])
-    params = np.array(rule_rows)
+    # Flattened, then shaped: np.array over a list of tuples costs twice as much.
+    params = np.fromiter(
+        chain.from_iterable(rule_rows), dtype=np.float64, count=len(rule_rows) * len(_NO_RULE)
+    ).reshape(len(rule_rows), len(_NO_RULE))
     index = np.fromiter(map(rows.__getitem__, keys), dtype=np.intp, count=n)
     row_versions = [None if m is None else m[0] for m in models]
     scored.versions = [row_versions[r] for r in index.tolist()]

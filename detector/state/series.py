@@ -539,12 +539,11 @@ class SeriesStates:
                 scales=[scales.get(s) for s in todo],
                 lateness=self.lateness,
             )
-            args: list[str | bytes] = []
-            for seq, result in zip(seqs, results, strict=True):
-                args += [seq, result.state.to_bytes()]
+            states = [result.state.to_bytes() for result in results]
+            layout = "".join(f"{seq},{len(b)};" for seq, b in zip(seqs, states, strict=True))
             keys = [state_key(s, self.namespace) for s in todo]
             reply = await self._retry_noscript(
-                partial(_eval_raw, self.redis, self._cas.sha, keys, args)
+                partial(_eval_raw, self.redis, self._cas.sha, keys, [layout, b"".join(states)])
             )
             conflicted = {int(i) - 1 for i in reply}
             for i, (new, found, n, carried) in enumerate(results):
