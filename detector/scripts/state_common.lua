@@ -3,20 +3,22 @@
 -- (before states were strings) is read as well and replaced by the string, keeping its time
 -- to live.
 
--- The key's type and the seq of the state it holds ('0' when absent).
+-- The key's type and the seq of the state it holds ('0' when absent). A string's head is
+-- read at once (the common case: one call, not TYPE first); another type refuses GETRANGE.
 local function stored_seq(key)
+    local head = redis.pcall('GETRANGE', key, 0, 24)
+    if type(head) == 'string' then
+        return 'string', string.match(head, '^(%d+)\n') or '0'
+    end
     local kind = redis.call('TYPE', key).ok
-    if kind == 'string' then
-        return kind, string.match(redis.call('GETRANGE', key, 0, 24), '^(%d+)\n') or '0'
-    elseif kind == 'hash' then
+    if kind == 'hash' then
         return kind, redis.call('HGET', key, 'seq') or '0'
     end
     return kind, '0'
 end
 
--- Write the state with seq one past ``seq``.
-local function write_state(key, kind, seq, state)
-    local value = tostring(tonumber(seq) + 1) .. '\n' .. state
+-- Write the stored form ``value`` ("<seq>\n<state>") over a state of type ``kind``.
+local function write_value(key, kind, value)
     if kind == 'hash' then
         local ttl = redis.call('PTTL', key)
         redis.call('DEL', key)
@@ -28,4 +30,9 @@ local function write_state(key, kind, seq, state)
     else
         redis.call('SET', key, value, 'KEEPTTL')
     end
+end
+
+-- Write the state with seq one past ``seq``.
+local function write_state(key, kind, seq, state)
+    write_value(key, kind, tostring(tonumber(seq) + 1) .. '\n' .. state)
 end

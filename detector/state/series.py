@@ -539,11 +539,14 @@ class SeriesStates:
                 scales=[scales.get(s) for s in todo],
                 lateness=self.lateness,
             )
-            states = [result.state.to_bytes() for result in results]
-            layout = "".join(f"{seq},{len(b)};" for seq, b in zip(seqs, states, strict=True))
+            values = [
+                b"%d\n%b" % (int(seq) + 1, result.state.to_bytes())
+                for seq, result in zip(seqs, results, strict=True)
+            ]
+            layout = "".join(f"{seq},{len(v)};" for seq, v in zip(seqs, values, strict=True))
             keys = [state_key(s, self.namespace) for s in todo]
             reply = await self._retry_noscript(
-                partial(_eval_raw, self.redis, self._cas.sha, keys, [layout, b"".join(states)])
+                partial(_eval_raw, self.redis, self._cas.sha, keys, [layout, b"".join(values)])
             )
             conflicted = {int(i) - 1 for i in reply}
             for i, (new, found, n, carried) in enumerate(results):

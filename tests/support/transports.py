@@ -56,9 +56,7 @@ class RedisTransport:
     name = "redis"
 
     def __init__(self, settings: Settings, **env: str) -> None:
-        self.settings = stream_settings(
-            settings, stream_batch_count=500, stream_claim_idle_ms=1000
-        )
+        self.settings = stream_settings(settings, stream_batch_count=500, stream_claim_idle_ms=1000)
         self.client = redis.Redis.from_url(settings.redis_connection_url(), decode_responses=True)
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -147,4 +145,3 @@ class KafkaTransport:
             {k: _text(v) for k, v in value.items()}
             for _, _, _, value in read_topic(self.bootstrap, self.names.dead)
         ]
-

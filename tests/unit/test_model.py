@@ -53,8 +53,15 @@ def test_large_offset_keeps_sigma():
 def test_rule_is_strict_and_direction_aware(values, k, direction):
     model = fit(values, sigma=k, direction=direction)
     upper, lower = model.mean + k * model.std, model.mean - k * model.std
-    probes = np.array([upper, lower, upper + abs(upper) * 1e-9 + 1e-9,
-                       lower - abs(lower) * 1e-9 - 1e-9, model.mean])
+    probes = np.array(
+        [
+            upper,
+            lower,
+            upper + abs(upper) * 1e-9 + 1e-9,
+            lower - abs(lower) * 1e-9 - 1e-9,
+            model.mean,
+        ]
+    )
     flags = model.score(probes).anomaly
     # exactly on a bound is never anomalous (strict inequality)
     assert not flags[0] and not flags[1] and not flags[4]
