@@ -211,6 +211,7 @@ class Pipeline:
                     self.source,
                     list(outcome.events.values()),
                     source=self.history_source,
+                    retention_days=self.settings.retention_anomalies_days,
                 )
             )
         return outcome
@@ -248,7 +249,11 @@ class Pipeline:
         if self.settings.stream_record_postgres:
             await self._record(
                 lambda: record_anomalies(
-                    self.store.pool, self.source, list(events), source=self.history_source
+                    self.store.pool,
+                    self.source,
+                    list(events),
+                    source=self.history_source,
+                    retention_days=self.settings.retention_anomalies_days,
                 )
             )
 

@@ -185,12 +185,16 @@ class Settings(BaseSettings):
     kafka_session_timeout_seconds: float = Field(default=30.0, ge=1, le=300)
 
     # Retention (0 = keep forever): a background pass in the API and the worker processes,
-    # one process at a time, deleting in small batches.
+    # one process at a time, dropping old days of the anomaly history and deleting the rest in
+    # small batches.
     retention_interval_seconds: float = Field(
         default=3600.0, ge=0, description="Seconds between retention passes; 0 disables them."
     )
     retention_anomalies_days: int = Field(
-        default=30, ge=0, description="Recorded anomalies older than this many days are deleted."
+        default=30,
+        ge=0,
+        description="Recorded anomalies of readings older than this many days (by the"
+        " reading's timestamp) are removed, a whole UTC day at a time.",
     )
     retention_training_versions: int = Field(
         default=3,

@@ -12,6 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 from detector.errors import POSTGRES_ERRORS, StoreUnavailableError
 from detector.identifiers import format_version, parse_version
 from detector.kinds.training import MAX_TIMESTAMP
+from detector.store.partitions import day_of, ensure_days, writer_days
 
 # One statement for the whole batch (arrays unnested server-side): one round trip, atomic
 # without a transaction block, however many anomalies the batch holds.
@@ -23,7 +24,7 @@ FROM unnest(%s::text[], %s::bigint[], %s::float8[], %s::int[], %s::float8[], %s:
     %s::float8[], %s::float8[], %s::float8[], %s::text[], %s::timestamptz[], %s::text[],
     %s::boolean[], %s::text[])
     AS u(s, t, v, mv, m, sd, lo, up, sc, sid, da, eid, ons, tst)
-ON CONFLICT (source_stream, source_id) DO NOTHING
+ON CONFLICT (source_stream, source_id, ts) DO NOTHING
 """
 
 
@@ -33,12 +34,16 @@ async def record_anomalies(
     events: Sequence[Mapping[str, str]],
     *,
     source: str = "stream",
+    retention_days: int,
 ) -> None:
     """Insert anomaly events (the `anomalies` stream's fields) in one statement; ``source``
     is what the rows' ``source`` column says (``stream``, or ``backfill`` for a backfill).
+    The days the batch touches within the writers' window (``retention_days``: what retention
+    keeps) get their partition first, unless known to have one.
 
-    Idempotent: a redelivered reading has the same (stream, source_id) and is skipped, so the
-    worker writes here before acknowledging and may safely write again after a crash.
+    Idempotent: a redelivered reading has the same (stream, source_id, timestamp) and is
+    skipped, so the worker writes here before acknowledging and may safely write again after
+    a crash.
     """
     if not events:
         return
@@ -66,6 +71,9 @@ async def record_anomalies(
         ):
             column.append(value)
     async with pool.connection() as conn:
+        await ensure_days(
+            conn, {day_of(ts) for ts in columns[1]}, window=writer_days(retention_days)
+        )
         await conn.execute(_INSERT, (source, stream, *columns))
 
 

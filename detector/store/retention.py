@@ -1,8 +1,9 @@
-"""Retention: deleting old anomalies, old versions' training points and a stuck MLflow outbox.
+"""Retention: old anomalies, old versions' training points and a stuck MLflow outbox.
 
 One pass at a time across every process (a PostgreSQL advisory lock), each delete a bounded
-batch in its own short transaction, so the job never holds a lock for long and can stop at
-any point: whatever is left is found again by the next pass.
+batch (or one day's partition of the anomaly history) in its own short transaction, so the
+job never holds a lock for long and can stop at any point: whatever is left is found again by
+the next pass.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from detector.errors import POSTGRES_ERRORS
 from detector.settings import Settings
+from detector.store.partitions import AHEAD_DAYS, DAY_SECONDS, day_of, drop_days_before, ensure_days
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +27,10 @@ _RETENTION_LOCK = 0x72657465
 _BATCH_ROWS = 10_000
 _VERSIONS_A_ROUND = 100
 
-# Rows are examined in id order (ids grow with time), one bounded head at a time: a head
-# with nothing old enough ends the pass, so a pass never scans the whole table.
-_DELETE_OLD_ANOMALIES = """
-WITH head AS (SELECT id, detected_at FROM anomalies ORDER BY id LIMIT %(batch)s)
-DELETE FROM anomalies a USING head
-WHERE a.id = head.id AND head.detected_at < now() - make_interval(days => %(days)s)
+# The default partition's old rows (readings of days without a partition), by its ts index.
+_DELETE_OLD_DEFAULT = """
+DELETE FROM anomalies_default WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM anomalies_default WHERE ts < %(cutoff)s LIMIT %(batch)s))
 """
 
 # Versions of a series older than its newest ``keep`` whose points are still stored.
@@ -67,9 +67,11 @@ DELETE FROM mlflow_outbox WHERE model_id = ANY(ARRAY(
 
 @dataclass
 class RetentionPass:
-    """What one pass deleted."""
+    """What one pass deleted (``anomalies``: rows of the default partition; whole days of
+    the history are ``anomaly_days``, dropped partitions, whose rows are not counted)."""
 
     anomalies: int = 0
+    anomaly_days: int = 0
     training_points: int = 0
     versions_trimmed: int = 0
     outbox_expired: int = 0
@@ -85,12 +87,7 @@ async def run_retention(pool: AsyncConnectionPool, settings: Settings) -> Retent
             return None
         try:
             done = RetentionPass()
-            if settings.retention_anomalies_days > 0:
-                done.anomalies = await _drain(
-                    conn,
-                    _DELETE_OLD_ANOMALIES,
-                    {"days": settings.retention_anomalies_days, "batch": _BATCH_ROWS},
-                )
+            await _expire_anomalies(conn, settings.retention_anomalies_days, done)
             if settings.retention_training_versions > 0:
                 await _trim_training_points(conn, settings.retention_training_versions, done)
             await _bound_outbox(conn, settings, done)
@@ -99,6 +96,26 @@ async def run_retention(pool: AsyncConnectionPool, settings: Settings) -> Retent
     if any(vars(done).values()):
         log.info("retention pass: %s", done)
     return done
+
+
+async def _expire_anomalies(
+    conn: psycopg.AsyncConnection[Any], days: int, done: RetentionPass
+) -> None:
+    """Make the partitions of today and the next days ahead of time (so the writers rarely
+    make one), then drop the days older than ``days`` (0: keep all) and delete the default
+    partition's rows that old. Age is the reading's time (ts), as the partitions go by, on
+    the database's clock."""
+    cur = await conn.execute("SELECT floor(extract(epoch FROM now()))::bigint")
+    row = await cur.fetchone()
+    now = int(row[0]) if row else 0
+    await ensure_days(conn, range(day_of(now), day_of(now) + AHEAD_DAYS + 1))
+    if days <= 0:
+        return
+    cutoff = now - days * DAY_SECONDS
+    done.anomaly_days = await drop_days_before(conn, cutoff)
+    done.anomalies = await _drain(
+        conn, _DELETE_OLD_DEFAULT, {"cutoff": cutoff, "batch": _BATCH_ROWS}
+    )
 
 
 async def _drain(conn: psycopg.AsyncConnection[Any], sql: str, params: dict[str, Any]) -> int:

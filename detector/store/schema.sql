@@ -83,31 +83,135 @@ UPDATE mlflow_outbox o SET series_id = m.series_id, version = m.version
 FROM model_versions m WHERE m.id = o.model_id AND o.series_id IS NULL;
 CREATE INDEX IF NOT EXISTS mlflow_outbox_series_version ON mlflow_outbox (series_id, version);
 
--- Anomalies found on the stream, for history queries (source_id de-duplicates redeliveries).
-CREATE TABLE IF NOT EXISTS anomalies (
-    id            bigserial PRIMARY KEY,
-    series_id     text NOT NULL,
-    ts            bigint NOT NULL,
-    value         double precision NOT NULL,
-    model_version integer NOT NULL,
-    mean          double precision NOT NULL,
-    std           double precision NOT NULL,
-    lower_bound   double precision NOT NULL,
-    upper_bound   double precision NOT NULL,
-    score         double precision NOT NULL,
-    source        text NOT NULL,
-    source_id     text,
-    episode_id    text,
-    detected_at   timestamptz NOT NULL DEFAULT now()
-);
--- Entry ids are unique within one stream only (several `readings` streams, e.g. one per Redis
--- Cluster shard, can hand out the same id), so the de-duplication key includes the stream.
-ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS source_stream text NOT NULL DEFAULT '';
-DROP INDEX IF EXISTS anomalies_source_id;
-CREATE UNIQUE INDEX IF NOT EXISTS anomalies_source_key ON anomalies (source_stream, source_id);
+-- Anomalies found on the stream, for history queries: partitioned by the reading's time (`ts`),
+-- a partition a UTC day (`anomalies_d20261202`: [day * 86400, (day + 1) * 86400)), so retention
+-- drops whole days instead of deleting rows. The key includes `ts` (a partitioned table's unique
+-- indexes must): a redelivered reading has the same stream, source id and `ts`, so
+-- (source_stream, source_id, ts) still de-duplicates redeliveries. The DEFAULT partition takes
+-- the readings of days without a partition (far future, fuzzed timestamps), so an insert never
+-- fails; its `ts` index serves retention and the rows a new day's partition takes over.
+--
+-- A deployment of the plain table is converted here, in this one transaction (an interrupted
+-- start changes nothing, the next one converts): the old table is set aside, its indexes
+-- dropped (only read once, in full) and its id sequence kept, so ids carry on; the rows are
+-- copied after the partitioned table exists, then the old table is dropped. Columns that
+-- older deployments added later are added first, so the copy reads them all.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_class WHERE oid = to_regclass('anomalies') AND relkind = 'r') THEN
+        ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS source_stream text NOT NULL DEFAULT '';
+        ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS onset boolean;
+        ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS test text;
+        ALTER TABLE anomalies RENAME TO anomalies_legacy;
+        ALTER TABLE anomalies_legacy DROP CONSTRAINT IF EXISTS anomalies_pkey;
+        DROP INDEX IF EXISTS anomalies_source_id, anomalies_source_key, anomalies_series_ts,
+            anomalies_episode;
+        ALTER SEQUENCE IF EXISTS anomalies_id_seq OWNED BY NONE;
+    END IF;
+END $$;
+
+CREATE SEQUENCE IF NOT EXISTS anomalies_id_seq;
+DO $$
+BEGIN
+    IF to_regclass('anomalies') IS NULL THEN
+        CREATE TABLE anomalies (
+            id            bigint NOT NULL DEFAULT nextval('anomalies_id_seq'),
+            series_id     text NOT NULL,
+            ts            bigint NOT NULL,
+            value         double precision NOT NULL,
+            model_version integer NOT NULL,
+            mean          double precision NOT NULL,
+            std           double precision NOT NULL,
+            lower_bound   double precision NOT NULL,
+            upper_bound   double precision NOT NULL,
+            score         double precision NOT NULL,
+            source        text NOT NULL,
+            source_id     text,
+            -- Episodes: episode_id is the opener's source_id; onset marks the reading that
+            -- opened it.
+            episode_id    text,
+            detected_at   timestamptz NOT NULL DEFAULT now(),
+            -- Entry ids are unique within one stream only (several `readings` streams, e.g.
+            -- one per Redis Cluster shard, can hand out the same id), so the de-duplication
+            -- key includes the stream.
+            source_stream text NOT NULL DEFAULT '',
+            onset         boolean,
+            -- The test that fired (point, shift, divergence, threshold): what feedback on an
+            -- episode widens (detector.feedback).
+            test          text,
+            PRIMARY KEY (id, ts)
+        ) PARTITION BY RANGE (ts);
+        ALTER SEQUENCE anomalies_id_seq OWNED BY anomalies.id;
+    END IF;
+END $$;
+CREATE TABLE IF NOT EXISTS anomalies_default PARTITION OF anomalies DEFAULT;
+CREATE UNIQUE INDEX IF NOT EXISTS anomalies_source_key ON anomalies (source_stream, source_id, ts);
 CREATE INDEX IF NOT EXISTS anomalies_series_ts ON anomalies (series_id, ts);
--- Episodes: episode_id is the opener's source_id; onset marks the reading that opened it.
-ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS onset boolean;
+CREATE INDEX IF NOT EXISTS anomalies_episode ON anomalies (episode_id) WHERE onset;
+CREATE INDEX IF NOT EXISTS anomalies_default_ts ON anomalies_default (ts);
+
+-- The partition of one UTC day (``day`` = ts div 86400), made if missing: true if this call
+-- made it. The rows of that day the DEFAULT partition holds move into it in the same
+-- transaction (a partition cannot be added while the default holds rows of its range). It is
+-- built as a table of its own, then attached: attaching locks the parent only against other
+-- DDL, not against inserts and queries (CREATE TABLE ... PARTITION OF would lock it against
+-- all), and its check constraint spares attaching a scan of the new table. One maker at a
+-- time (an advisory lock, taken only when the partition is missing), so writers and the
+-- retention pass of several processes may all ask for the same day.
+CREATE OR REPLACE FUNCTION anomalies_day_partition(day bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    lo   bigint := day * 86400;
+    hi   bigint := lo + 86400;
+    part text := 'anomalies_d' || to_char(to_timestamp(lo) AT TIME ZONE 'UTC', 'YYYYMMDD');
+BEGIN
+    FOR attempt IN 1..2 LOOP
+        -- Each a fresh snapshot: the second sees a partition made while we waited.
+        PERFORM FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'anomalies'::regclass AND c.relname = part;
+        IF FOUND THEN
+            RETURN false;
+        END IF;
+        IF attempt = 1 THEN
+            PERFORM pg_advisory_xact_lock(1634627681);  -- 0x616E7061, "anpa"
+        END IF;
+    END LOOP;
+    EXECUTE format('CREATE TABLE %I (LIKE anomalies INCLUDING DEFAULTS)', part);
+    EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (ts >= %s AND ts < %s)',
+                   part, part || '_day', lo, hi);
+    EXECUTE format('WITH moved AS (DELETE FROM anomalies_default WHERE ts >= %s AND ts < %s'
+                   ' RETURNING *) INSERT INTO %I SELECT * FROM moved', lo, hi, part);
+    EXECUTE format('ALTER TABLE anomalies ATTACH PARTITION %I FOR VALUES FROM (%s) TO (%s)',
+                   part, lo, hi);
+    EXECUTE format('ALTER TABLE %I DROP CONSTRAINT %I', part, part || '_day');
+    RETURN true;
+END $$;
+
+-- The plain table's rows, copied once the partitioned table exists: the days of the last year
+-- (and the next two) get their partitions first, so the rows land there rather than in the
+-- default partition (a retention pass then drops the days it does not keep).
+DO $$
+DECLARE
+    today bigint := floor(extract(epoch FROM now()) / 86400);
+BEGIN
+    IF to_regclass('anomalies_legacy') IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM anomalies_day_partition(d) FROM (
+        SELECT DISTINCT ts / 86400 AS d FROM anomalies_legacy
+        WHERE ts >= (today - 366) * 86400 AND ts < (today + 3) * 86400
+    ) days;
+    INSERT INTO anomalies (id, series_id, ts, value, model_version, mean, std, lower_bound,
+        upper_bound, score, source, source_id, episode_id, detected_at, source_stream, onset,
+        test)
+    SELECT id, series_id, ts, value, model_version, mean, std, lower_bound, upper_bound, score,
+        source, source_id, episode_id, detected_at, source_stream, onset, test
+    FROM anomalies_legacy
+    ON CONFLICT DO NOTHING;
+    PERFORM setval('anomalies_id_seq', max(id)) FROM anomalies_legacy
+    HAVING max(id) > (SELECT last_value FROM anomalies_id_seq);
+    DROP TABLE anomalies_legacy;
+END $$;
 
 -- Incidents (episodes of many series opening close together), one row each, written by the
 -- workers as the incident opens, gains series and closes: upserts that only move forward
@@ -128,10 +232,6 @@ CREATE TABLE IF NOT EXISTS incidents (
     PRIMARY KEY (source, incident_id)
 );
 CREATE INDEX IF NOT EXISTS incidents_first_onset ON incidents (first_onset, incident_id);
--- The test that fired (point, shift, divergence, threshold): what feedback on an episode
--- widens (detector.feedback).
-ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS test text;
-CREATE INDEX IF NOT EXISTS anomalies_episode ON anomalies (episode_id) WHERE onset;
 
 -- Feedback on detections (POST /anomalies/{episode_id}/feedback, POST /series/{id}/feedback):
 -- the source of truth of each series' threshold adjustment, which the API writes to Redis
