@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,9 +32,36 @@ def child_setup() -> Callable[[], None] | None:
 
 
 def free_port() -> int:
+    """A port free now, outside the kernel's ephemeral range when it leaves room: the kernel
+    hands ports of that range to outgoing connections, so one picked there (``bind`` to port
+    0) could be taken by any process's connection before the server that is told it binds
+    it (seen as "address already in use" on a busy machine). Below the range only explicit
+    binds compete, and a random pick among thousands rarely meets another."""
+    low, _ = _ephemeral_range()
+    if low - _OWN_PORTS_FROM >= 1000:
+        for _ in range(100):
+            port = random.randrange(_OWN_PORTS_FROM, low)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# The low end of the ports ``free_port`` picks from (above the well-known services').
+_OWN_PORTS_FROM = 12_000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
