@@ -36,6 +36,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# A Redis Cluster node also listens on its port + 10000 (the cluster bus).
+CLUSTER_BUS_OFFSET = 10_000
+
+
+def free_cluster_ports(count: int) -> list[int]:
+    """``count`` free ports for Redis Cluster nodes: each with its bus port free too, and no
+    node's port another's bus port."""
+    chosen: list[int] = []
+    taken: set[int] = set()
+    while len(chosen) < count:
+        port = free_port()
+        bus = port + CLUSTER_BUS_OFFSET
+        if bus > 65535 or {port, bus} & taken or not _bindable(bus):
+            continue
+        chosen.append(port)
+        taken |= {port, bus}
+    return chosen
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -85,8 +113,6 @@ def wait_for_port(
             return
         time.sleep(0.05)
     raise RuntimeError(f"{name} did not listen on port {port} within {timeout:.0f} s")
-
-
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 20.0) -> None:
