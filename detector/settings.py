@@ -114,9 +114,10 @@ class Settings(BaseSettings):
             )
         return value
 
-    # The streams (docs/stream-contract.md). In Redis Cluster give the three streams one hash
-    # tag, e.g. ``readings:{a}``, ``anomalies:{a}``, ``readings:dead:{a}``: the worker writes
-    # events and acknowledges readings in one script, which needs its keys in one slot.
+    # The streams (docs/stream-contract.md). The worker writes events and acknowledges
+    # readings in one script, which on a Redis Cluster would need the three in one slot (one
+    # hash tag: ``readings:{a}``, ``anomalies:{a}``, ``readings:dead:{a}``); the workers do not
+    # run on a cluster yet (docs/operations.md#redis-cluster).
     stream_readings: str = "readings"
     stream_anomalies: str = "anomalies"
     stream_dead: str = "readings:dead"

@@ -3,10 +3,12 @@ three replicas); the workers refuse to start on one."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -99,6 +101,40 @@ def test_rest_path_on_a_cluster(cluster_client, redis_cluster):
     health = cluster_client.get("/healthcheck")
     assert health.status_code == 200, health.text
     assert health.json()["dependencies"] == {"redis": "ok", "postgres": "ok"}
+
+
+def test_events_feed_on_a_cluster(cluster_api_url, cluster_settings, rc, series_id):
+    """GET /events catches up from a given id, then follows the live stream."""
+    stream = cluster_settings.stream_anomalies
+    first = rc.xadd(stream, {"series_id": series_id, "timestamp": "0", "value": "1"})
+    missed = rc.xadd(stream, {"series_id": series_id, "timestamp": "1", "value": "1"})
+
+    async def scenario() -> list[str]:
+        async with (
+            httpx.AsyncClient(base_url=cluster_api_url, timeout=30) as http,
+            http.stream(
+                "GET", "/events", params={"series_id": series_id, "last_id": first}
+            ) as response,
+        ):
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            got = [await _next_id(lines, series_id)]
+            live = rc.xadd(stream, {"series_id": series_id, "timestamp": "2", "value": "1"})
+            got.append(await _next_id(lines, series_id))
+            assert got == [missed, live]
+            return got
+
+    assert len(asyncio.run(asyncio.wait_for(scenario(), 30))) == 2
+
+
+async def _next_id(lines: AsyncIterator[str], series_id: str) -> str:
+    event_id = ""
+    async for line in lines:
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: ") and json.loads(line[6:]).get("series_id") == series_id:
+            return event_id
+    raise AssertionError("the stream ended")
 
 
 def test_a_refit_is_predicted_at_once_on_a_cluster(cluster_client, series_id):
