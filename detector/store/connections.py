@@ -52,8 +52,8 @@ def _cluster_client(settings: Settings) -> Redis:
     It answers every command the services send as the single-node client does, routing each
     by its keys' slot (a script's keys must share one: ``detector.redis_keys``), so it is
     typed as one: the callers keep one type, and the few places that must know ask
-    ``is_cluster``. Its retry also covers a moved slot or a failover: the client re-reads
-    the cluster's layout and sends the command again.
+    ``is_cluster``. A moved slot (a MOVED or ASK reply) is followed by the client itself,
+    which then re-reads the cluster's layout.
     """
     client = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in settings.redis_cluster_seeds()],
