@@ -24,7 +24,7 @@ from api.schemas import ERROR_RESPONSES, declare_limits
 from detector.errors import POSTGRES_ERRORS
 from detector.mlflow_outbox import MlflowTracker
 from detector.settings import Settings, get_settings
-from detector.store.connections import apply_schema, postgres_pool, redis_client
+from detector.store.connections import apply_schema, is_cluster, postgres_pool, redis_client
 from detector.store.models import ModelStore
 from detector.store.retention import start_retention
 
@@ -65,7 +65,12 @@ def create_app(
             queue_size=settings.sse_queue_events,
         )
         pointers = None
-        if settings.latest_pointer_tracking:
+        if settings.latest_pointer_tracking and is_cluster(redis):
+            # Key tracking is per connection, and a connection sees one node's keys: the
+            # cache would need one per master, following every failover and moved slot.
+            # Predictions read the pointer from Redis instead (docs/operations.md).
+            log.info("Redis Cluster: latest-version pointers are read from Redis every time")
+        elif settings.latest_pointer_tracking:
             pointers = LatestPointerCache(settings.redis_connection_url())
             await pointers.start()
             store.pointers = pointers

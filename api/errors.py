@@ -16,6 +16,7 @@ from detector.errors import (
     AnomalyError,
     InvalidInputError,
     ModelNotFoundError,
+    NotOnClusterError,
     StoreUnavailableError,
     TooLargeError,
     TrainingDataDeletedError,
@@ -31,6 +32,7 @@ STATUS_BY_ERROR: list[tuple[type[AnomalyError], int, str]] = [
     (TrainingDataDeletedError, 410, "gone"),
     (StoreUnavailableError, 503, "unavailable"),
     (TooManyClientsError, 503, "busy"),
+    (NotOnClusterError, 501, "not_on_cluster"),
 ]
 
 

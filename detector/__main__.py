@@ -15,10 +15,10 @@ from dataclasses import asdict
 from prometheus_client import CollectorRegistry, start_http_server
 
 from detector.collector import tune_collector
-from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS
+from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, NotOnClusterError
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
-from detector.store.connections import apply_schema, postgres_pool, redis_client
+from detector.store.connections import apply_schema, postgres_pool, redis_client, refuse_cluster
 from detector.store.retention import start_retention
 from detector.transports.redis.health import read_health
 from detector.transports.redis.worker import Worker
@@ -94,10 +94,15 @@ def main() -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    settings = Settings()
+    try:
+        refuse_cluster(settings)
+    except NotOnClusterError as exc:
+        sys.exit(exc.detail)
     if args.check:
-        sys.exit(asyncio.run(check(Settings(), args.consumer)))
+        sys.exit(asyncio.run(check(settings, args.consumer)))
     tune_collector()
-    asyncio.run(serve(Settings(), burst=args.burst, consumer=args.consumer))
+    asyncio.run(serve(settings, burst=args.burst, consumer=args.consumer))
 
 
 if __name__ == "__main__":

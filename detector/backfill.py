@@ -31,6 +31,7 @@ from detector.pipeline import Pipeline
 from detector.redis_keys import backfill_namespace, episode_key, state_key
 from detector.settings import Settings
 from detector.state.series import SeriesStates, below
+from detector.store.connections import refuse_cluster
 from detector.store.models import ModelStore
 from detector.wire.readings import DeadLetter, ReadingBatch
 
@@ -74,6 +75,7 @@ class Backfill:
             raise InvalidInputError(
                 f"a backfill job id is 1–64 letters, digits, '-' or '_' (got {job!r})"
             )
+        refuse_cluster(settings, "backfill")
         self.job = job
         self.settings = settings
         self.redis = store.redis

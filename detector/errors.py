@@ -49,6 +49,10 @@ class TrainingDataDeletedError(AnomalyError):
     """The version exists but retention deleted its training points (HTTP 410)."""
 
 
+class NotOnClusterError(AnomalyError):
+    """What does not run on Redis Cluster yet (HTTP 501; docs/operations.md#redis-cluster)."""
+
+
 class StoreUnavailableError(AnomalyError):
     """Redis or PostgreSQL cannot be reached (HTTP 503)."""
 
@@ -59,7 +63,15 @@ class StoreUnavailableError(AnomalyError):
 
 # Foreign errors that mean "the dependency cannot be reached": the store's boundary catches
 # these and raises StoreUnavailableError, so the rest of the service catches the tree above.
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# A Redis Cluster client adds its own: too many redirections or lost nodes in a row
+# (ClusterError, which CLUSTERDOWN and MASTERDOWN replies are too), a slot no node serves.
+REDIS_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.SlotNotCoveredError,
+)
 POSTGRES_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, OSError)
 
 # A reachable Redis that refuses a command for now, not for what it is: out of memory under
@@ -69,13 +81,22 @@ POSTGRES_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, OSError)
 # cluster in transition (CLUSTERDOWN, TRYAGAIN) or short of replicas (NOREPLICAS). Like a
 # dropped connection they mean "try again later": a 503, a worker that waits.
 # Catch REDIS_FAILURES, then ask ``redis_unavailable``: any other ResponseError is a bug.
-REDIS_FAILURES = (*REDIS_ERRORS, redis.exceptions.ResponseError)
+# A cluster client that reaches no node raises RedisClusterException, caused by the
+# connection error; raised for anything else (keys of several slots in one script) it is a bug.
+REDIS_FAILURES = (
+    *REDIS_ERRORS,
+    redis.exceptions.ResponseError,
+    redis.exceptions.RedisClusterException,
+)
 # redis-py strips the code from the replies it has a class for; inside a script Redis 6.2
 # wraps the reply ("Error running script (…): @user_script:6: -OOM command not allowed …").
 _REFUSED_CLASSES: dict[type[redis.exceptions.RedisError], str] = {
     redis.exceptions.OutOfMemoryError: "OOM",
     redis.exceptions.ReadOnlyError: "READONLY",
     redis.exceptions.BusyLoadingError: "LOADING",
+    redis.exceptions.ClusterDownError: "CLUSTERDOWN",
+    redis.exceptions.MasterDownError: "MASTERDOWN",
+    redis.exceptions.TryAgainError: "TRYAGAIN",
 }
 _REFUSED_REPLY = re.compile(
     r"(?:^|: -?)"
@@ -87,6 +108,8 @@ def redis_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means Redis cannot serve now: unreachable, or refusing (see above)."""
     if isinstance(exc, REDIS_ERRORS) or type(exc) in _REFUSED_CLASSES:
         return True
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        return isinstance(exc.__cause__, REDIS_ERRORS)
     return (
         isinstance(exc, redis.exceptions.ResponseError)
         and _REFUSED_REPLY.search(str(exc)) is not None

@@ -70,10 +70,21 @@ def heartbeat_key(readings_stream: str, consumer: str) -> str:
     return f"{readings_stream}:heartbeat:{consumer}"
 
 
+def same_slot(key: str) -> str:
+    """A prefix for keys that must lie in ``key``'s Redis Cluster slot: ``key`` itself when
+    it has a hash tag (``readings:{a}``), else ``{key}`` (the slot of ``readings`` is that
+    of the tag ``{readings}``). A name with a ``}`` but no hash tag cannot be put in braces
+    whole: it is returned as it is (on a cluster, give such a stream a tag)."""
+    start = key.find("{")
+    if (start >= 0 and key.find("}", start + 1) > start + 1) or "}" in key:
+        return key
+    return f"{{{key}}}"
+
+
 def producer_key(readings_stream: str, producer_id: str) -> str:
-    """A publisher's last applied batch (``ingest.publisher``). It shares the stream's hash
-    tag: one script touches both, so in Redis Cluster the stream needs one (``readings:{a}``)."""
-    return f"{readings_stream}:producer:{producer_id}"
+    """A publisher's last applied batch (``ingest.publisher``). One script touches it and the
+    stream, so it lies in the stream's slot, whatever the stream's name."""
+    return f"{same_slot(readings_stream)}:producer:{producer_id}"
 
 
 def silence_key(output: str, part: str) -> str:

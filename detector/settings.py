@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     redis_username: str | None = None
     redis_password: str | None = None
     redis_url: str | None = Field(default=None, description="Overrides the REDIS_* parts.")
+    # Redis Cluster: seed nodes `host:port,host:port` (any few of the cluster's nodes; the
+    # client learns the rest). Set, every client is a cluster client logging in as
+    # REDIS_USERNAME / REDIS_PASSWORD on each node, and REDIS_HOST, REDIS_PORT, REDIS_DB and
+    # REDIS_URL are not used. What runs on a cluster: docs/operations.md#redis-cluster.
+    redis_cluster_nodes: str = ""
 
     # PostgreSQL: the durable store, source of truth.
     postgres_host: str = "127.0.0.1"
@@ -97,7 +102,6 @@ class Settings(BaseSettings):
     api_keys: str = ""
     api_read_keys: str = ""
 
-    # The streams (docs/stream-contract.md). In Redis Cluster give the three streams one hash
     @field_validator("api_keys", "api_read_keys")
     @classmethod
     def _keys_or_nothing(cls, value: str, info: ValidationInfo) -> str:
@@ -110,9 +114,10 @@ class Settings(BaseSettings):
             )
         return value
 
-    # The streams (docs/stream-contract.md). In Redis Cluster give the three streams one hash
-    # tag, e.g. ``readings:{a}``, ``anomalies:{a}``, ``readings:dead:{a}``: the worker writes
-    # events and acknowledges readings in one script, which needs its keys in one slot.
+    # The streams (docs/stream-contract.md). The worker writes events and acknowledges
+    # readings in one script, which on a Redis Cluster would need the three in one slot (one
+    # hash tag: ``readings:{a}``, ``anomalies:{a}``, ``readings:dead:{a}``); the workers do not
+    # run on a cluster yet (docs/operations.md#redis-cluster).
     stream_readings: str = "readings"
     stream_anomalies: str = "anomalies"
     stream_dead: str = "readings:dead"
@@ -219,6 +224,25 @@ class Settings(BaseSettings):
     model_refresh_seconds: float = Field(default=1.0, ge=0, le=5)
     worker_heartbeat_ttl_seconds: int = Field(default=15, ge=1)
     metrics_port: int = Field(default=9101, ge=0, le=65535, description="0 disables it.")
+
+    @field_validator("redis_cluster_nodes")
+    @classmethod
+    def _host_port_list(cls, value: str) -> str:
+        for node in value.split(","):
+            host, _, port = node.strip().rpartition(":")
+            if value.strip() and not (host and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(
+                    f"REDIS_CLUSTER_NODES takes comma-separated host:port seed nodes, not {node!r}"
+                )
+        return value.strip()
+
+    def redis_cluster_seeds(self) -> list[tuple[str, int]]:
+        """The seed nodes of REDIS_CLUSTER_NODES (empty: one Redis, not a cluster)."""
+        seeds = []
+        for node in filter(None, (n.strip() for n in self.redis_cluster_nodes.split(","))):
+            host, _, port = node.rpartition(":")
+            seeds.append((host.strip("[]"), int(port)))
+        return seeds
 
     def redis_connection_url(self) -> str:
         if self.redis_url:

@@ -41,11 +41,7 @@ def free_port() -> int:
     if low - _OWN_PORTS_FROM >= 1000:
         for _ in range(100):
             port = random.randrange(_OWN_PORTS_FROM, low)
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
+            if _bindable(port):
                 return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -62,6 +58,34 @@ def _ephemeral_range() -> tuple[int, int]:
         return int(low), int(high)
     except (OSError, ValueError):
         return 32_768, 60_999  # Linux's default
+
+
+# A Redis Cluster node also listens on its port + 10000 (the cluster bus).
+CLUSTER_BUS_OFFSET = 10_000
+
+
+def free_cluster_ports(count: int) -> list[int]:
+    """``count`` free ports for Redis Cluster nodes: each with its bus port free too, and no
+    node's port another's bus port."""
+    chosen: list[int] = []
+    taken: set[int] = set()
+    while len(chosen) < count:
+        port = free_port()
+        bus = port + CLUSTER_BUS_OFFSET
+        if bus > 65535 or {port, bus} & taken or not _bindable(bus):
+            continue
+        chosen.append(port)
+        taken |= {port, bus}
+    return chosen
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -113,8 +137,6 @@ def wait_for_port(
             return
         time.sleep(0.05)
     raise RuntimeError(f"{name} did not listen on port {port} within {timeout:.0f} s")
-
-
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 20.0) -> None:

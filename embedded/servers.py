@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -30,8 +31,10 @@ from embedded.processes import (
 
 if TYPE_CHECKING:
     import psycopg
+    import redis
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class RedisServer:
@@ -46,6 +49,8 @@ class RedisServer:
     port: int
     appendonly: bool = True
     credentials: Credentials = field(default_factory=Credentials.generate)
+    # A node of a Redis Cluster (``RedisClusterServers`` forms the cluster).
+    cluster: bool = False
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -74,6 +79,9 @@ class RedisServer:
             ["~*", "&*", "+@all", "-@dangerous"]
             # The latest-pointer cache needs these CLIENT subcommands (tracking invalidation).
             + [f"+client|{sub}" for sub in ("id", "tracking", "setname", "getname")]
+            # A cluster client learns the layout from these (CLUSTER is @dangerous as a whole).
+            + [f"+cluster|{sub}" for sub in ("slots", "nodes", "info", "keyslot", "myid")]
+            * self.cluster
         )
         lines = [
             f"port {self.port}",
@@ -88,6 +96,17 @@ class RedisServer:
             f"user {REDIS_SERVICE_USER} on >{self.credentials.redis_service_password} "
             + service_acl,
         ]
+        if self.cluster:
+            lines += [
+                "cluster-enabled yes",
+                f'cluster-config-file "{self.data_dir / "nodes.conf"}"',
+                "cluster-node-timeout 5000",
+                # A replica logs in to its master as `default` (every node has the same users).
+                "masteruser default",
+                f"masterauth {self.credentials.redis_admin_password}",
+                # A replica's first sync starts at once (Redis 7 waits 5 s for more replicas).
+                "repl-diskless-sync-delay 0",
+            ]
         write_private(self.config_file, "\n".join(lines) + "\n")
 
     def start(self) -> RedisServer:
@@ -109,6 +128,143 @@ class RedisServer:
     def stop(self, *, kill: bool = False) -> None:
         stop_process(self.proc, signal.SIGKILL if kill else signal.SIGTERM)
         self.proc = None
+
+
+@dataclass
+class RedisClusterServers:
+    """A Redis Cluster of ``masters`` masters, each with ``replicas_each`` replicas: one
+    ``RedisServer`` a node (its own folder and port, the same credentials, no persistence),
+    the slots split evenly between the masters.
+
+    The cluster is formed through the nodes' own commands (CLUSTER ADDSLOTS, MEET,
+    REPLICATE), so it needs no redis-cli, only the redis-server that ``RedisServer`` runs.
+    """
+
+    data_dir: Path
+    ports: list[int]
+    replicas_each: int = 1
+    credentials: Credentials = field(default_factory=Credentials.generate)
+    nodes: list[RedisServer] = field(default_factory=list, init=False)
+
+    @property
+    def masters(self) -> int:
+        return len(self.ports) // (1 + self.replicas_each)
+
+    def seeds(self) -> str:
+        """REDIS_CLUSTER_NODES for this cluster: every master."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.ports[: self.masters])
+
+    def settings_fields(self) -> dict[str, Any]:
+        """The ``Settings`` fields that point a service at this cluster as the service user."""
+        return {
+            "redis_cluster_nodes": self.seeds(),
+            "redis_username": REDIS_SERVICE_USER,
+            "redis_password": self.credentials.redis_service_password,
+        }
+
+    def admin(self, port: int) -> redis.Redis:
+        """The ``default`` user's connection to one node (not a cluster client)."""
+        import redis
+
+        return redis.Redis(
+            port=port,
+            password=self.credentials.redis_admin_password,
+            decode_responses=True,
+            socket_timeout=10,
+        )
+
+    def start(self, timeout: float = 60.0) -> RedisClusterServers:
+        if self.masters < 1 or len(self.ports) != self.masters * (1 + self.replicas_each):
+            raise ValueError("the ports must be the masters' then their replicas'")
+        for port in self.ports:
+            node = RedisServer(
+                self.data_dir / str(port),
+                port,
+                appendonly=False,
+                credentials=self.credentials,
+                cluster=True,
+            )
+            self.nodes.append(node)
+            node.start()
+        try:
+            self._form(time.monotonic() + timeout)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("Redis Cluster of %d nodes on ports %s", len(self.ports), self.ports)
+        return self
+
+    def _form(self, deadline: float) -> None:
+        clients = [self.admin(port) for port in self.ports]
+        masters, replicas = clients[: self.masters], clients[self.masters :]
+        try:
+            ids = [str(_call(c, "CLUSTER", "MYID")) for c in clients]
+            slots = 16384
+            for i, client in enumerate(masters):
+                first, last = slots * i // self.masters, slots * (i + 1) // self.masters - 1
+                _call(client, "CLUSTER", "ADDSLOTS", *range(first, last + 1))
+                # Distinct epochs up front spare the nodes settling a collision of equal ones.
+                _call(client, "CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+            for port in self.ports[1:]:
+                _call(clients[0], "CLUSTER", "MEET", "127.0.0.1", port)
+
+            def all_known() -> bool:
+                return all(len(_nodes(c)) == len(self.ports) for c in clients)
+
+            _wait_until(deadline, "every node to know every other", all_known)
+            for j, client in enumerate(replicas):
+                master = ids[j % self.masters]
+
+                def knows_master(c: redis.Redis = client, m: str = master) -> bool:
+                    # A replica can only follow a node its own view has as a master.
+                    return any(n[0] == m and "master" in n[2].split(",") for n in _nodes(c))
+
+                _wait_until(deadline, "the replicas to know their masters", knows_master)
+                _call(client, "CLUSTER", "REPLICATE", master)
+
+            def state_ok() -> bool:
+                return all("cluster_state:ok" in str(_call(c, "CLUSTER", "INFO")) for c in clients)
+
+            def slots_listed() -> bool:
+                # Clients learn the layout from CLUSTER SLOTS: each range with its replicas.
+                return all(
+                    len(entry) == 3 + self.replicas_each
+                    for c in clients
+                    for entry in _call(c, "CLUSTER", "SLOTS")
+                )
+
+            def in_sync() -> bool:
+                return all(
+                    c.info("replication").get("master_link_status") == "up" for c in replicas
+                )
+
+            _wait_until(deadline, "cluster_state:ok on every node", state_ok)
+            _wait_until(deadline, "every node to list every replica", slots_listed)
+            _wait_until(deadline, "every replica to be in sync", in_sync)
+        finally:
+            for client in clients:
+                client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
+
+
+def _call(client: redis.Redis, *args: Any) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _nodes(client: redis.Redis) -> list[list[str]]:
+    """CLUSTER NODES as fields a line: id, address, flags, master …"""
+    return [line.split() for line in str(_call(client, "CLUSTER", "NODES")).splitlines() if line]
+
+
+def _wait_until(deadline: float, what: str, done: Callable[[], bool]) -> None:
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Redis Cluster did not form: waited for {what}")
+        time.sleep(0.05)
 
 
 class _RunAs(TypedDict, total=False):

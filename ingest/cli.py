@@ -20,9 +20,10 @@ import redis
 
 from detector.backfill import Backfill, BackfillResult
 from detector.collector import tune_collector
+from detector.errors import NotOnClusterError
 from detector.identifiers import parse_version
 from detector.settings import Settings
-from detector.store.connections import postgres_pool
+from detector.store.connections import postgres_pool, sync_redis_client
 from detector.store.connections import redis_client as async_redis_client
 from detector.store.models import ModelStore
 from detector.wire.events import ANOMALY, INCIDENT, NO_DATA, decode_event
@@ -451,9 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     tune_collector()
     if getattr(args, "maxlen", 0) is None:
         args.maxlen = settings.stream_readings_maxlen
-    client = redis.Redis.from_url(
-        args.redis_url or settings.redis_connection_url(), decode_responses=True
-    )
+    client = sync_redis_client(settings, args.redis_url)
     commands = {
         "publish": publish,
         "generate": generate,
@@ -469,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except redis.exceptions.ConnectionError as exc:
         sys.exit(f"cannot reach Redis: {exc}")
+    except NotOnClusterError as exc:
+        sys.exit(exc.detail)
     finally:
         client.close()
     sys.exit(code)

@@ -15,8 +15,8 @@ import redis
 
 from detector.settings import Settings
 from detector.store.connections import apply_schema_sync
-from embedded.processes import free_port
-from embedded.servers import PostgresServer, RedisServer
+from embedded.processes import free_cluster_ports, free_port
+from embedded.servers import PostgresServer, RedisClusterServers, RedisServer
 from tests.support.services import postgres_data_dir, start_api
 
 # No per-example deadline and no "generation is slow" check: these machines are shared and
@@ -38,6 +38,31 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of three masters and three replicas, the same redis-server as
+    ``redis_server``'s; started by the first test that asks for it (a few seconds)."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"), free_cluster_ports(6))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_settings(redis_cluster: RedisClusterServers, settings: Settings) -> Settings:
+    """The session's settings pointed at the Redis Cluster instead (PostgreSQL the same)."""
+    return settings.model_copy(update=redis_cluster.settings_fields())
+
+
+@pytest.fixture(scope="session")
+def cluster_api_url(cluster_settings: Settings) -> Iterator[str]:
+    """The real service on the Redis Cluster, in its own process."""
+    proc, base_url = start_api(cluster_settings)
+    yield base_url
+    proc.terminate()
+    proc.wait(30)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,13 @@ from fastapi import APIRouter, Depends, Query
 
 from api.bodies import ArrayBody, batch_body, checked_points
 from api.deps import SeriesIdDep, ServicesDep, find_model
-from api.schemas import UNSUPPORTED_MEDIA_TYPE, BackfillResponse, BatchPredictRequest, body_schema
+from api.schemas import (
+    NOT_ON_CLUSTER,
+    UNSUPPORTED_MEDIA_TYPE,
+    BackfillResponse,
+    BatchPredictRequest,
+    body_schema,
+)
 from detector.backfill import JOB_ID, Backfill
 from detector.wire.events import decode_event
 
@@ -20,7 +26,7 @@ router = APIRouter(tags=["backfill"])
     "/backfill/{series_id}",
     response_model=BackfillResponse,
     openapi_extra=body_schema(BatchPredictRequest, arrow_options=False),
-    responses=UNSUPPORTED_MEDIA_TYPE,
+    responses={**UNSUPPORTED_MEDIA_TYPE, **NOT_ON_CLUSTER},
     summary="Score a series' history through the stream pipeline, apart from the live stream",
 )
 async def backfill(

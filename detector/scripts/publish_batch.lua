@@ -2,7 +2,7 @@
 --
 -- KEYS[1]  the stream (`readings`)
 -- KEYS[2]  the producer's record: "<batch number> <reading count> <entry id> ...", the last
---          batch it applied (give it the stream's hash tag in Redis Cluster)
+--          batch it applied (in the stream's Redis Cluster slot: `{readings}:producer:<id>`)
 -- ARGV[1]  the batch number (a producer numbers its batches 1, 2, 3 ...)
 -- ARGV[2]  seconds the record is kept (a retry later than that would add the batch again)
 -- ARGV[3]  MAXLEN ~ applied by each XADD

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 from importlib import resources
+from typing import cast
 
 import psycopg
+import redis
+import redis.cluster
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
+from detector.errors import NotOnClusterError
 from detector.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,8 @@ def redis_client(settings: Settings) -> Redis:
     command we send through this client is safe to repeat (reads, HSET of an immutable
     version, a forward-only pointer move, and stream commits that skip what is already done).
     """
+    if settings.redis_cluster_nodes:
+        return _cluster_client(settings)
     return Redis.from_url(
         settings.redis_connection_url(),
         decode_responses=True,
@@ -37,6 +44,68 @@ def redis_client(settings: Settings) -> Redis:
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
         retry_on_error=[ConnectionError, TimeoutError],
     )
+
+
+def _cluster_client(settings: Settings) -> Redis:
+    """A Redis Cluster client (REDIS_CLUSTER_NODES), with the single-node client's timeouts.
+
+    It answers every command the services send as the single-node client does, routing each
+    by its keys' slot (a script's keys must share one: ``detector.redis_keys``), so it is
+    typed as one: the callers keep one type, and the few places that must know ask
+    ``is_cluster``. A moved slot (a MOVED or ASK reply) is followed by the client itself,
+    which then re-reads the cluster's layout.
+    """
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in settings.redis_cluster_seeds()],
+        username=settings.redis_username,
+        password=settings.redis_password,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        socket_timeout=10.0,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+    )
+    return cast(Redis, client)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` is a Redis Cluster client (asyncio or not)."""
+    return isinstance(client, RedisCluster | redis.cluster.RedisCluster)
+
+
+# Why the workers and backfill refuse a cluster (docs/operations.md#redis-cluster).
+NOT_ON_CLUSTER = (
+    "does not run on Redis Cluster yet: its batch scripts take the keys of many series at"
+    " once (states, episodes, latest pointers), or a series' keys with shared ones (the held"
+    " set, the silence and incident keys, the streams), which lie in different slots; unset"
+    " REDIS_CLUSTER_NODES and point it at one Redis (docs/operations.md#redis-cluster)"
+)
+
+
+def refuse_cluster(settings: Settings, what: str = "the stream worker") -> None:
+    """Raise NotOnClusterError when the settings name a Redis Cluster."""
+    if settings.redis_cluster_nodes:
+        raise NotOnClusterError(f"{what} {NOT_ON_CLUSTER}")
+
+
+def sync_redis_client(settings: Settings, url: str | None = None) -> redis.Redis:
+    """A blocking client, for command-line tools: ``url`` (else the settings' URL), or a
+    cluster client when REDIS_CLUSTER_NODES is set (typed as one client: see
+    ``_cluster_client``)."""
+    if settings.redis_cluster_nodes and url is None:
+        return cast(
+            redis.Redis,
+            redis.cluster.RedisCluster(
+                startup_nodes=[
+                    redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                    for host, port in settings.redis_cluster_seeds()
+                ],
+                username=settings.redis_username,
+                password=settings.redis_password,
+                decode_responses=True,
+            ),
+        )
+    return redis.Redis.from_url(url or settings.redis_connection_url(), decode_responses=True)
 
 
 def postgres_pool(settings: Settings) -> AsyncConnectionPool:

@@ -32,6 +32,7 @@ from detector.kinds.training import TrainingData
 from detector.redis_keys import model_key, write_probe_key
 from detector.store.caches import PointerCache, VersionCache
 from detector.store.codec import ModelVersion, parse_arrays, parse_points
+from detector.store.connections import is_cluster
 from detector.store.fit_rows import allocate_version, version_exists, write_fit
 from detector.store.publish import VersionPublisher
 
@@ -330,9 +331,14 @@ class ModelStore:
     # ------------------------------------------------------------------ health
 
     async def ping_redis(self) -> str | None:
-        """None when Redis answers, else why not."""
+        """None when Redis answers (on a cluster: every master), else why not."""
         try:
-            await self.redis.ping()
+            if is_cluster(self.redis):
+                await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                    "PING", target_nodes="primaries"
+                )
+            else:
+                await self.redis.ping()
         except (*REDIS_FAILURES, redis.exceptions.RedisError) as exc:
             return _brief(exc)
         return None

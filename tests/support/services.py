@@ -46,6 +46,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "REDIS_PORT": str(settings.redis_port),
         "REDIS_USERNAME": settings.redis_username or "",
         "REDIS_PASSWORD": settings.redis_password or "",
+        "REDIS_CLUSTER_NODES": settings.redis_cluster_nodes,
         "POSTGRES_HOST": settings.postgres_host,
         "POSTGRES_PORT": str(settings.postgres_port),
         "POSTGRES_DB": settings.postgres_db,

@@ -22,13 +22,35 @@ REFUSED = [
     ),
     rx.ConnectionError("Connection refused"),
     rx.TimeoutError("Timeout reading"),
+    # A Redis Cluster client's own: a cluster in transition, a slot no node serves, and no
+    # node reached at all (the connection error is the cause).
+    rx.ClusterDownError("The cluster is down"),
+    rx.MasterDownError("Link with MASTER is down"),
+    rx.TryAgainError("Multiple keys request during rehashing of slot"),
+    rx.ClusterError("TTL exhausted."),
+    rx.SlotNotCoveredError('Slot "12" is not covered by the cluster.'),
 ]
+
+
+def _unreachable_cluster() -> Exception:
+    try:
+        try:
+            raise rx.ConnectionError("Connection refused")
+        except rx.ConnectionError as cause:
+            raise rx.RedisClusterException("Redis Cluster cannot be connected.") from cause
+    except rx.RedisClusterException as exc:
+        return exc
+
+
+REFUSED.append(_unreachable_cluster())
 BUGS = [
     rx.ResponseError("BUSYGROUP Consumer Group name already exists"),
     rx.ResponseError("BUSYKEY Target key name already exists."),
     rx.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
     rx.NoScriptError("No matching script. Please use EVAL."),
     rx.ResponseError("ERR syntax error"),
+    rx.RedisClusterException("EVALSHA - all keys must map to the same key slot"),
+    rx.ResponseError("CROSSSLOT Keys in request don't hash to the same slot"),
 ]
 
 
@@ -45,3 +67,7 @@ def test_other_replies_are_not_hidden(exc: Exception) -> None:
 def test_the_description_keeps_the_code_redis_py_strips() -> None:
     assert describe_redis_error(REFUSED[0]).startswith("OOM command not allowed")
     assert describe_redis_error(REFUSED[1]).startswith("READONLY You can't write")
+
+
+def test_cluster_codes_are_put_back_too() -> None:
+    assert describe_redis_error(rx.TryAgainError("Multiple keys")).startswith("TRYAGAIN ")

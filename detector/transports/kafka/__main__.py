@@ -7,8 +7,10 @@ import sys
 from prometheus_client import CollectorRegistry
 
 from detector.collector import tune_collector
+from detector.errors import NotOnClusterError
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
+from detector.store.connections import refuse_cluster
 from detector.transports.kafka.app import create_app
 
 
@@ -19,8 +21,13 @@ def main() -> None:
     # and two workers on one host would fight over 6066.
     if args[:1] == ["worker"] and not any(a.startswith("--with") for a in args):
         sys.argv.insert(2, "--without-web")
+    settings = Settings()
+    try:
+        refuse_cluster(settings, "the Kafka worker")
+    except NotOnClusterError as exc:
+        sys.exit(exc.detail)
     tune_collector()
-    create_app(Settings(), metrics).main()
+    create_app(settings, metrics).main()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from detector.state.adjustments import Adjustments
 from detector.state.incidents import incident_tracker
 from detector.state.series import SeriesStates
 from detector.state.silence import silence_watch
+from detector.store.connections import refuse_cluster
 from detector.store.models import ModelStore
 from detector.transports.redis.consumer_group import Output, StreamOps, is_nogroup
 from detector.transports.redis.health import clear_health, record_health
@@ -71,6 +72,7 @@ class Worker:
         consumer: str | None = None,
         store: ModelStore | None = None,
     ) -> None:
+        refuse_cluster(settings)
         self.settings = settings
         self.redis = redis_client
         self.pool = pool

@@ -1,0 +1,224 @@
+"""The REST path, the publisher and the subscriber on a real Redis Cluster (three masters,
+three replicas); the workers refuse to start on one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+import redis
+from redis.crc import key_slot
+
+from detector.redis_keys import model_key, producer_key
+from detector.settings import Settings
+from detector.store.connections import sync_redis_client
+from embedded.servers import RedisClusterServers
+from ingest.publisher import Publisher
+from ingest.subscriber import Subscriber
+from tests.support.api import TS, VALUES, fit
+from tests.support.services import ROOT, service_env
+
+
+@pytest.fixture
+def cluster_client(cluster_api_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=cluster_api_url, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture
+def rc(cluster_settings: Settings) -> Iterator[redis.Redis]:
+    """A cluster client as the service user, as the ingest CLI makes it."""
+    client = sync_redis_client(cluster_settings)
+    yield client
+    client.close()
+
+
+def master_of(cluster: RedisClusterServers, key: str) -> int:
+    """The port of the master serving ``key``'s slot, from the cluster's own layout."""
+    admin = cluster.admin(cluster.ports[0])
+    try:
+        slot = key_slot(key.encode())
+        for start, end, master, *_ in admin.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(master[1])
+    finally:
+        admin.close()
+    raise AssertionError(f"slot of {key} is not served")
+
+
+def series_on_every_master(cluster: RedisClusterServers, prefix: str, each: int) -> list[str]:
+    """Series ids whose keys land ``each`` on every master."""
+    by_master: dict[int, list[str]] = {}
+    i = 0
+    while len(by_master) < cluster.masters or min(map(len, by_master.values())) < each:
+        series_id = f"{prefix}-{i}"
+        found = by_master.setdefault(master_of(cluster, model_key(series_id)), [])
+        if len(found) < each:
+            found.append(series_id)
+        i += 1
+    return [s for ids in by_master.values() for s in ids]
+
+
+def test_rest_path_on_a_cluster(cluster_client, redis_cluster):
+    prefix = f"cl-{uuid.uuid4().hex[:8]}"
+    series = series_on_every_master(redis_cluster, prefix, each=2)
+    for series_id in series:
+        assert fit(cluster_client, series_id)["version"] == "v1.0.0"
+    # Each model hash is on the master its slot names (the others answer MOVED for it).
+    for series_id in series:
+        node = redis_cluster.admin(master_of(redis_cluster, model_key(series_id)))
+        try:
+            assert node.hget(model_key(series_id), "latest") == "1", series_id
+        finally:
+            node.close()
+    assert len({master_of(redis_cluster, model_key(s)) for s in series}) == redis_cluster.masters
+
+    high = max(VALUES) + 100
+    for series_id in series:
+        answer = cluster_client.post(f"/predict/{series_id}", json={"timestamp": 1, "value": high})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["anomaly"] is True
+        assert answer.json()["model_version"] == "v1.0.0"
+    batch = cluster_client.post(
+        f"/predict/{series[0]}/batch", json={"timestamps": [1, 2], "values": [10.0, high]}
+    )
+    assert batch.status_code == 200, batch.text
+    assert batch.json()["anomaly"] == [False, True]
+
+    page = cluster_client.get("/models", params={"after": prefix, "limit": 100}).json()
+    listed = {item["series_id"] for item in page["items"] if item["series_id"].startswith(prefix)}
+    assert listed == set(series)
+    assert cluster_client.get(f"/models/{series[1]}").json()["versions"][0]["version"] == "v1.0.0"
+    plot = cluster_client.get("/plot", params={"series_id": series[2]})
+    assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
+
+    health = cluster_client.get("/healthcheck")
+    assert health.status_code == 200, health.text
+    assert health.json()["dependencies"] == {"redis": "ok", "postgres": "ok"}
+
+
+def test_events_feed_on_a_cluster(cluster_api_url, cluster_settings, rc, series_id):
+    """GET /events catches up from a given id, then follows the live stream."""
+    stream = cluster_settings.stream_anomalies
+    first = rc.xadd(stream, {"series_id": series_id, "timestamp": "0", "value": "1"})
+    missed = rc.xadd(stream, {"series_id": series_id, "timestamp": "1", "value": "1"})
+
+    async def scenario() -> list[str]:
+        async with (
+            httpx.AsyncClient(base_url=cluster_api_url, timeout=30) as http,
+            http.stream(
+                "GET", "/events", params={"series_id": series_id, "last_id": first}
+            ) as response,
+        ):
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            got = [await _next_id(lines, series_id)]
+            live = rc.xadd(stream, {"series_id": series_id, "timestamp": "2", "value": "1"})
+            got.append(await _next_id(lines, series_id))
+            assert got == [missed, live]
+            return got
+
+    assert len(asyncio.run(asyncio.wait_for(scenario(), 30))) == 2
+
+
+async def _next_id(lines: AsyncIterator[str], series_id: str) -> str:
+    event_id = ""
+    async for line in lines:
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: ") and json.loads(line[6:]).get("series_id") == series_id:
+            return event_id
+    raise AssertionError("the stream ended")
+
+
+def test_a_refit_is_predicted_at_once_on_a_cluster(cluster_client, series_id):
+    """No pointer cache on a cluster: the next prediction reads the new `latest`."""
+    fit(cluster_client, series_id)
+    fit(cluster_client, series_id, sigma=4)
+    answer = cluster_client.post(f"/predict/{series_id}", json={"timestamp": 1, "value": 10.0})
+    assert answer.json()["model_version"] == "v2.0.0"
+
+
+def test_backfill_over_rest_is_refused_on_a_cluster(cluster_client, series_id):
+    fit(cluster_client, series_id)
+    answer = cluster_client.post(
+        f"/backfill/{series_id}", json={"timestamps": TS[:2], "values": VALUES[:2]}
+    )
+    assert answer.status_code == 501, answer.text
+    assert "does not run on Redis Cluster yet" in answer.json()["detail"]
+
+
+def test_publisher_and_subscriber_on_a_cluster(rc):
+    stream = f"readings-{uuid.uuid4().hex[:8]}"
+    with Publisher(rc, stream=stream, batch_size=7, producer_id="cl") as publisher:
+        assert key_slot(publisher.key.encode()) == key_slot(stream.encode())
+        for i in range(25):
+            publisher.publish("cl-series", 1_700_000_000 + i, float(i))
+    assert rc.xlen(stream) == 25
+    assert not rc.exists(producer_key(stream, "cl"))  # dropped when the block ended
+
+    anomalies = f"anomalies-{uuid.uuid4().hex[:8]}"
+    for i in range(3):
+        rc.xadd(anomalies, {"series_id": f"s{i}", "timestamp": str(i), "value": "1.5"})
+    tail = Subscriber(rc, stream=anomalies, start="0", block_ms=100)
+    assert [e["series_id"] for e in tail.events(limit=3)] == ["s0", "s1", "s2"]
+    durable = Subscriber(rc, stream=anomalies, start="0", group="g", consumer="c", block_ms=100)
+    assert len(list(durable.events(limit=3))) == 3
+    assert rc.xpending(anomalies, "g")["pending"] == 0  # each acknowledged
+
+
+def ingest(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ingest", *args],
+        env=service_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_ingest_cli_publishes_and_subscribes_on_a_cluster(cluster_settings, rc, tmp_path):
+    stream = f"readings-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "readings.csv"
+    path.write_text("timestamp,value\n" + "".join(f"{1_700_000_000 + i},{i}\n" for i in range(40)))
+    done = ingest(
+        cluster_settings, "--stream", stream, "publish", "--csv", str(path),
+        "--series-id", "cl-cli", "--batch-size", "16",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert rc.xlen(stream) == 40
+
+    anomalies = f"anomalies-{uuid.uuid4().hex[:8]}"
+    for i in range(2):
+        rc.xadd(anomalies, {"series_id": "cl-cli", "timestamp": str(i), "value": "9"})
+    done = ingest(
+        cluster_settings, "--stream", anomalies, "subscribe", "--from-start", "--count", "2",
+        "--idle-timeout", "10",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["-m", "detector"], "the stream worker"),
+        (["-m", "detector", "--check"], "the stream worker"),
+        (["-m", "detector.transports.kafka", "worker"], "the Kafka worker"),
+    ],
+)
+def test_workers_refuse_a_cluster(argv, what):
+    """Refused before anything is reached (the seed needs no server behind it)."""
+    env = service_env(Settings(), REDIS_CLUSTER_NODES="127.0.0.1:1")
+    done = subprocess.run(
+        [sys.executable, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert f"{what} does not run on Redis Cluster yet" in done.stderr
