@@ -1,5 +1,6 @@
 """Apache Arrow IPC stream bodies (``application/vnd.apache.arrow.stream``) for fit and batch
-predict: columns ``timestamp`` (int64, or float64 Unix seconds) and ``value`` (float64).
+predict: columns ``timestamp`` (int64, or float64 Unix seconds) and ``value`` (float64); a bulk
+fit's rows also name their series (``series_id``, string).
 
 Decoding is zero-copy: record batches are read straight out of the received body and their
 columns become numpy views of it (a body of several batches is copied once, into one array
@@ -12,7 +13,7 @@ What the decoder refuses before it decodes a batch, every one a 4xx that says wh
   `MAX_BATCHES` record batches;
 - compressed batches (IPC body compression): a few kilobytes of zstd can expand to gigabytes,
   beyond what the body size limit and the memory budget account for;
-- any schema but the two columns and their types: a missing, extra or duplicated column, a
+- any schema but the route's columns and their types: a missing, extra or duplicated column, a
   dictionary-encoded or extension column, another type;
 - nulls, a truncated stream (a message cut short, or no end-of-stream marker), bytes after the
   end-of-stream marker, and anything that is not an Arrow IPC stream at all.
@@ -28,9 +29,16 @@ import pyarrow as pa
 
 from detector.errors import InvalidInputError, TooLargeError
 
-TIMESTAMP, VALUE = "timestamp", "value"
+TIMESTAMP, VALUE, SERIES_ID = "timestamp", "value", "series_id"
 COLUMN_TYPES = {TIMESTAMP: (pa.int64(), pa.float64()), VALUE: (pa.float64(),)}
-_TYPE_NAMES = {pa.int64(): "int64", pa.float64(): "float64"}
+# A bulk fit's rows (``POST /fit``): each names its series.
+BULK_COLUMN_TYPES = {SERIES_ID: (pa.string(), pa.large_string()), **COLUMN_TYPES}
+_TYPE_NAMES = {
+    pa.int64(): "int64",
+    pa.float64(): "float64",
+    pa.string(): "string",
+    pa.large_string(): "large_string",
+}
 _EXTENSION_KEY = b"ARROW:extension:name"
 # The end-of-stream marker: a continuation token and a zero length (older writers: 4 zero bytes).
 _END_MARKERS = (b"\xff\xff\xff\xff\x00\x00\x00\x00", b"\x00\x00\x00\x00")
@@ -47,9 +55,17 @@ class ArrowBodyError(InvalidInputError):
     """An Arrow body that is malformed or does not hold the two columns as specified (422)."""
 
 
-def decode(raw: bytes | bytearray, *, max_points: int, what: str) -> tuple[Any, Any]:
-    """``(timestamps, values)`` of an Arrow IPC stream body as numpy arrays (timestamps int64
-    or float64 as sent, values float64), not yet checked against the data rules.
+def decode(
+    raw: bytes | bytearray,
+    *,
+    max_points: int,
+    what: str,
+    columns: dict[str, tuple[Any, ...]] = COLUMN_TYPES,
+) -> tuple[Any, ...]:
+    """The ``columns`` of an Arrow IPC stream body, in their order: by default
+    ``(timestamps, values)`` as numpy arrays (timestamps int64 or float64 as sent, values
+    float64), a string column (``BULK_COLUMN_TYPES``' series ids) as a pyarrow array; not yet
+    checked against the data rules.
 
     Raises ArrowBodyError (422) for a body that is not such a stream, TooLargeError (413) for
     one of more than ``max_points`` rows (before any batch is decoded).
@@ -57,7 +73,9 @@ def decode(raw: bytes | bytearray, *, max_points: int, what: str) -> tuple[Any, 
     if not raw:
         raise ArrowBodyError("the Arrow body is empty: a stream starts with its schema message")
     try:
-        return _decode(pa.py_buffer(raw), len(raw), max_points=max_points, what=what)
+        return _decode(
+            pa.py_buffer(raw), len(raw), max_points=max_points, what=what, columns=columns
+        )
     except (ArrowBodyError, TooLargeError):
         raise
     except _DECODE_ERRORS as exc:
@@ -65,7 +83,9 @@ def decode(raw: bytes | bytearray, *, max_points: int, what: str) -> tuple[Any, 
         raise ArrowBodyError(f"the body is not a valid Arrow IPC stream: {message}") from None
 
 
-def _decode(buffer: Any, size: int, *, max_points: int, what: str) -> tuple[Any, Any]:
+def _decode(
+    buffer: Any, size: int, *, max_points: int, what: str, columns: dict[str, tuple[Any, ...]]
+) -> tuple[Any, ...]:
     source = pa.BufferReader(buffer)
     reader = pa.ipc.MessageReader.open_stream(source)
     messages: list[Any] = []
@@ -84,7 +104,7 @@ def _decode(buffer: Any, size: int, *, max_points: int, what: str) -> tuple[Any,
                     f"the Arrow stream starts with a {message.type} message, not its schema"
                 )
             schema = pa.ipc.read_schema(message)
-            _check_schema(schema)
+            _check_schema(schema, columns)
             continue
         if message.type != "record batch":
             raise ArrowBodyError(
@@ -121,7 +141,7 @@ def _decode(buffer: Any, size: int, *, max_points: int, what: str) -> tuple[Any,
         batch = pa.ipc.read_record_batch(message, schema)
         batch.validate(full=True)
         batches.append(batch)
-    return _column(batches, schema, TIMESTAMP, rows), _column(batches, schema, VALUE, rows)
+    return tuple(_column(batches, schema, name, rows) for name in columns)
 
 
 def _ends_with_marker(buffer: Any, end: int, size: int) -> bool:
@@ -130,21 +150,20 @@ def _ends_with_marker(buffer: Any, end: int, size: int) -> bool:
     return bool(buffer[end:size].to_pybytes() in _END_MARKERS)
 
 
-def _check_schema(schema: Any) -> None:
+def _check_schema(schema: Any, columns: dict[str, tuple[Any, ...]]) -> None:
     names = list(schema.names)
+    wanted_names = [repr(name) for name in columns]
+    listed = ", ".join(wanted_names[:-1]) + f" and {wanted_names[-1]}"
     for name in names:
         if names.count(name) > 1:
             raise ArrowBodyError(f"the Arrow schema has more than one column named {name!r}")
-        if name not in COLUMN_TYPES:
+        if name not in columns:
             raise ArrowBodyError(
-                f"unexpected column {name!r}: the Arrow body takes exactly the columns "
-                f"{TIMESTAMP!r} and {VALUE!r}"
+                f"unexpected column {name!r}: the Arrow body takes exactly the columns {listed}"
             )
-    for name, allowed in COLUMN_TYPES.items():
+    for name, allowed in columns.items():
         if name not in names:
-            raise ArrowBodyError(
-                f"the Arrow body has no {name!r} column (it takes {TIMESTAMP!r} and {VALUE!r})"
-            )
+            raise ArrowBodyError(f"the Arrow body has no {name!r} column (it takes {listed})")
         field = schema.field(name)
         wanted = " or ".join(_TYPE_NAMES[t] for t in allowed)
         if pa.types.is_dictionary(field.type):
@@ -166,6 +185,10 @@ def _column(batches: list[Any], schema: Any, name: str, rows: int) -> Any:
     for array in arrays:
         if array.null_count:
             raise ArrowBodyError(f"column {name!r} holds nulls; every row needs a {name}")
+    if pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(
+        schema.field(name).type
+    ):
+        return pa.chunked_array(arrays, type=schema.field(name).type)
     dtype = np.float64 if schema.field(name).type == pa.float64() else np.int64
     if len(arrays) == 1:  # the common case: a view of the body itself
         return arrays[0].to_numpy(zero_copy_only=True)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.schemas import ARROW_MEDIA_TYPE, Direction, FitOptions, Kind
+from detector.bulk_fit import SeriesPoints, group_columns
 from detector.errors import AnomalyError, InvalidInputError, TooLargeError
 from detector.kinds.training import FloatArray, IntArray, as_timestamps, as_values
 
@@ -49,6 +50,8 @@ _NOT_FLAT = (b"[", b"{", b"}", b'"')
 _DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0000000000")
 _SCALAR = re.compile(rb'"(?:[^"\\]|\\.)*"|[^\s,{}\[\]]+')
 
+
+T = TypeVar("T")
 
 JSON_MEDIA_TYPE = "application/json"
 _OPTION_NAMES = frozenset(FitOptions.model_fields)
@@ -274,21 +277,29 @@ def _from_body(body: dict[str, Any], *, with_options: bool) -> ArrayBody:
         if rest:
             raise _invalid((next(iter(rest)),), "Extra inputs are not permitted", "extra_forbidden")
         return ArrayBody(timestamps, values)
-    try:
-        options = FitOptions.model_validate(rest)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_input=False)]
-        ) from None
+    options = _options(rest, "body")
     return ArrayBody(timestamps, values, options.sigma, options.direction, options.kind)
 
 
-async def _receive(request: Request, *, max_items: int | None, what: str) -> bytearray:
+def _options(given: dict[str, Any], where: str) -> FitOptions:
+    """A JSON body's fit options, its errors located under ``where``."""
+    try:
+        return FitOptions.model_validate(given)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": (where, *e["loc"])} for e in exc.errors(include_input=False)]
+        ) from None
+
+
+async def _receive(
+    request: Request, *, max_items: int | None, what: str, commas_per_item: int = 2
+) -> bytearray:
     """The body in one buffer (no second copy). A JSON body (``max_items`` given) is refused
     with a 413 as soon as it holds more commas than a body of ``max_items`` points can: two
-    arrays of n items have 2(n - 1). An Arrow body's rows are counted from its batch headers
-    before any batch is decoded (`api.arrow`); BodyGuard bounds its bytes meanwhile."""
-    limit = None if max_items is None else 2 * (max_items - 1) + _OPTION_COMMAS
+    arrays of n items have 2(n - 1) (a bulk fit's series add at most one comma a point: 3).
+    An Arrow body's rows are counted from its batch headers before any batch is decoded
+    (`api.arrow`); BodyGuard bounds its bytes meanwhile."""
+    limit = None if max_items is None else commas_per_item * (max_items - 1) + _OPTION_COMMAS
     commas = 0
     buffer = bytearray()
     async for chunk in request.stream():
@@ -373,39 +384,155 @@ def _parse_arrow(
     return ArrayBody(timestamps, values, options.sigma, options.direction, options.kind)
 
 
-async def _read(request: Request, *, with_options: bool, max_items: int, what: str) -> ArrayBody:
-    parse: Callable[[], ArrayBody]
+async def _read(
+    request: Request,
+    *,
+    with_options: bool,
+    max_items: int,
+    what: str,
+    parse_json: Callable[[bytearray], T],
+    parse_arrow: Callable[[bytearray, FitOptions | None], T],
+    commas_per_item: int = 2,
+) -> T:
+    parse: Callable[[], T]
     threaded = False
     if _is_arrow(request):
         threaded = "api.arrow" not in sys.modules  # its first import: off the event loop
         options = _query_options(request, as_options=True) if with_options else None
         raw = await _receive(request, max_items=None, what=what)
 
-        def parse() -> ArrayBody:
-            return _parse_arrow(raw, options, max_items=max_items, what=what)
+        def parse() -> T:
+            return parse_arrow(raw, options)
 
     else:
         if with_options:
             _query_options(request, as_options=False)
-        raw = await _receive(request, max_items=max_items, what=what)
+        raw = await _receive(
+            request, max_items=max_items, what=what, commas_per_item=commas_per_item
+        )
 
-        def parse() -> ArrayBody:
-            return _parse(raw, with_options=with_options)
+        def parse() -> T:
+            return parse_json(raw)
 
     if threaded or len(raw) > THREAD_PARSE_BYTES:
         return await run_in_threadpool(parse)
     return parse()
 
 
+async def _read_arrays(
+    request: Request, *, with_options: bool, max_items: int, what: str
+) -> ArrayBody:
+    return await _read(
+        request,
+        with_options=with_options,
+        max_items=max_items,
+        what=what,
+        parse_json=lambda raw: _parse(raw, with_options=with_options),
+        parse_arrow=lambda raw, options: _parse_arrow(raw, options, max_items=max_items, what=what),
+    )
+
+
 async def fit_body(request: Request) -> ArrayBody:
     settings = request.app.state.services.settings
-    return await _read(
+    return await _read_arrays(
         request, with_options=True, max_items=settings.max_training_points, what="a fit"
     )
 
 
 async def batch_body(request: Request) -> ArrayBody:
     settings = request.app.state.services.settings
-    return await _read(
+    return await _read_arrays(
         request, with_options=False, max_items=settings.max_batch_points, what="a batch"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class BulkBody:
+    """A bulk fit's series (their points not yet checked: each is refused or fitted on its
+    own) and the options that apply to all of them."""
+
+    series: Iterable[SeriesPoints]
+    sigma: float | None = None
+    direction: Direction | None = None
+    kind: Kind | None = None
+
+
+_BULK_WHAT = "a bulk fit"
+_BULK_FIELDS = frozenset({"series_id", "timestamps", "values"})
+
+
+async def bulk_fit_body(request: Request) -> BulkBody:
+    """``POST /fit``: JSON ``{"series": [{"series_id", "timestamps", "values"}, …], options}``
+    or an Arrow stream of ``series_id``, ``timestamp`` and ``value`` rows (options in the
+    query); at most ``max_bulk_fit_points`` points in all (413 beyond). A malformed body is a
+    422 of the whole request; points that break a fit's rules only refuse their series."""
+    limit = request.app.state.services.settings.max_bulk_fit_points
+    return await _read(
+        request,
+        with_options=True,
+        max_items=limit,
+        what=_BULK_WHAT,
+        parse_json=lambda raw: _parse_bulk(raw, limit),
+        parse_arrow=lambda raw, options: _parse_bulk_arrow(raw, options, limit),
+        commas_per_item=3,
+    )
+
+
+def _parse_bulk(raw: bytes | bytearray, limit: int) -> BulkBody:
+    # One whole-body parse (not the sliced one of a single fit's flat arrays): a bulk body is
+    # many small arrays, and its points are bounded by the limit checked as commas arrived.
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _invalid((), f"JSON decode error: {exc}", "json_invalid") from None
+    if not isinstance(body, dict):
+        raise _invalid((), "Input should be a JSON object", "dict_type")
+    if "series" not in body:
+        raise _invalid(("series",), "Field required", "missing")
+    entries = body["series"]
+    options = _options({k: v for k, v in body.items() if k != "series"}, "body")
+    if not isinstance(entries, list):
+        raise _invalid(("series",), "Input should be a valid list", "list_type")
+    if not entries:
+        raise _invalid(
+            ("series",), "List should have at least 1 item after validation", "too_short"
+        )
+    series: list[SeriesPoints] = []
+    points = 0
+    for index, entry in enumerate(entries):
+        where: tuple[str | int, ...] = ("series", index)
+        if not isinstance(entry, dict):
+            raise _invalid(where, "Input should be a valid dictionary", "dict_type")
+        for name in entry.keys() - _BULK_FIELDS:
+            raise _invalid((*where, name), "Extra inputs are not permitted", "extra_forbidden")
+        if "series_id" not in entry:
+            raise _invalid((*where, "series_id"), "Field required", "missing")
+        series_id = entry["series_id"]
+        if not isinstance(series_id, str):
+            raise _invalid((*where, "series_id"), "Input should be a valid string", "string_type")
+        try:
+            timestamps = _numbers(entry, "timestamps", as_float=False)
+            values = _numbers(entry, "values", as_float=True)
+        except RequestValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *where, *e["loc"][1:])} for e in exc.errors()]
+            ) from None
+        points += max(len(timestamps), len(values))
+        series.append(SeriesPoints(series_id, timestamps, values))
+    if points > limit:
+        raise TooLargeError(f"{_BULK_WHAT} takes at most {limit} points (got {points})")
+    return BulkBody(series, options.sigma, options.direction, options.kind)
+
+
+def _parse_bulk_arrow(raw: bytearray, options: FitOptions | None, limit: int) -> BulkBody:
+    from api import arrow
+
+    series_ids, timestamps, values = arrow.decode(
+        raw, max_points=limit, what=_BULK_WHAT, columns=arrow.BULK_COLUMN_TYPES
+    )
+    if len(values) == 0:
+        raise InvalidInputError(f"{_BULK_WHAT} needs at least one series (the body has no rows)")
+    series = group_columns(series_ids, timestamps, values)
+    if options is None:
+        return BulkBody(series)
+    return BulkBody(series, options.sigma, options.direction, options.kind)

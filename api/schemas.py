@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints
 
+from detector.identifiers import SERIES_ID_RULE
 from detector.kinds.registry import ModelKind
 from detector.kinds.static import MAX_SIGMA
 from detector.kinds.training import MAX_TIMESTAMP
@@ -62,6 +63,42 @@ class FitResponse(BaseModel):
     lower: float
     upper: float
     kind: Kind
+
+
+class BulkSeries(_Body):
+    # The id's rule is not in the schema: an id that breaks it is refused for that series
+    # alone (listed under `refused`), not a 422 of the whole request.
+    series_id: str = Field(
+        description=f"{SERIES_ID_RULE}. A series given twice is refused the second time."
+    )
+    timestamps: list[JsonTimestamp] = Field(description="Unix seconds, one per value, any order.")
+    values: list[Number] = Field(description="The training values.")
+
+
+class BulkFitRequest(FitOptions):
+    series: list[BulkSeries] = Field(
+        min_length=1,
+        description=(
+            "The series to fit, each a new version under the same rules as "
+            "`POST /fit/{series_id}`; the options apply to every one."
+        ),
+    )
+
+
+class BulkRefusal(BaseModel):
+    series_id: str
+    status: int = Field(
+        description="What a single fit of the series would answer: 422 (its points break a "
+        "rule), 413 (more points than a fit takes), 503 (PostgreSQL refused its commit)."
+    )
+    detail: str = Field(description="Why, in the single fit's words.")
+
+
+class BulkFitResponse(BaseModel):
+    job: int = Field(description="The bulk fit job: its MLflow run lists the versions.")
+    fitted: list[FitResponse] = Field(description="The stored versions, in request order.")
+    refused: list[BulkRefusal] = Field(description="The series not fitted.")
+    seconds: float = Field(description="How long the job took, fitting and storing.")
 
 
 class PredictRequest(_Body):
@@ -231,7 +268,7 @@ def body_schema(model: type[BaseModel], *, arrow_options: bool | None = None) ->
     """OpenAPI request-body entry for a route that parses its own JSON body; with
     ``arrow_options`` given, the route also takes an Arrow IPC stream (`api.arrow`), whose
     options (if ``arrow_options``) are query parameters."""
-    content: dict[str, Any] = {"application/json": {"schema": model.model_json_schema()}}
+    content: dict[str, Any] = {"application/json": {"schema": _inlined(model.model_json_schema())}}
     entry: dict[str, Any] = {"required": True, "content": content}
     if arrow_options is not None:
         options = (
@@ -249,6 +286,25 @@ def body_schema(model: type[BaseModel], *, arrow_options: bool | None = None) ->
         )
         content[ARROW_MEDIA_TYPE] = {"schema": {"type": "string", "format": "binary"}}
     return {"requestBody": entry}
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with its nested models (``$defs``) written in place: a body
+    schema sits inside the OpenAPI document, where ``#/$defs/…`` would point at its root."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
 
 
 MAX_FIT_VALUE = 1e150

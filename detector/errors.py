@@ -61,6 +61,17 @@ class StoreUnavailableError(AnomalyError):
         self.dependency = dependency
 
 
+class StoreRefusedError(StoreUnavailableError):
+    """PostgreSQL refused a fit's commit itself (a constraint, a trigger), rather than being
+    out of reach: the same rows would be refused again (HTTP 503, as any store failure). A
+    bulk fit tells the series apart by storing the batch's halves (``detector.bulk_fit``)
+    under the version numbers allocated for them (``versions``, in the fits' order)."""
+
+    def __init__(self, dependency: str, detail: str, versions: list[int]) -> None:
+        super().__init__(dependency, detail)
+        self.versions = versions
+
+
 # Foreign errors that mean "the dependency cannot be reached": the store's boundary catches
 # these and raises StoreUnavailableError, so the rest of the service catches the tree above.
 # A Redis Cluster client adds its own: too many redirections or lost nodes in a row

@@ -11,6 +11,7 @@ from detector.kinds.registry import get_kind
 from detector.kinds.training import TrainingData, prepare_training_data
 from detector.settings import Settings
 from detector.store.codec import ModelVersion
+from detector.store.fit_rows import NewFit
 from detector.store.models import ModelStore
 
 # Fits at least this long are validated and fitted in a worker thread, off the event loop.
@@ -41,6 +42,29 @@ def fit_training_data(
     return data, plugin.fit(data, options)
 
 
+def new_fit(
+    series_id: str,
+    timestamps: Any,
+    values: Any,
+    settings: Settings,
+    *,
+    sigma: float | None = None,
+    direction: Direction | None = None,
+    kind: str | None = None,
+) -> NewFit:
+    """``fit_training_data``, and what a version keeps beside the kind's parameters (its
+    cadence): a version ready to store (pure, no I/O). A single fit and every series of a bulk
+    fit (``detector.bulk_fit``) are made here."""
+    data, fitted = fit_training_data(
+        timestamps, values, settings, sigma=sigma, direction=direction, kind=kind
+    )
+    params = dict(fitted.params)
+    cadence = fit_cadence(data.timestamps)
+    if cadence is not None:  # kept with the version for the silent-series watch
+        params["cadence"] = cadence
+    return NewFit(series_id, data, fitted.model, params)
+
+
 async def fit_version(
     store: ModelStore,
     settings: Settings,
@@ -53,17 +77,14 @@ async def fit_version(
     kind: str | None = None,
 ) -> ModelVersion:
     """Validate, fit and store a new version of ``series_id``; it becomes the latest."""
-    args = (timestamps, values, settings)
+    args = (series_id, timestamps, values, settings)
     options: dict[str, Any] = {"sigma": sigma, "direction": direction, "kind": kind}
     if len(values) >= _THREAD_FIT_POINTS:
-        data, fitted = await asyncio.to_thread(fit_training_data, *args, **options)
+        fit = await asyncio.to_thread(new_fit, *args, **options)
     else:
-        data, fitted = fit_training_data(*args, **options)
-    params = dict(fitted.params)
-    cadence = fit_cadence(data.timestamps)
-    if cadence is not None:  # kept with the version for the silent-series watch
-        params["cadence"] = cadence
-    return await store.save_fit(series_id, data, fitted.model, params)
+        fit = new_fit(*args, **options)
+    (stored,) = await store.save_fits([fit])
+    return stored
 
 
 def fit_cadence(timestamps: Any) -> float | None:

@@ -1,5 +1,6 @@
-"""MLflow tracking off the request path: drains the PostgreSQL outbox into one MLflow run a fit
-(the runs themselves: ``detector.mlflow_runs``)."""
+"""MLflow tracking off the request path: drains the PostgreSQL outbox into one MLflow run a
+single fit, and each finished bulk fit job (``fit_jobs``) into one run for the job (the runs
+themselves: ``detector.mlflow_runs``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -18,7 +22,17 @@ from psycopg_pool import AsyncConnectionPool
 
 from detector.errors import POSTGRES_ERRORS
 from detector.identifiers import format_version
-from detector.mlflow_runs import FitRecord, brief, init_worker, log_feedback, log_fit
+from detector.mlflow_runs import (
+    JOB_TABLE,
+    JOB_TABLE_COLUMNS,
+    FitRecord,
+    JobRecord,
+    brief,
+    init_worker,
+    log_feedback,
+    log_fit,
+    log_job,
+)
 from detector.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,13 +63,36 @@ FOR UPDATE OF o SKIP LOCKED
 # outbox has none yet: its feedback waits for it).
 _CLAIM_FEEDBACK = """
 SELECT f.id, f.series_id, f.episode_id, f.label, f.test, f.model_version, f.from_ts, f.to_ts,
-       f.note, f.mlflow_attempts, m.mlflow_run_id
+       f.note, f.mlflow_attempts, coalesce(m.mlflow_run_id, j.mlflow_run_id) AS mlflow_run_id
 FROM feedback f
 JOIN model_versions m ON m.series_id = f.series_id AND m.version = f.model_version
-WHERE f.mlflow_logged_at IS NULL AND f.mlflow_next_try <= now() AND m.mlflow_run_id IS NOT NULL
+LEFT JOIN fit_jobs j ON j.id = m.fit_job
+WHERE f.mlflow_logged_at IS NULL AND f.mlflow_next_try <= now()
+  AND coalesce(m.mlflow_run_id, j.mlflow_run_id) IS NOT NULL
 ORDER BY f.mlflow_next_try, f.id
 LIMIT 1
 FOR UPDATE OF f SKIP LOCKED
+"""
+
+
+# Bulk fit jobs whose run is due: finished (or failed), or still marked running but without a
+# committed batch for JOB_STALE_SECONDS (the process that ran it stopped): logged as killed.
+_CLAIM_JOB = """
+SELECT id, mlflow_attempts AS attempts, source, kind, sigma, direction, fitted, refused, points,
+       seconds, refusals, status, created_at, coalesce(finished_at, updated_at) AS ended_at
+FROM fit_jobs
+WHERE mlflow_run_id IS NULL AND mlflow_next_try <= now()
+  AND (status <> 'running' OR updated_at < now() - make_interval(secs => %(stale)s))
+ORDER BY id
+LIMIT 1
+FOR UPDATE SKIP LOCKED
+"""
+JOB_STALE_SECONDS = 900.0
+
+# A job's versions as its run's table (``mlflow_runs.JOB_TABLE_COLUMNS``).
+_JOB_TABLE = """
+COPY (SELECT series_id, version, mean, std, sigma, points_used FROM model_versions
+      WHERE fit_job = %s ORDER BY id) TO STDOUT (FORMAT CSV)
 """
 
 
@@ -177,7 +214,7 @@ class MlflowTracker:
         """Log up to batch_size due fits; stops at the first failure (MLflow is likely down,
         so the other rows would fail too). Returns (fits logged, whether one failed)."""
         logged = 0
-        for process in (self._process_one, self._process_feedback):
+        for process in (self._process_one, self._process_job, self._process_feedback):
             while logged < self.batch_size:
                 outcome = await process()
                 if outcome is None:
@@ -237,6 +274,45 @@ class MlflowTracker:
             self.metrics.runs.labels("logged").inc()
         return True
 
+    async def _process_job(self) -> bool | None:
+        """None when no bulk fit job is due, else whether the claimed job's run was logged
+        (``fit_jobs.mlflow_run_id``); a failure backs off as fits do."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(_CLAIM_JOB, {"stale": JOB_STALE_SECONDS})
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            job = JobRecord(**row)
+            loop = asyncio.get_running_loop()
+            with tempfile.TemporaryDirectory(prefix="fit-job-") as folder:
+                table = Path(folder) / JOB_TABLE
+                await _write_job_table(conn, job.id, table)
+                try:
+                    run_id = await loop.run_in_executor(self._executor, log_job, job, str(table))
+                except Exception as exc:  # as for a fit: retry later
+                    if isinstance(exc, BrokenProcessPool):
+                        self._executor = self._new_executor()
+                    delay = retry_delay(job.attempts + 1, cap=self.max_retry_delay)
+                    await conn.execute(
+                        "UPDATE fit_jobs SET mlflow_attempts = mlflow_attempts + 1,"
+                        " mlflow_error = %s, mlflow_next_try = now() + make_interval(secs => %s)"
+                        " WHERE id = %s",
+                        (brief(exc)[:2000], delay, job.id),
+                    )
+                    log.warning("MLflow logging of bulk fit job %d failed: %s", job.id, brief(exc))
+                    if self.metrics:
+                        self.metrics.runs.labels("failed").inc()
+                    return False
+            await conn.execute(
+                "UPDATE fit_jobs SET mlflow_run_id = %s, mlflow_error = NULL WHERE id = %s",
+                (run_id, job.id),
+            )
+        log.info("logged bulk fit job %d (%d series) to MLflow run %s", job.id, job.fitted, run_id)
+        if self.metrics:
+            self.metrics.runs.labels("logged").inc()
+        return True
+
     async def _process_feedback(self) -> bool | None:
         """None when no feedback is due, else whether the claimed row was recorded on its
         version's run (``feedback.mlflow_logged_at``); a failure backs off as fits do."""
@@ -281,6 +357,16 @@ class MlflowTracker:
             cur = await conn.execute("SELECT count(*) FROM mlflow_outbox")
             row = await cur.fetchone()
         self.metrics.pending.set(int(row[0]) if row else 0)
+
+
+async def _write_job_table(conn: psycopg.AsyncConnection[Any], job: int, path: Path) -> None:
+    """The job's versions as a CSV file with a header, streamed from PostgreSQL (a million
+    versions are about 60 MB; nothing holds them all in memory)."""
+    with path.open("wb") as out:
+        out.write((",".join(JOB_TABLE_COLUMNS) + "\n").encode())
+        async with conn.cursor().copy(_JOB_TABLE, (job,)) as copy:
+            async for chunk in copy:
+                out.write(chunk)
 
 
 # The logging process's own MlflowLogger (one per process; see MlflowTracker._new_executor).

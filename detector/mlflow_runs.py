@@ -1,4 +1,5 @@
-"""MLflow runs of fits: one run a fit, each version in the Model Registry (blocking calls)."""
+"""MLflow runs of fits (blocking calls): one run a single fit, each such version in the Model
+Registry; one run a bulk fit job, its versions listed in the run's ``fits.csv``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ log = logging.getLogger(__name__)
 # when the process died between creating the run and recording its id in PostgreSQL. The
 # creation time is part of it so a rebuilt database (ids restarting at 1) never matches old runs.
 FIT_KEY_TAG = "anomaly.fit_key"
+# The same for a bulk fit job's run.
+JOB_KEY_TAG = "anomaly.fit_job_key"
+# The artifact of a job's run listing its versions, one CSV row each.
+JOB_TABLE = "fits.csv"
+JOB_TABLE_COLUMNS = ("series_id", "version", "mean", "std", "sigma", "points")
+# A job's run status by how the job ended ("running": its process stopped making progress).
+_JOB_RUN_STATUS = {"finished": "FINISHED", "failed": "FAILED", "running": "KILLED"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,34 @@ class FitRecord:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """What MLflow is told about one bulk fit job, read from fit_jobs."""
+
+    id: int
+    attempts: int
+    source: str
+    kind: str
+    sigma: float
+    direction: str
+    fitted: int
+    refused: int
+    points: int
+    seconds: float | None
+    refusals: list[dict[str, str]]
+    status: str
+    created_at: datetime
+    ended_at: datetime
+
+    @property
+    def job_key(self) -> str:
+        return f"{self.id}@{int(self.created_at.timestamp() * 1_000_000)}"
+
+    @property
+    def run_status(self) -> str:
+        return _JOB_RUN_STATUS[self.status]
+
+
 def registered_model_name(series_id: str) -> str:
     """One registered model per series. MLflow forbids ':' in names and series ids allow it;
     '%' never occurs in a series id, so percent-encoding keeps the mapping one-to-one."""
@@ -116,7 +152,7 @@ class MlflowLogger:
     def log_fit(self, fit: FitRecord) -> tuple[str, str | None]:
         """Log the fit's run (reusing one left by an earlier, interrupted try) and register
         its version; returns (run id, registered version or None). Safe to repeat."""
-        run_id = self._find_run(fit) or self._create_run(fit)
+        run_id = self._find_run(FIT_KEY_TAG, fit.fit_key) or self._create_run(fit)
         self._fill_run(run_id, fit)
         return run_id, self._register(run_id, fit)
 
@@ -127,11 +163,60 @@ class MlflowLogger:
         self.client.set_tag(run_id, f"feedback.{feedback['id']}", json.dumps(feedback)[:5000])
         self.client.log_metric(run_id, f"feedback_{feedback['label']}", 1.0, step=feedback["id"])
 
-    def _find_run(self, fit: FitRecord) -> str | None:
+    def log_job(self, job: JobRecord, table: str) -> str:
+        """Log a bulk fit job as one run (reusing one left by an earlier, interrupted try):
+        its options as params, its counts and time as metrics, ``table`` (a CSV of its
+        versions) as the ``fits.csv`` artifact and its first refusals as ``refused.json``;
+        returns the run id. Safe to repeat. Its versions are not registered one by one."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        run_id = self._find_run(JOB_KEY_TAG, job.job_key)
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id(),
+                start_time=int(job.created_at.timestamp() * 1000),
+                tags={JOB_KEY_TAG: job.job_key},
+                run_name=f"bulk-fit-{job.id}",
+            )
+            run_id = str(run.info.run_id)
+        at = int(job.ended_at.timestamp() * 1000)
+        seconds = job.seconds or 0.0
+        metrics = {
+            "series_fitted": float(job.fitted),
+            "series_refused": float(job.refused),
+            "points": float(job.points),
+            "seconds": seconds,
+            "fits_per_second": job.fitted / seconds if seconds > 0 else 0.0,
+        }
+        params = {
+            "job": str(job.id),
+            "source": job.source,
+            "kind": job.kind,
+            "sigma": repr(job.sigma),
+            "direction": job.direction,
+            "count": str(job.fitted + job.refused),
+        }
+        tags = {
+            "anomaly.fit_job": str(job.id),
+            "anomaly.kind": job.kind,
+            "anomaly.job_status": job.status,
+        }
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, at, 0) for k, v in metrics.items()],
+            params=[Param(k, v) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        self.client.log_artifact(run_id, table)
+        self.client.log_dict(
+            run_id, {"refused": job.refused, "first": job.refusals}, "refused.json"
+        )
+        self.client.set_terminated(run_id, job.run_status, end_time=at)
+        return run_id
+
+    def _find_run(self, tag: str, key: str) -> str | None:
         runs = self.client.search_runs(
-            [self.experiment_id()],
-            filter_string=f"tags.`{FIT_KEY_TAG}` = '{fit.fit_key}'",
-            max_results=1,
+            [self.experiment_id()], filter_string=f"tags.`{tag}` = '{key}'", max_results=1
         )
         return runs[0].info.run_id if runs else None
 
@@ -202,9 +287,11 @@ class MlflowLogger:
             await_creation_for=0,
         )
         if str(created.version) != str(fit.version):
-            # The registry numbers versions itself; they drift from ours only if someone
-            # deleted or added registry versions by hand, or the database was rebuilt.
-            log.warning(
+            # The registry numbers versions itself; they drift from ours once a series has
+            # versions from bulk fit jobs (not registered one by one), or when someone deleted
+            # or added registry versions by hand, or the database was rebuilt. Each registry
+            # version carries ours in its tag.
+            log.info(
                 "registry version %s of %s does not match our %s",
                 created.version,
                 name,
@@ -247,6 +334,17 @@ def log_fit(fit: FitRecord) -> tuple[str, str | None]:
         if _worker_logger is None:
             _worker_logger = MlflowLogger(*_worker_args)
         return _worker_logger.log_fit(fit)
+    except Exception as exc:
+        raise RuntimeError(brief(exc)) from None
+
+
+def log_job(job: JobRecord, table: str) -> str:
+    """``MlflowLogger.log_job`` in the logging process (failures as in ``log_fit``)."""
+    global _worker_logger
+    try:
+        if _worker_logger is None:
+            _worker_logger = MlflowLogger(*_worker_args)
+        return _worker_logger.log_job(job, table)
     except Exception as exc:
         raise RuntimeError(brief(exc)) from None
 

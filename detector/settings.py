@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     max_training_points: int = Field(default=5_000_000, ge=3)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_batch_points: int = Field(default=1_000_000, ge=1)
+    # Points a bulk fit request (POST /fit) takes in all, over all its series.
+    max_bulk_fit_points: int = Field(default=1_000_000, ge=1)
     # Bytes of large request bodies (fits, batches) the API serves at once; parsing and
     # serving costs a few times this. Beyond it a request waits, then gets a 503.
     body_budget_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)

@@ -1,5 +1,5 @@
 """The ``python -m ingest`` / ``anomaly-ingest`` command line: publish, generate, subscribe,
-backfill."""
+backfill, fit."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import numpy as np
 import redis
 
 from detector.backfill import Backfill, BackfillResult
+from detector.bulk_fit import BatchOutcome, BulkFit, SeriesPoints, group_columns
 from detector.collector import tune_collector
-from detector.errors import NotOnClusterError
+from detector.errors import InvalidInputError, NotOnClusterError, StoreUnavailableError
 from detector.identifiers import parse_version
 from detector.settings import Settings
 from detector.store.connections import postgres_pool, sync_redis_client
@@ -44,8 +46,9 @@ FIT_POINTS = 500
 class Progress:
     """A one-line progress report on stderr, refreshed at most once a second."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, unit: str = "readings") -> None:
         self.label = label
+        self.unit = unit
         self.started = time.monotonic()
         self._next = self.started + 1.0
         self.shown = False
@@ -60,7 +63,7 @@ class Progress:
         self.shown = True
         rate = done / max(now - self.started, 1e-9)
         end = "\n" if final else ""
-        print(f"\r{self.label}: {done:,} readings ({rate:,.0f}/s)", end=end, file=sys.stderr)
+        print(f"\r{self.label}: {done:,} {self.unit} ({rate:,.0f}/s)", end=end, file=sys.stderr)
 
 
 def parse_timestamp(text: str) -> str:
@@ -376,6 +379,135 @@ async def _backfill(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if errors else 0
 
 
+# The columns of `fit --csv`, and how long the tool waits for Redis to confirm the versions
+# it stored before it exits (a put Redis missed is repaired by the readers otherwise).
+FIT_COLUMNS = ("series_id", "timestamp", "value")
+_SETTLE_SECONDS = 30.0
+
+
+def fit(args: argparse.Namespace, client: redis.Redis, settings: Settings) -> int:
+    """Bulk-fit every series of a CSV (``series_id,timestamp,value`` rows, in any order) as
+    one job (``detector.bulk_fit``): the rules, versions and Redis writes of a single fit,
+    refusals and progress on stderr. Needs Redis and PostgreSQL as the API reaches them."""
+    if args.redis_url:
+        settings = settings.model_copy(update={"redis_url": args.redis_url})
+    return asyncio.run(_bulk_fit(args, settings))
+
+
+async def _bulk_fit(args: argparse.Namespace, settings: Settings) -> int:
+    # Options first: a bad one is refused before anything is read or connected.
+    try:
+        redis_async, pool = async_redis_client(settings), postgres_pool(settings)
+        store = ModelStore(redis_async, pool)
+        job = BulkFit(
+            store,
+            settings,
+            source="cli",
+            sigma=args.sigma,
+            direction=args.direction,
+            kind=args.kind,
+        )
+    except InvalidInputError as exc:
+        raise SystemExit(f"anomaly-ingest fit: {exc.detail}") from None
+    series = fit_csv_series(args.csv)
+    progress = Progress(f"fit {args.csv}", unit="series")
+    done = refused = 0
+
+    def take(outcome: BatchOutcome) -> None:
+        nonlocal done, refused
+        for refusal in outcome.refused:
+            print(
+                f"{args.csv}: series {refusal.series_id}: refused: {refusal.detail}",
+                file=sys.stderr,
+            )
+        done += len(outcome.stored) + len(outcome.refused)
+        refused += len(outcome.refused)
+        progress.update(done)
+
+    await pool.open()
+    try:
+        try:
+            summary = await job.run(series, take)
+        except StoreUnavailableError as exc:
+            progress.update(done, final=True)
+            print(f"anomaly-ingest fit: {exc.detail}", file=sys.stderr)
+            return 1
+        progress.update(done, final=True)
+        owed = await store.publisher.settle(_SETTLE_SECONDS)
+    finally:
+        await store.publisher.close()
+        await pool.close()
+        await redis_async.aclose()
+    rate = summary.fitted / summary.seconds if summary.seconds > 0 else 0.0
+    print(
+        f"fit job {summary.job}: {summary.fitted} series fitted, {summary.refused} refused, "
+        f"{summary.points} points in {summary.seconds:.1f} s ({rate:,.0f} series/s)"
+        + (f"; Redis has not confirmed {owed} versions yet (readers repair them)" if owed else ""),
+        file=sys.stderr,
+    )
+    return 1 if summary.refused or owed else 0
+
+
+def fit_csv_series(path: str) -> Iterator[SeriesPoints]:
+    """The series of a ``series_id,timestamp,value`` CSV (with a header; other columns are
+    ignored), read whole with pyarrow. A file whose timestamps are not all integers or whose
+    values are not all numbers is read again as text, each series' cells converted on their
+    own (timestamps: Unix seconds or ISO 8601 as ``publish`` takes them), so that only the
+    series holding a bad cell are refused, with the fit's own message."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), [])
+    if not set(FIT_COLUMNS) <= set(header):
+        raise SystemExit(
+            "the CSV header must name the columns " + ", ".join(repr(c) for c in FIT_COLUMNS)
+        )
+    types = {"series_id": pa.string(), "timestamp": pa.int64(), "value": pa.float64()}
+    try:
+        table = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                column_types=types, include_columns=list(FIT_COLUMNS)
+            ),
+        )
+    except pa.ArrowInvalid:
+        text = {name: pa.string() for name in FIT_COLUMNS}
+        table = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                column_types=text, include_columns=list(FIT_COLUMNS), strings_can_be_null=False
+            ),
+        )
+        for given in group_columns(
+            table.column("series_id"),
+            table.column("timestamp").to_numpy(zero_copy_only=False),
+            table.column("value").to_numpy(zero_copy_only=False),
+        ):
+            yield SeriesPoints(
+                given.series_id,
+                _cells([parse_timestamp(cell) for cell in given.timestamps], np.int64),
+                _cells([cell.strip() for cell in given.values], np.float64),
+            )
+        return
+    yield from group_columns(
+        table.column("series_id"),
+        table.column("timestamp").to_numpy(),
+        table.column("value").to_numpy(),
+    )
+
+
+def _cells(cells: list[str], dtype: Any) -> Any:
+    """Text cells as numbers of ``dtype`` (integers: or floats, as JSON gives them), or left
+    as text for the fit's rules to refuse."""
+    for kind in (dtype, np.float64):
+        try:
+            return np.asarray(cells, dtype=kind)
+        except (ValueError, OverflowError):
+            continue
+    return np.asarray(cells, dtype=object)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -429,6 +561,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", type=int, help="exit after this many events")
     sub.add_argument("--idle-timeout", type=float, help="exit after this many quiet seconds")
 
+    fitting = commands.add_parser(
+        "fit", help="fit a new version of every series of a CSV, as one bulk fit job"
+    )
+    fitting.add_argument(
+        "--csv", required=True, help="CSV with a header: series_id,timestamp,value (any order)"
+    )
+    fitting.add_argument("--kind", help="detector kind (default: DEFAULT_KIND)")
+    fitting.add_argument("--sigma", type=float, help="k in μ ± kσ (default: DEFAULT_SIGMA)")
+    fitting.add_argument(
+        "--direction", choices=("above", "below", "both"), help="default: DEFAULT_DIRECTION"
+    )
+
     back = commands.add_parser(
         "backfill",
         help="score a CSV history through the stream pipeline, apart from the live stream",
@@ -458,6 +602,7 @@ def main(argv: list[str] | None = None) -> None:
         "generate": generate,
         "subscribe": subscribe,
         "backfill": backfill,
+        "fit": fit,
     }
     try:
         code = commands[args.command](args, client, settings)

@@ -12,7 +12,7 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, params
 from starlette.concurrency import run_in_threadpool
 
-from api.bodies import ArrayBody, batch_body, checked_points, fit_body
+from api.bodies import ArrayBody, BulkBody, batch_body, bulk_fit_body, checked_points, fit_body
 from api.deps import (
     SeriesIdDep,
     Services,
@@ -25,10 +25,13 @@ from api.deps import (
 )
 from api.errors import classify
 from api.schemas import (
+    ARROW_MEDIA_TYPE,
     ERROR_RESPONSES,
     UNSUPPORTED_MEDIA_TYPE,
     BatchPredictRequest,
     BatchPredictResponse,
+    BulkFitRequest,
+    BulkFitResponse,
     FitRequest,
     FitResponse,
     PredictRequest,
@@ -38,6 +41,7 @@ from api.schemas import (
     VersionInfo,
     body_schema,
 )
+from detector.bulk_fit import BatchOutcome, BulkFit
 from detector.errors import AnomalyError, InvalidInputError
 from detector.fitting import fit_version
 from detector.identifiers import (
@@ -92,24 +96,88 @@ async def fit(
     except AnomalyError as exc:
         metrics.train_requests.labels(classify(exc)[1]).inc()
         raise
-    model = stored.model
     elapsed = time.perf_counter() - start
     metrics.train_requests.labels("ok").inc()
     metrics.train_duration.observe(elapsed)
     services.training_latency.record(elapsed)
+    return _json(_fit_answer(stored))
+
+
+def _fit_answer(stored: ModelVersion) -> dict[str, object]:
+    """A stored version as a fit answers it (``FitResponse``), alone or in a bulk fit."""
+    model = stored.model
+    return {
+        "series_id": stored.series_id,
+        "version": stored.name,
+        "points_used": stored.points_used,
+        "mean": model.mean,
+        "std": model.std,
+        "sigma": model.sigma,
+        "direction": model.direction,
+        "lower": model.lower,
+        "upper": model.upper,
+        "kind": model.kind,
+    }
+
+
+def _bulk_body_schema() -> dict[str, object]:
+    extra = body_schema(BulkFitRequest, arrow_options=True)
+    extra["requestBody"]["description"] = (
+        "JSON (the default, also when no content type is given), or "
+        f"`{ARROW_MEDIA_TYPE}`: an Apache Arrow IPC stream, uncompressed, of record batches "
+        "with the columns `series_id` (string), `timestamp` (int64, or float64 Unix seconds) "
+        "and `value` (float64), one row a point, the series' rows in any order; its options "
+        "`sigma`, `direction` and `kind` are query parameters. At most MAX_BULK_FIT_POINTS "
+        "points in all (413 beyond). Any other content type is a 415."
+    )
+    return extra
+
+
+@write_router.post(
+    "/fit",
+    response_model=BulkFitResponse,
+    openapi_extra=_bulk_body_schema(),
+    responses=UNSUPPORTED_MEDIA_TYPE,
+    summary="Fit new model versions of many series in one job",
+)
+async def bulk_fit(
+    body: Annotated[BulkBody, Depends(bulk_fit_body)], services: ServicesDep
+) -> Response:
+    """Every series gets a new version under the rules of `POST /fit/{series_id}`, stored in
+    batches (one transaction and one Redis round trip a thousand series). A series whose id or
+    points break a rule is refused with the single fit's message and the others go on; a
+    series is stored whole or not at all. The job is one MLflow run (not one a version)."""
+    metrics = services.metrics
+    fitted: list[dict[str, object]] = []
+    refused: list[dict[str, object]] = []
+
+    def take(outcome: BatchOutcome) -> None:
+        fitted.extend(_fit_answer(stored) for stored in outcome.stored)
+        for refusal in outcome.refused:
+            status, label = classify(refusal.error)
+            metrics.train_requests.labels(label).inc()
+            refused.append(
+                {"series_id": refusal.series_id, "status": status, "detail": refusal.detail}
+            )
+
+    job = BulkFit(
+        services.store,
+        services.settings,
+        source="rest",
+        sigma=body.sigma,
+        direction=body.direction,
+        kind=body.kind,
+    )
+    try:
+        summary = await job.run(body.series, take)
+    except AnomalyError as exc:
+        metrics.train_requests.labels(classify(exc)[1]).inc()
+        raise
+    metrics.train_requests.labels("ok").inc(summary.fitted)
+    if summary.fitted:
+        metrics.train_duration.observe(summary.seconds / summary.fitted)
     return _json(
-        {
-            "series_id": series_id,
-            "version": stored.name,
-            "points_used": stored.points_used,
-            "mean": model.mean,
-            "std": model.std,
-            "sigma": model.sigma,
-            "direction": model.direction,
-            "lower": model.lower,
-            "upper": model.upper,
-            "kind": model.kind,
-        }
+        {"job": summary.job, "fitted": fitted, "refused": refused, "seconds": summary.seconds}
     )
 
 

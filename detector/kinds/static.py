@@ -93,6 +93,17 @@ class StaticModel:
         return {"kind": self.kind, **asdict(self)}
 
 
+def check_options(sigma: float, direction: str) -> None:
+    """The rules of a fit's k and direction, whatever the points (a bulk fit checks its
+    options once, before its first series)."""
+    if not (0 < sigma <= MAX_SIGMA and np.isfinite(sigma)):
+        raise InvalidTrainingDataError(
+            f"sigma must be a number greater than 0 and at most {MAX_SIGMA:g}"
+        )
+    if direction not in DIRECTIONS:
+        raise InvalidTrainingDataError(f"direction must be one of {', '.join(DIRECTIONS)}")
+
+
 def fit_static(
     data: TrainingData, *, sigma: float = 3.0, direction: Direction = "above"
 ) -> StaticModel:
@@ -101,12 +112,7 @@ def fit_static(
     numpy's mean uses pairwise summation and ``std`` subtracts the mean before squaring, so
     values like 1e9 + small noise keep their σ.
     """
-    if not (0 < sigma <= MAX_SIGMA and np.isfinite(sigma)):
-        raise InvalidTrainingDataError(
-            f"sigma must be a number greater than 0 and at most {MAX_SIGMA:g}"
-        )
-    if direction not in DIRECTIONS:
-        raise InvalidTrainingDataError(f"direction must be one of {', '.join(DIRECTIONS)}")
+    check_options(sigma, direction)
     with np.errstate(over="ignore", invalid="ignore"):
         mean = float(np.mean(data.values))
         std = float(np.std(data.values))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -141,21 +142,39 @@ def _array_values(payload: bytes, offset: int, element: np.dtype[Any]) -> tuple[
     return items["v"], start + size
 
 
+# Small rows are joined into writes of about this size; a larger part is written as it is.
+_WRITE_BYTES = 1 << 20
+
+
 async def copy_points(
-    conn: psycopg.AsyncConnection[Any], model_id: int, data: TrainingData
+    conn: psycopg.AsyncConnection[Any], rows: Sequence[tuple[int, TrainingData]]
 ) -> None:
-    """A version's points as one ``training_arrays`` row (one COPY row, whatever their
-    number): 16 bytes a point on disk, not a row each."""
-    ts_head, ts_items = _array_field(data.timestamps, _ELEMENT_INT8, _INT8_OID)
-    value_head, value_items = _array_field(data.values, _ELEMENT_FLOAT8, _FLOAT8_OID)
+    """Each version's points (``(model_id, data)``) as one ``training_arrays`` row, all in one
+    COPY: 16 bytes a point on disk, not a row each. The small rows of a bulk fit are joined
+    into writes of about a MiB; a million points' elements are written as they are."""
     async with conn.cursor().copy(
         "COPY training_arrays (model_id, ts, value) FROM STDIN (FORMAT BINARY)"
     ) as copy:
-        await copy.write(_COPY_HEADER + struct.pack(">hiq", 3, 8, model_id) + ts_head)
-        await copy.write(ts_items)
-        await copy.write(value_head)
-        await copy.write(value_items)
-        await copy.write(_COPY_TRAILER)
+        pending: list[bytes | memoryview] = [_COPY_HEADER]
+        size = len(_COPY_HEADER)
+        for model_id, data in rows:
+            ts_head, ts_items = _array_field(data.timestamps, _ELEMENT_INT8, _INT8_OID)
+            value_head, value_items = _array_field(data.values, _ELEMENT_FLOAT8, _FLOAT8_OID)
+            row_head = struct.pack(">hiq", 3, 8, model_id) + ts_head
+            for part in (row_head, ts_items, value_head, value_items):
+                if len(part) < _WRITE_BYTES:
+                    pending.append(part)
+                    size += len(part)
+                    continue
+                if pending:
+                    await copy.write(b"".join(pending))
+                    pending, size = [], 0
+                await copy.write(part)
+            if size >= _WRITE_BYTES:
+                await copy.write(b"".join(pending))
+                pending, size = [], 0
+        pending.append(_COPY_TRAILER)
+        await copy.write(b"".join(pending))
 
 
 def parse_arrays(payload: bytes) -> TrainingData | None:

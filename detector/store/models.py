@@ -21,6 +21,7 @@ from detector.errors import (
     POSTGRES_ERRORS,
     REDIS_FAILURES,
     ModelNotFoundError,
+    StoreRefusedError,
     StoreUnavailableError,
     TrainingDataDeletedError,
     describe_redis_error,
@@ -33,7 +34,8 @@ from detector.redis_keys import model_key, write_probe_key
 from detector.store.caches import PointerCache, VersionCache
 from detector.store.codec import ModelVersion, parse_arrays, parse_points
 from detector.store.connections import is_cluster
-from detector.store.fit_rows import allocate_version, version_exists, write_fit
+from detector.store.fit_jobs import create_job, finish_job
+from detector.store.fit_rows import NewFit, allocate_versions, version_exists, write_fits
 from detector.store.publish import VersionPublisher
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,11 @@ T = TypeVar("T")
 # Kind-specific parameters (a multiscale initial state is ~1 KB) kept in process.
 _PARAMS_CACHE = 10_000
 
-_VERSION_COLUMNS = (
-    "series_id, version, kind, mean, std, sigma, direction, points_used, created_at, mlflow_run_id"
+# A version's MLflow run: its own, or for a bulk fit's version its job's (``fit_jobs``).
+_VERSIONS = (
+    "SELECT m.series_id, m.version, m.kind, m.mean, m.std, m.sigma, m.direction, m.points_used,"
+    " m.created_at, coalesce(m.mlflow_run_id, j.mlflow_run_id) AS mlflow_run_id"
+    " FROM model_versions m LEFT JOIN fit_jobs j ON j.id = m.fit_job"
 )
 
 
@@ -74,64 +79,132 @@ class ModelStore:
         model: StaticModel,
         params: dict[str, Any] | None = None,
     ) -> ModelVersion:
-        """Store a new version durably, then make it the latest in Redis.
+        """Store a new version durably, then make it the latest in Redis (``save_fits``)."""
+        (stored,) = await self.save_fits([NewFit(series_id, data, model, params or {})])
+        return stored
 
-        Order: allocate the version number in its own committed statement (a fit that fails
-        later leaves a gap, never a number handed out twice); insert the version, its points
-        and its outbox row in one transaction and commit; only then put it into Redis. So
-        Redis, and every cache fed from it, only ever sees committed versions. A Redis failure
-        after the commit does not fail the fit: the version is stored, and the publisher puts
-        it into Redis again until Redis confirms it.
+    async def save_fits(
+        self,
+        fits: Sequence[NewFit],
+        *,
+        job: int | None = None,
+        cache: bool = True,
+        versions: Sequence[int] | None = None,
+    ) -> list[ModelVersion]:
+        """Store new versions of distinct series durably, all or none, then make each the
+        latest in Redis. One fit is a batch of one; a bulk fit's batches (``detector.bulk_fit``)
+        name their ``job``, leave the in-process cache (``cache``) to the predictions, and
+        store a refused batch's halves again under the ``versions`` allocated for it (numbers
+        no other fit can hold: allocated, never committed).
+
+        Order: allocate the version numbers in their own committed statement (a fit that fails
+        later leaves a gap, never a number handed out twice); insert the versions, their points
+        and their MLflow record in one transaction and commit; only then put them into Redis.
+        So Redis, and every cache fed from it, only ever sees committed versions. A Redis
+        failure after the commit does not fail the fits: they are stored, and the publisher
+        puts them into Redis again until Redis confirms them.
         """
+        if not fits:
+            return []
+        consequence = (
+            "the fit was not stored" if len(fits) == 1 else f"the {len(fits)} fits were not stored"
+        )
         version = 0
         # Refuse while Redis cannot take writes (down, out of memory, a read-only replica …):
-        # the version could only be owed to Redis, and were this process to stop before Redis
+        # the versions could only be owed to Redis, and were this process to stop before Redis
         # returned, Redis would come back with the old `latest`. The probe is a short-lived
-        # key in the series' own slot. A failure past this point is rare and repaired in the
-        # background (``VersionPublisher``).
+        # key in the first series' own slot (a batch probes once: one Redis serves every slot
+        # here). A failure past this point is rare and repaired in the background
+        # (``VersionPublisher``).
         try:
-            await self.redis.set(write_probe_key(series_id), "1", px=10_000)
+            await self.redis.set(write_probe_key(fits[0].series_id), "1", px=10_000)
         except REDIS_FAILURES as exc:
             if not redis_unavailable(exc):
                 raise
             raise StoreUnavailableError(
-                "redis",
-                f"Redis is unavailable, the fit was not stored: {describe_redis_error(exc)}",
+                "redis", f"Redis is unavailable, {consequence}: {describe_redis_error(exc)}"
             ) from exc
         try:
-            await self._postgres_gate("the fit was not stored")
+            await self._postgres_gate(consequence)
             async with self.pool.connection() as conn:
-                version = await allocate_version(conn, series_id)
+                if versions is None:
+                    versions = await allocate_versions(conn, [fit.series_id for fit in fits])
+                version = versions[0]
                 committing = False
                 try:
                     async with conn.transaction():
-                        created_at = await write_fit(
-                            conn, series_id, version, data, model, params or {}
-                        )
+                        created_at = await write_fits(conn, fits, versions, job=job)
                         committing = True
                 except psycopg.OperationalError:
-                    if not (committing and await self._committed_after_all(series_id, version)):
+                    # All or none were committed: the first version tells which.
+                    if not (
+                        committing and await self._committed_after_all(fits[0].series_id, version)
+                    ):
                         raise
         except POSTGRES_ERRORS as exc:
             self._postgres_down = True
             raise StoreUnavailableError(
-                "postgres", f"PostgreSQL is unavailable, the fit was not stored: {_brief(exc)}"
+                "postgres", f"PostgreSQL is unavailable, {consequence}: {_brief(exc)}"
             ) from exc
         except psycopg.Error as exc:  # the commit refused (a constraint, a trigger …)
-            log.error("fit of %s %s rolled back: %s", series_id, format_version(version), exc)
-            raise StoreUnavailableError(
-                "postgres", f"PostgreSQL refused the fit, it was not stored: {_brief(exc)}"
+            log.error(
+                "fit of %s %s%s rolled back: %s",
+                fits[0].series_id,
+                format_version(version),
+                f" and {len(fits) - 1} more series" if len(fits) > 1 else "",
+                exc,
+            )
+            refused = (
+                "the fit, it was not stored"
+                if len(fits) == 1
+                else f"the {len(fits)} fits, none was stored"
+            )
+            raise StoreRefusedError(
+                "postgres", f"PostgreSQL refused {refused}: {_brief(exc)}", list(versions or ())
             ) from exc
-        stored = ModelVersion(
-            series_id=series_id,
-            version=version,
-            model=model,
-            points_used=len(data),
-            created_at=created_at,
-        )
-        self.cache.put((series_id, version), stored)
-        await self.publisher.put(stored, make_latest=True)
+        stored = [
+            ModelVersion(
+                series_id=fit.series_id,
+                version=version,
+                model=fit.model,
+                points_used=len(fit.data),
+                created_at=created_at,
+            )
+            for fit, version in zip(fits, versions, strict=True)
+        ]
+        if cache:
+            for found in stored:
+                self.cache.put((found.series_id, found.version), found)
+        await self.publisher.put_many(stored, make_latest=True)
         return stored
+
+    async def start_fit_job(self, *, source: str, kind: str, sigma: float, direction: str) -> int:
+        """A new bulk fit job (``detector.store.fit_jobs``): its id, for ``save_fits``."""
+
+        async def query() -> int:
+            async with self.pool.connection() as conn:
+                return await create_job(
+                    conn, source=source, kind=kind, sigma=sigma, direction=direction
+                )
+
+        return await self._pg(query)
+
+    async def finish_fit_job(
+        self,
+        job: int,
+        *,
+        failed: bool,
+        refused: int,
+        refusals: list[dict[str, str]],
+        seconds: float,
+    ) -> None:
+        async def query() -> None:
+            async with self.pool.connection() as conn:
+                await finish_job(
+                    conn, job, failed=failed, refused=refused, refusals=refusals, seconds=seconds
+                )
+
+        await self._pg(query)
 
     async def _committed_after_all(self, series_id: str, version: int) -> bool:
         """After the connection failed during COMMIT the outcome is unknown: ask again."""
@@ -201,7 +274,7 @@ class ModelStore:
             if raw is not None:
                 return ModelVersion.from_redis(series_id, version, str(raw))
         row = await self._pg_fetchone(
-            f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE series_id = %s AND version = %s",  # noqa: S608 (constant column list)
+            f"{_VERSIONS} WHERE m.series_id = %s AND m.version = %s",
             (series_id, version),
         )
         if row is None:
@@ -220,7 +293,7 @@ class ModelStore:
     async def versions(self, series_id: str) -> list[ModelVersion]:
         """Every version of a series, oldest first (from PostgreSQL)."""
         rows = await self._pg_fetchall(
-            f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE series_id = %s ORDER BY version",  # noqa: S608
+            f"{_VERSIONS} WHERE m.series_id = %s ORDER BY m.version",
             (series_id,),
         )
         if not rows:

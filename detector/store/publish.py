@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from detector.errors import REDIS_FAILURES, redis_unavailable
 from detector.redis_keys import model_key
@@ -17,6 +20,8 @@ log = logging.getLogger(__name__)
 
 _RETRY_FIRST = 0.5
 _RETRY_MAX = 5.0
+# Scripts a pipeline sends in one round trip (a bulk fit's batch is a thousand versions).
+_PIPELINE = 1000
 
 
 class VersionPublisher:
@@ -29,6 +34,7 @@ class VersionPublisher:
     """
 
     def __init__(self, redis_client: Redis) -> None:
+        self._redis = redis_client
         self._script = redis_client.register_script(lua("put_version"))
         # (series, version) → (version, move latest): puts still owed to Redis.
         self._owed: dict[tuple[str, int], tuple[ModelVersion, bool]] = {}
@@ -41,26 +47,61 @@ class VersionPublisher:
 
     async def put(self, found: ModelVersion, *, make_latest: bool) -> bool:
         """Write one version now; False (and a retry owed) when Redis did not confirm it."""
-        try:
-            await self._put(found, make_latest)
-        except REDIS_FAILURES as exc:
-            if not redis_unavailable(exc):
-                raise
-            log.warning(
-                "Redis did not confirm %s %s (%s); putting it again in the background",
-                found.series_id,
-                found.name,
-                exc,
-            )
-            self._owe(found, make_latest)
-            return False
-        return True
+        return await self.put_many([found], make_latest=make_latest) == 0
 
-    async def _put(self, found: ModelVersion, make_latest: bool) -> None:
-        await self._script(
-            keys=[model_key(found.series_id)],
-            args=[found.version, found.to_redis(), 1 if make_latest else 0],
-        )
+    async def put_many(self, versions: Sequence[ModelVersion], *, make_latest: bool) -> int:
+        """Write versions now, pipelined (a bulk fit's batch in a round trip or two); returns
+        how many Redis did not confirm, each owed and put again in the background."""
+        items = [(found, make_latest) for found in versions]
+        unconfirmed, exc = await self._put_many(items)
+        if unconfirmed:
+            first = unconfirmed[0][0]
+            log.warning(
+                "Redis did not confirm %s %s%s (%s); putting %s again in the background",
+                first.series_id,
+                first.name,
+                f" and {len(unconfirmed) - 1} more versions" if len(unconfirmed) > 1 else "",
+                exc,
+                "them" if len(unconfirmed) > 1 else "it",
+            )
+            for found, latest in unconfirmed:
+                self._owe(found, latest)
+        return len(unconfirmed)
+
+    async def _put_many(
+        self, items: Sequence[tuple[ModelVersion, bool]]
+    ) -> tuple[list[tuple[ModelVersion, bool]], BaseException | None]:
+        """Put ``items`` (version, move latest) in pipelines of ``_PIPELINE`` scripts; returns
+        those Redis did not confirm (from the first failure on) and the failure. Anything but
+        Redis being unavailable is raised."""
+        for start in range(0, len(items), _PIPELINE):
+            chunk = items[start : start + _PIPELINE]
+            try:
+                replies = await self._pipeline(chunk)
+                if any(isinstance(r, NoScriptError) for r in replies):  # restarted, flushed
+                    await self._redis.script_load(self._script.script)
+                    replies = await self._pipeline(chunk)
+                failed = next((r for r in replies if isinstance(r, Exception)), None)
+                if failed is not None:
+                    raise failed
+            except REDIS_FAILURES as exc:
+                if not redis_unavailable(exc):
+                    raise
+                return list(items[start:]), exc
+        return [], None
+
+    async def _pipeline(self, chunk: Sequence[tuple[ModelVersion, bool]]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for found, make_latest in chunk:
+                pipe.evalsha(
+                    self._script.sha,
+                    1,
+                    model_key(found.series_id),
+                    found.version,
+                    found.to_redis(),
+                    1 if make_latest else 0,
+                )
+            return list(await pipe.execute(raise_on_error=False))
 
     def _owe(self, found: ModelVersion, make_latest: bool) -> None:
         key = (found.series_id, found.version)
@@ -73,18 +114,29 @@ class VersionPublisher:
         delay = _RETRY_FIRST
         while self._owed:
             await asyncio.sleep(delay)
-            for key, (found, make_latest) in list(self._owed.items()):
-                try:
-                    await self._put(found, make_latest)
-                except REDIS_FAILURES as exc:
-                    if not redis_unavailable(exc):
-                        raise
-                    delay = min(_RETRY_MAX, delay * 2)
-                    break
-                self._owed.pop(key, None)
-                log.info("put %s %s into Redis after all", found.series_id, found.name)
-            else:
-                delay = _RETRY_FIRST
+            owed = list(self._owed.items())
+            unconfirmed, _ = await self._put_many([item for _, item in owed])
+            done = owed[: len(owed) - len(unconfirmed)]
+            for key, item in done:
+                if self._owed.get(key) is item:  # not owed again meanwhile
+                    del self._owed[key]
+            if done:
+                first = done[0][1][0]
+                log.info(
+                    "put %s %s%s into Redis after all",
+                    first.series_id,
+                    first.name,
+                    f" and {len(done) - 1} more versions" if len(done) > 1 else "",
+                )
+            delay = min(_RETRY_MAX, delay * 2) if unconfirmed else _RETRY_FIRST
+
+    async def settle(self, seconds: float) -> int:
+        """Wait up to ``seconds`` for what is owed to be confirmed (a command line tool before
+        it exits); returns how many versions are still owed."""
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait([task], timeout=seconds)
+        return len(self._owed)
 
     async def close(self) -> None:
         """Stop retrying (what is still owed is repaired by readers, from PostgreSQL)."""

@@ -266,3 +266,38 @@ CREATE UNIQUE INDEX IF NOT EXISTS feedback_missed_range ON feedback (series_id, 
 CREATE INDEX IF NOT EXISTS feedback_series ON feedback (series_id, id);
 CREATE INDEX IF NOT EXISTS feedback_mlflow_due ON feedback (mlflow_next_try)
     WHERE mlflow_logged_at IS NULL;
+
+-- Bulk fits (POST /fit, `anomaly-ingest fit`): one row a job, whose versions name it in
+-- `model_versions.fit_job`. A job is one MLflow run (its counts, and a table of its versions
+-- as an artifact), not one run a version: the tracker logs it once the job is finished, or
+-- once it has stopped making progress for a while (a process that died mid-job), and records
+-- the run here; its versions' `mlflow_run_id` is the job's. `refusals` keeps the first
+-- refused series and why.
+CREATE TABLE IF NOT EXISTS fit_jobs (
+    id              bigserial PRIMARY KEY,
+    source          text NOT NULL,
+    kind            text NOT NULL,
+    sigma           double precision NOT NULL,
+    direction       text NOT NULL,
+    fitted          integer NOT NULL DEFAULT 0,
+    refused         integer NOT NULL DEFAULT 0,
+    points          bigint NOT NULL DEFAULT 0,
+    seconds         double precision,
+    refusals        jsonb NOT NULL DEFAULT '[]'::jsonb,
+    status          text NOT NULL DEFAULT 'running'
+        CHECK (status IN ('running', 'finished', 'failed')),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    finished_at     timestamptz,
+    mlflow_run_id   text,
+    mlflow_attempts integer NOT NULL DEFAULT 0,
+    mlflow_next_try timestamptz NOT NULL DEFAULT now(),
+    mlflow_error    text
+);
+CREATE INDEX IF NOT EXISTS fit_jobs_mlflow_due ON fit_jobs (mlflow_next_try)
+    WHERE mlflow_run_id IS NULL;
+-- No foreign key: a bulk batch inserts a thousand versions, and a per-row check of a job
+-- that the same process created before buys nothing.
+ALTER TABLE model_versions ADD COLUMN IF NOT EXISTS fit_job bigint;
+CREATE INDEX IF NOT EXISTS model_versions_fit_job ON model_versions (fit_job)
+    WHERE fit_job IS NOT NULL;

@@ -39,6 +39,7 @@ def _operations(url):
 
 ROUTES = [
     "POST /fit/{series_id}",
+    "POST /fit",
     "POST /predict/{series_id}",
     "POST /predict/{series_id}/batch",
     "POST /backfill/{series_id}",

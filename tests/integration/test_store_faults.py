@@ -277,6 +277,38 @@ def test_failed_commit_leaves_a_gap_and_every_process_agrees(
     assert item["latest_version"] == "v3.0.0"
 
 
+def test_a_bulk_fit_refuses_only_the_series_whose_commit_fails(
+    two_apis: tuple[str, str], own_settings: Settings, rclient: redis.Redis, sid: str
+) -> None:
+    """A batch whose commit PostgreSQL refuses is stored again in halves: the series that
+    fails alone is refused with its single fit's answer, every other one is stored."""
+    url, other = two_apis
+    ids = [f"{sid}-{i}" for i in range(9)]
+    bad = ids[5]
+    set_commit_fault(own_settings, bad, 0.0, fail=True)
+    try:
+        answer = httpx.post(
+            f"{url}/fit", json={"series": [{"series_id": s, **body(LOW)} for s in ids]}, timeout=120
+        )
+        single = fit_via(url, bad, LOW)
+    finally:
+        clear_commit_fault(own_settings, bad)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert [f["series_id"] for f in result["fitted"]] == [s for s in ids if s != bad]
+    assert single.status_code == 503
+    assert result["refused"] == [
+        {"series_id": bad, "status": 503, "detail": single.json()["detail"]}
+    ]
+    assert single.json()["detail"].startswith("PostgreSQL refused the fit, it was not stored")
+    assert committed(own_settings, bad) == set()
+    for series_id in ids:
+        assert_redis_only_has_committed(rclient, own_settings, series_id)
+    for base in (url, other):
+        assert predict(base, ids[0]).json() == {"anomaly": True, "model_version": "v1.0.0"}
+        assert predict(base, bad).status_code == 404
+
+
 # ---------------------------------------------------------------- PostgreSQL restarted
 
 

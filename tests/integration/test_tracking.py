@@ -220,3 +220,74 @@ def test_feedback_is_recorded_on_its_versions_run(
     recorded = run.data.tags[f"feedback.{feedback_id}"]
     assert '"label": "missed"' in recorded and '"note": "an outage"' in recorded
     assert run.data.metrics["feedback_missed"] == 1.0
+
+
+def test_a_bulk_fit_job_is_one_run_listing_its_versions(
+    tracking_settings: Settings, mlflow_store: dict[str, str], tmp_path: Path
+) -> None:
+    """A bulk fit job is one MLflow run (its options, counts and a table of its versions),
+    not a run a version; each version reports the job's run. A job whose process stopped
+    mid-way is logged too, as killed."""
+    conninfo = tracking_settings.postgres_conninfo()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO fit_jobs (source, kind, sigma, direction, updated_at)"
+            " VALUES ('cli', 'static', 3, 'above', now() - interval '1 hour') RETURNING id"
+        ).fetchone()
+    assert row is not None
+    stalled = int(row[0])
+    name = f"bulk-{uuid.uuid4().hex[:8]}"
+    series: list[dict[str, Any]] = [
+        {"series_id": f"{name}-{i}", "timestamps": [1, 2, 3, 4], "values": [1.0, 2.0, 4.0, 9.0 + i]}
+        for i in range(5)
+    ]
+    series.append({"series_id": f"{name}-flat", "timestamps": [1, 2, 3], "values": [1.0] * 3})
+    proc, base_url = start_api(tracking_settings, **mlflow_store)
+    try:
+        r = httpx.post(
+            f"{base_url}/fit", json={"series": series, "sigma": 2.5, "kind": "static"}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        job = r.json()["job"]
+        (run_id,) = wait_for(lambda: logged_run_ids(base_url, f"{name}-0"), "the job's run")
+        for i in range(5):
+            assert run_ids(base_url, f"{name}-{i}") == [run_id]
+
+        def stalled_run() -> str | None:
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                found = conn.execute(
+                    "SELECT mlflow_run_id FROM fit_jobs WHERE id = %s", (stalled,)
+                ).fetchone()
+            return found[0] if found else None
+
+        stalled_run_id = wait_for(stalled_run, "the stalled job's run")
+    finally:
+        stop(proc)
+
+    client = MlflowClient(tracking_uri=mlflow_store["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"bulk-fit-{job}"
+    assert run.data.params == {
+        "job": str(job),
+        "source": "rest",
+        "kind": "static",
+        "sigma": "2.5",
+        "direction": "above",
+        "count": "6",
+    }
+    assert run.data.metrics["series_fitted"] == 5.0
+    assert run.data.metrics["series_refused"] == 1.0
+    assert run.data.metrics["points"] == 20.0
+    assert run.data.metrics["seconds"] > 0
+    table = Path(client.download_artifacts(run_id, "fits.csv", str(tmp_path)))
+    lines = table.read_text().splitlines()
+    assert lines[0] == "series_id,version,mean,std,sigma,points"
+    assert [line.split(",")[:2] for line in lines[1:]] == [[f"{name}-{i}", "1"] for i in range(5)]
+    assert [float(line.split(",")[2]) for line in lines[1:]] == [4.0 + i / 4 for i in range(5)]
+    refused = client.download_artifacts(run_id, "refused.json", str(tmp_path))
+    assert f"{name}-flat" in Path(refused).read_text()
+    # Not registered one by one, and no outbox row a version.
+    assert client.search_model_versions(f"name = '{registered_model_name(f'{name}-0')}'") == []
+    assert outbox_rows(conninfo, f"{name}-0") == []
+    assert client.get_run(stalled_run_id).info.status == "KILLED"
