@@ -77,9 +77,12 @@ FOR UPDATE OF f SKIP LOCKED
 
 # Bulk fit jobs whose run is due: finished (or failed), or still marked running but without a
 # committed batch for JOB_STALE_SECONDS (the process that ran it stopped): logged as killed.
-_CLAIM_JOB = """
-SELECT id, mlflow_attempts AS attempts, source, kind, sigma, direction, fitted, refused, points,
-       seconds, refusals, status, created_at, coalesce(finished_at, updated_at) AS ended_at
+JOB_COLUMNS = """
+id, mlflow_attempts AS attempts, source, kind, sigma, direction, fitted, refused, points,
+seconds, refusals, status, created_at, coalesce(finished_at, updated_at) AS ended_at
+"""
+_CLAIM_JOB = f"""
+SELECT {JOB_COLUMNS}
 FROM fit_jobs
 WHERE mlflow_run_id IS NULL AND mlflow_next_try <= now()
   AND (status <> 'running' OR updated_at < now() - make_interval(secs => %(stale)s))
@@ -287,7 +290,7 @@ class MlflowTracker:
             loop = asyncio.get_running_loop()
             with tempfile.TemporaryDirectory(prefix="fit-job-") as folder:
                 table = Path(folder) / JOB_TABLE
-                await _write_job_table(conn, job.id, table)
+                await write_job_table(conn, job.id, table)
                 try:
                     run_id = await loop.run_in_executor(self._executor, log_job, job, str(table))
                 except Exception as exc:  # as for a fit: retry later
@@ -359,7 +362,7 @@ class MlflowTracker:
         self.metrics.pending.set(int(row[0]) if row else 0)
 
 
-async def _write_job_table(conn: psycopg.AsyncConnection[Any], job: int, path: Path) -> None:
+async def write_job_table(conn: psycopg.AsyncConnection[Any], job: int, path: Path) -> None:
     """The job's versions as a CSV file with a header, streamed from PostgreSQL (a million
     versions are about 60 MB; nothing holds them all in memory)."""
     with path.open("wb") as out:

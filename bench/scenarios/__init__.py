@@ -7,6 +7,7 @@ from collections.abc import Callable
 from bench.context import Context
 from bench.report import Row
 from bench.scenarios.backfill import scenario_backfill
+from bench.scenarios.bulk_fit import scenario_bulk_fit
 from bench.scenarios.fit import scenario_fit, scenario_fit_arrow
 from bench.scenarios.kafka import scenario_kafka
 from bench.scenarios.memory import scenario_memory
@@ -30,4 +31,5 @@ SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "stream2": scenario_stream_scaling,
     "kafka": scenario_kafka,
     "backfill": scenario_backfill,
+    "bulk-fit": scenario_bulk_fit,
 }

@@ -13,8 +13,7 @@ from bench.client import predict_requests, run_loadgen
 from bench.context import Context
 from bench.report import Row, reported
 from detector.kinds.base import FitOptions
-from detector.kinds.registry import stateful_kind
-from detector.kinds.static import StaticModel
+from detector.kinds.registry import MODEL_CLASSES, stateful_kind
 from detector.kinds.training import prepare_training_data
 from detector.redis_keys import model_key, state_key
 from detector.settings import Settings
@@ -72,8 +71,10 @@ def scenario_memory(ctx: Context) -> list[Row]:
 
 
 def redis_bytes_per_model(ctx: Context, n: int, rng: np.random.Generator) -> float:
-    """used_memory before and after storing ``n`` one-version series exactly as the store does
-    (its own ``to_redis`` form, the version field and the ``latest`` pointer), then removed."""
+    """used_memory before and after storing ``n`` one-version series of the default kind
+    exactly as the store does (its own ``to_redis`` form, the version field and the ``latest``
+    pointer), then removed."""
+    model_class = MODEL_CLASSES[str(Settings.model_fields["default_kind"].default)]
     means = rng.normal(50, 10, n)
     stds = np.abs(rng.normal(5, 1, n)) + 0.1
     created = datetime.now(UTC)
@@ -87,7 +88,7 @@ def redis_bytes_per_model(ctx: Context, n: int, rng: np.random.Generator) -> flo
                     stored = ModelVersion(
                         f"mem-{i:07d}",
                         1,
-                        StaticModel(mean=float(means[i]), std=float(stds[i])),
+                        model_class(mean=float(means[i]), std=float(stds[i])),
                         points_used=int(rng.integers(32, 100_000)),
                         created_at=created,
                     )

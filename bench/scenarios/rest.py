@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import orjson
@@ -95,6 +96,23 @@ def _best(runs: list[dict[str, float]]) -> dict[str, float]:
     return best
 
 
+def warm_predict_p50(
+    ctx: Context, stored: int, name: Callable[[int], str], rng: np.random.Generator
+) -> tuple[dict[str, float], list[str]]:
+    """Predict latency with ``stored`` series stored (``name(i)`` the i-th id): the same size
+    of working set whatever their number (1,000 active series drawn from those stored, warmed
+    first), so what is measured is the cost of *storing* more series. Returns the load
+    generator's result and the ids it asked about."""
+    active = rng.choice(stored, size=min(stored, 1_000), replace=False)
+    probe = [name(int(i)) for i in rng.choice(active, 4000)]
+    paths, bodies = predict_requests(probe, rng)
+    run_loadgen(ctx, paths, bodies, connections=4, duration=2.0)  # warm the working set
+    result = run_loadgen(ctx, paths, bodies, connections=4, duration=3.0)
+    if result["errors"]:
+        raise RuntimeError(f"predict answered errors: {result}")
+    return result, probe
+
+
 def scenario_series_scaling(ctx: Context) -> list[Row]:
     """Predict p50 as the number of stored series grows; each point fits more series first."""
     steps = [1, 1_000, 10_000] if ctx.quick else [1, 1_000, 10_000, 100_000]
@@ -110,15 +128,8 @@ def scenario_series_scaling(ctx: Context) -> list[Row]:
         if ids:
             log.info("stored %d series in %.1f s", len(ids), time.perf_counter() - started)
         stored = target
-        # The same size of working set at every step (1,000 active series drawn from those
-        # stored, warmed first): what is measured is the cost of *storing* more series.
-        # First-touch (cold) latency is a separate row below.
-        active = rng.choice(stored, size=min(stored, 1_000), replace=False)
-        probe = [f"scale-{int(i):06d}" for i in rng.choice(active, 4000)]
+        result, probe = warm_predict_p50(ctx, stored, lambda i: f"scale-{i:06d}", rng)
         touched.update(probe)
-        paths, bodies = predict_requests(probe, rng)
-        run_loadgen(ctx, paths, bodies, connections=4, duration=2.0)  # warm the working set
-        result = run_loadgen(ctx, paths, bodies, connections=4, duration=3.0)
         if first_p50 is None:
             first_p50 = result["p50_ms"]
         ratio = result["p50_ms"] / first_p50

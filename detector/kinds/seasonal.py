@@ -46,6 +46,7 @@ from typing import Any, ClassVar, Final
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from detector.kinds.base import FitOptions, Fitted, Folded, Verdicts
 from detector.kinds.moments import Moments, fit_readings
@@ -165,7 +166,10 @@ class SeasonalParams:
             raise ValueError("the slow baseline must be longer than the fast window")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """A fresh dict each call, parsed from the JSON made once (``asdict`` took a quarter
+        of a small series' fit, and a bulk fit asks once a series)."""
+        result: dict[str, Any] = orjson.loads(_params_json(self))
+        return result
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeasonalParams:
@@ -174,6 +178,11 @@ class SeasonalParams:
             if name in fields:
                 fields[name] = TimeScale(**fields[name])
         return cls(**fields)
+
+
+@functools.lru_cache(maxsize=64)
+def _params_json(params: SeasonalParams) -> bytes:
+    return orjson.dumps(asdict(params))
 
 
 def hour_of_day(t: Any) -> Any:

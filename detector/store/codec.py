@@ -20,6 +20,10 @@ from detector.kinds.training import TrainingData
 
 _DIRECTION_CODES = {"above": "a", "below": "b", "both": "ab"}
 _DIRECTIONS_BY_CODE = {code: name for name, code in _DIRECTION_CODES.items()}
+# A kind other than static, as a letter after the direction code ("as": above, seasonal); no
+# direction code ends in one of them.
+_KIND_CODES = {"seasonal": "s", "multiscale": "m"}
+_KINDS_BY_CODE = {code: name for name, code in _KIND_CODES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,27 +42,28 @@ class ModelVersion:
         return format_version(self.version)
 
     def to_redis(self) -> str:
-        """The Redis copy: a compact JSON array ``[mean, std, sigma, direction, points_used,
-        created_at]`` (direction "a", "b" or "ab" for above, below, both; created_at in whole
-        seconds; the kind appended only when it is not "static").
+        """The Redis copy: a compact JSON array ``[mean, std, sigma, code, points_used,
+        created_at]``: the code is the direction, "a", "b" or "ab" for above, below, both,
+        followed by "s" or "m" for the seasonal and multiscale kinds (nothing for static);
+        created_at in whole seconds.
 
         Compact because of how Redis stores a small hash: while every value is at most
         ``hash-max-ziplist-value`` (64) bytes, the whole hash is one packed allocation; one longer
-        value turns it into a hash table, about twice the memory. Typical models take 55-64
-        bytes here, so a series costs ~170 bytes of Redis instead of ~480. PostgreSQL keeps the
-        exact ``created_at``; mean, std and sigma round-trip exactly (shortest repr).
+        value turns it into a hash table, about twice the memory. Typical models take 55-62
+        bytes here, so a series costs ~170 bytes of Redis instead of ~450 (the kind's name
+        appended, as versions were written before, took every seasonal model past 64).
+        PostgreSQL keeps the exact ``created_at``; mean, std and sigma round-trip exactly
+        (shortest repr).
         """
         model = self.model
         fields: list[Any] = [
             model.mean,
             model.std,
             model.sigma,
-            _DIRECTION_CODES[model.direction],
+            _DIRECTION_CODES[model.direction] + _KIND_CODES.get(model.kind, ""),
             self.points_used,
             int(self.created_at.timestamp()),
         ]
-        if model.kind != "static":
-            fields.append(model.kind)
         return orjson.dumps(fields).decode()
 
     @classmethod
@@ -72,14 +77,18 @@ class ModelVersion:
                 points_used=int(data["n"]),
                 created_at=datetime.fromtimestamp(float(data["at"]), tz=UTC),
             )
-        mean, std, sigma, direction, points_used, created_at, *kind = data
+        mean, std, sigma, code, points_used, created_at, *named = data
+        kind = _KINDS_BY_CODE.get(code[-1], "static")
+        if kind != "static":
+            code = code[:-1]
         model = model_from_dict(
             {
-                "kind": kind[0] if kind else "static",
+                # Written before the kind had a letter: its name after created_at.
+                "kind": named[0] if named else kind,
                 "mean": mean,
                 "std": std,
                 "sigma": sigma,
-                "direction": _DIRECTIONS_BY_CODE[direction],
+                "direction": _DIRECTIONS_BY_CODE[code],
             }
         )
         return cls(
