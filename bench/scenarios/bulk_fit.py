@@ -185,6 +185,13 @@ def _tracking_cost(ctx: Context, jobs: list[int], count: int) -> tuple[float, fl
     return job_seconds, table_bytes / 1e6, per_run * count
 
 
+def _best_p50(ctx: Context, stored: int, rng: np.random.Generator) -> dict[str, float]:
+    """The scaling scenario's measurement, twice: the lower p50 (a burst of load elsewhere
+    on the machine hurts neither side alone)."""
+    runs = [warm_predict_p50(ctx, stored, _name, rng)[0] for _ in range(2)]
+    return min(runs, key=lambda run: run["p50_ms"])
+
+
 def scenario_bulk_fit(ctx: Context) -> list[Row]:
     count = _series_count(ctx)
     kind = os.environ.get("BENCH_BULK_KIND") or None
@@ -192,7 +199,7 @@ def scenario_bulk_fit(ctx: Context) -> list[Row]:
     scenario = f"bulk fit, {count:,} series × {POINTS} points (POST /fit, Arrow)"
     # One series stored: predict's p50 to compare with (the scaling scenario's measurement).
     _bulk_fit(ctx, 0, 1, kind)
-    base, _ = warm_predict_p50(ctx, 1, _name, rng)
+    base = _best_p50(ctx, 1, rng)
     redis_before, pg_before = _redis_used(ctx), _pg_bytes(ctx)
     seconds, jobs = _bulk_fit(ctx, 1, count, kind)
     redis_after, pg_after = _redis_used(ctx), _pg_bytes(ctx)
@@ -202,7 +209,7 @@ def scenario_bulk_fit(ctx: Context) -> list[Row]:
     per_table = {t: (pg_after[t] - pg_before[t]) / count for t in FIT_TABLES}
     per_version = sum(per_table.values())
     log.info("PostgreSQL bytes a version: %s", {t: round(b) for t, b in per_table.items() if b})
-    stored, _ = warm_predict_p50(ctx, count + 1, _name, rng)
+    stored = _best_p50(ctx, count + 1, rng)
     p50_ratio = stored["p50_ms"] / base["p50_ms"]
     single = _single_fits_per_second(ctx, kind)
     job_seconds, table_mb, runs_seconds = _tracking_cost(ctx, jobs, count)
