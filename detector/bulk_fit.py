@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -151,10 +151,10 @@ class BulkFit:
         )
         summary = JobSummary(job)
         chunks = _chunks(series, self.batch_series)
+        fitting = self._fit_next(chunks)
         try:
-            fitting = self._fit_next(chunks)
-            while fitting is not None:
-                fits, refused = await fitting
+            while (fitted := await fitting) is not None:
+                fits, refused = fitted
                 fitting = self._fit_next(chunks)  # fitted while this batch is stored
                 stored, not_stored = await self._store(fits, job)
                 outcome = BatchOutcome(stored, refused + not_stored)
@@ -166,8 +166,7 @@ class BulkFit:
                 if on_batch is not None:
                     on_batch(outcome)
         except StoreUnavailableError as exc:
-            if fitting is not None:
-                fitting.cancel()
+            fitting.cancel()
             summary.seconds = time.perf_counter() - started
             await self._finish(summary, failed=True)
             raise StoreUnavailableError(
@@ -181,14 +180,18 @@ class BulkFit:
 
     def _fit_next(
         self, chunks: Iterator[list[SeriesPoints]]
-    ) -> asyncio.Future[tuple[list[NewFit], list[Refusal]]] | None:
+    ) -> asyncio.Future[tuple[list[NewFit], list[Refusal]] | None]:
+        """The next batch taken and fitted in a thread (taking it may group a whole body's
+        rows: off the event loop too); the future's result is None after the last batch."""
+        return asyncio.ensure_future(asyncio.to_thread(self._fit_batch, chunks))
+
+    def _fit_batch(
+        self, chunks: Iterator[list[SeriesPoints]]
+    ) -> tuple[list[NewFit], list[Refusal]] | None:
+        """Each series of the next batch through a single fit's checks and fit (pure)."""
         chunk = next(chunks, None)
         if chunk is None:
             return None
-        return asyncio.ensure_future(asyncio.to_thread(self._fit_batch, chunk))
-
-    def _fit_batch(self, chunk: Sequence[SeriesPoints]) -> tuple[list[NewFit], list[Refusal]]:
-        """Each series through a single fit's checks and fit (pure, run in a thread)."""
         fits: list[NewFit] = []
         refused: list[Refusal] = []
         for given in chunk:

@@ -89,7 +89,7 @@ WHERE mlflow_run_id IS NULL AND mlflow_next_try <= now()
 ORDER BY id
 LIMIT 1
 FOR UPDATE SKIP LOCKED
-"""
+"""  # noqa: S608 (constant)
 JOB_STALE_SECONDS = 900.0
 
 # A job's versions as its run's table (``mlflow_runs.JOB_TABLE_COLUMNS``).
