@@ -440,8 +440,8 @@ async def _bulk_fit(args: argparse.Namespace, settings: Settings) -> int:
         await redis_async.aclose()
     rate = summary.fitted / summary.seconds if summary.seconds > 0 else 0.0
     print(
-        f"fit job {summary.job}: {summary.fitted} series fitted, {summary.refused} refused, "
-        f"{summary.points} points in {summary.seconds:.1f} s ({rate:,.0f} series/s)"
+        f"fit job {summary.job}: {summary.fitted:,} series fitted, {summary.refused:,} refused,"
+        f" {summary.points:,} points in {summary.seconds:.1f} s ({rate:,.0f} series/s)"
         + (f"; Redis has not confirmed {owed} versions yet (readers repair them)" if owed else ""),
         file=sys.stderr,
     )
