@@ -20,6 +20,7 @@ from detector.metrics import WorkerMetrics
 from detector.redis_keys import model_key, state_key
 from detector.settings import Settings
 from detector.state.series import SeriesState, read_state
+from detector.store.codec import ModelVersion
 from detector.store.connections import postgres_pool
 from detector.store.connections import redis_client as async_redis_client
 from detector.transports.redis.worker import Worker
@@ -114,7 +115,9 @@ def test_fit_a_stateful_kind_over_rest(
     assert row is not None and row[0] == kind
     stored = row[1]["state"]["params"] if kind == "multiscale" else row[1]["params"]
     assert stored["k_point"] == 8.0
-    assert orjson.loads(redis_client.hget(model_key(series_id), "1"))[-1] == kind  # type: ignore[arg-type]
+    raw = redis_client.hget(model_key(series_id), "1")
+    assert orjson.loads(raw)[3] == "a" + kind[0]  # type: ignore[arg-type]  (above, the kind)
+    assert ModelVersion.from_redis(series_id, 1, str(raw)).model.kind == kind
 
     # Predict keeps its two keys and applies the training data's μ + kσ (k = 3, above).
     for value, expected in ((fitted["upper"] + 0.5, True), (fitted["upper"] - 0.5, False)):
