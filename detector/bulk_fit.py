@@ -174,6 +174,9 @@ class BulkFit:
                 f"{exc.detail} (bulk fit job {job}: {summary.fitted} series were stored before"
                 " this; sending them again fits new versions of them)",
             ) from exc
+        except BaseException:
+            fitting.cancel()  # the job stays running: the tracker logs it once it is stale
+            raise
         summary.seconds = time.perf_counter() - started
         await self._finish(summary, failed=False)
         return summary

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from detector.bulk_fit import BulkFit, SeriesPoints
+from detector.errors import StoreUnavailableError
 from detector.redis_keys import model_key
 from detector.settings import Settings
 from detector.store.connections import postgres_pool
@@ -308,6 +309,49 @@ def test_many_batches_keep_order_and_counts(settings: Settings) -> None:
     assert (summary.fitted, summary.refused, summary.points) == (25, 1, 200)
     assert row[:4] == ("finished", 25, 1, 200)
     assert row[4][0]["series_id"] == f"{name}-flat"
+
+
+def test_a_store_failure_stops_the_job_keeping_the_batches_before(settings: Settings) -> None:
+    name = prefix()
+    given = [SeriesPoints(f"{name}-{i}", *points(i, 8)) for i in range(10)]
+
+    async def run() -> tuple[str, Any, int]:
+        redis_async, pool = async_redis_client(settings), postgres_pool(settings)
+        await pool.open()
+        try:
+            store = ModelStore(redis_async, pool)
+            save_fits, calls = store.save_fits, []
+
+            async def failing(fits: Any, **options: Any) -> Any:
+                calls.append(len(fits))
+                if len(calls) == 2:
+                    raise StoreUnavailableError("redis", "Redis is unavailable, the 4 fits …")
+                return await save_fits(fits, **options)
+
+            store.save_fits = failing  # type: ignore[method-assign]
+            job = BulkFit(store, settings, source="test", kind="static", batch_series=4)
+            with pytest.raises(StoreUnavailableError) as raised:
+                await job.run(given)
+            async with pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT status, fitted FROM fit_jobs ORDER BY id DESC LIMIT 1"
+                )
+                row = await cur.fetchone()
+                cur = await conn.execute(
+                    "SELECT count(*) FROM model_versions WHERE series_id LIKE %s", (f"{name}-%",)
+                )
+                stored = await cur.fetchone()
+            await store.publisher.close()
+        finally:
+            await pool.close()
+            await redis_async.aclose()
+        assert stored is not None
+        return raised.value.detail, row, int(stored[0])
+
+    detail, row, stored = asyncio.run(run())
+    assert "4 series were stored before this" in detail
+    assert row == ("failed", 4)
+    assert stored == 4
 
 
 # ---------------------------------------------------------------- the command line
