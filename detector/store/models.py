@@ -113,11 +113,17 @@ class ModelStore:
         # Refuse while Redis cannot take writes (down, out of memory, a read-only replica …):
         # the versions could only be owed to Redis, and were this process to stop before Redis
         # returned, Redis would come back with the old `latest`. The probe is a short-lived
-        # key in the first series' own slot (a batch probes once: one Redis serves every slot
-        # here). A failure past this point is rare and repaired in the background
-        # (``VersionPublisher``).
+        # key in a series' own slot: one for a batch on one Redis, which serves every slot;
+        # one a series on a cluster (pipelined, so each master serving the batch is asked). A
+        # failure past this point is rare and repaired in the background (``VersionPublisher``).
         try:
-            await self.redis.set(write_probe_key(fits[0].series_id), "1", px=10_000)
+            if len(fits) > 1 and is_cluster(self.redis):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for fit in fits:
+                        pipe.set(write_probe_key(fit.series_id), "1", px=10_000)
+                    await pipe.execute()
+            else:
+                await self.redis.set(write_probe_key(fits[0].series_id), "1", px=10_000)
         except REDIS_FAILURES as exc:
             if not redis_unavailable(exc):
                 raise

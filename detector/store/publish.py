@@ -91,9 +91,12 @@ class VersionPublisher:
         return [], None
 
     async def _pipeline(self, chunk: Sequence[tuple[ModelVersion, bool]]) -> list[Any]:
+        # EVALSHA by name: a cluster pipeline blocks its ``evalsha`` method, and routes the
+        # command by its one key's slot all the same.
         async with self._redis.pipeline(transaction=False) as pipe:
             for found, make_latest in chunk:
-                pipe.evalsha(
+                pipe.execute_command(
+                    "EVALSHA",
                     self._script.sha,
                     1,
                     model_key(found.series_id),

@@ -103,6 +103,27 @@ def test_rest_path_on_a_cluster(cluster_client, redis_cluster):
     assert health.json()["dependencies"] == {"redis": "ok", "postgres": "ok"}
 
 
+def test_bulk_fit_on_a_cluster(cluster_client, redis_cluster):
+    """A bulk fit's batch spans every master: probed on each, its models put by one pipeline
+    that the client splits by slot, each on the master its slot names."""
+    prefix = f"cl-bulk-{uuid.uuid4().hex[:8]}"
+    series = series_on_every_master(redis_cluster, prefix, each=3)
+    body = {"series": [{"series_id": s, "timestamps": TS, "values": VALUES} for s in series]}
+    answer = cluster_client.post("/fit", json=body)
+    assert answer.status_code == 200, answer.text
+    assert [f["version"] for f in answer.json()["fitted"]] == ["v1.0.0"] * len(series)
+    for series_id in series:
+        node = redis_cluster.admin(master_of(redis_cluster, model_key(series_id)))
+        try:
+            assert node.hget(model_key(series_id), "latest") == "1", series_id
+        finally:
+            node.close()
+        predicted = cluster_client.post(
+            f"/predict/{series_id}", json={"timestamp": 1, "value": max(VALUES) + 100}
+        )
+        assert predicted.json() == {"anomaly": True, "model_version": "v1.0.0"}
+
+
 def test_events_feed_on_a_cluster(cluster_api_url, cluster_settings, rc, series_id):
     """GET /events catches up from a given id, then follows the live stream."""
     stream = cluster_settings.stream_anomalies
@@ -204,6 +225,25 @@ def test_ingest_cli_publishes_and_subscribes_on_a_cluster(cluster_settings, rc, 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 2
+
+
+def test_ingest_cli_bulk_fits_on_a_cluster(cluster_settings, redis_cluster, tmp_path):
+    prefix = f"cl-fit-{uuid.uuid4().hex[:8]}"
+    series = series_on_every_master(redis_cluster, prefix, each=2)
+    path = tmp_path / "fit.csv"
+    path.write_text(
+        "series_id,timestamp,value\n"
+        + "".join(f"{s},{t},{v}\n" for s in series for t, v in zip(TS, VALUES, strict=True))
+    )
+    done = ingest(cluster_settings, "fit", "--csv", str(path), "--kind", "static")
+    assert done.returncode == 0, done.stderr
+    assert f"{len(series)} series fitted, 0 refused" in done.stderr
+    for series_id in series:
+        node = redis_cluster.admin(master_of(redis_cluster, model_key(series_id)))
+        try:
+            assert node.hget(model_key(series_id), "latest") == "1", series_id
+        finally:
+            node.close()
 
 
 @pytest.mark.parametrize(
