@@ -260,13 +260,18 @@ def _parse(raw: bytes | bytearray, *, with_options: bool) -> ArrayBody:
             return _from_body(flat, with_options=with_options)
         except _NotFlat:
             pass  # a slice that is not valid JSON: the whole-body parse says where
+    return _from_body(_json_object(raw), with_options=with_options)
+
+
+def _json_object(raw: bytes | bytearray) -> dict[str, Any]:
+    """The body parsed whole, which must be a JSON object (a 422 saying why not)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _invalid((), f"JSON decode error: {exc}", "json_invalid") from None
     if not isinstance(body, dict):
         raise _invalid((), "Input should be a JSON object", "dict_type")
-    return _from_body(body, with_options=with_options)
+    return body
 
 
 def _from_body(body: dict[str, Any], *, with_options: bool) -> ArrayBody:
@@ -481,12 +486,7 @@ async def bulk_fit_body(request: Request) -> BulkBody:
 def _parse_bulk(raw: bytes | bytearray, limit: int) -> BulkBody:
     # One whole-body parse (not the sliced one of a single fit's flat arrays): a bulk body is
     # many small arrays, and its points are bounded by the limit checked as commas arrived.
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _invalid((), f"JSON decode error: {exc}", "json_invalid") from None
-    if not isinstance(body, dict):
-        raise _invalid((), "Input should be a JSON object", "dict_type")
+    body = _json_object(raw)
     if "series" not in body:
         raise _invalid(("series",), "Field required", "missing")
     entries = body["series"]
