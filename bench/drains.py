@@ -76,11 +76,13 @@ class LiveDrain:
     publish_seconds: float
 
 
-def run_live(ctx: Context, tag: str, count: int, consumer: str) -> LiveDrain:
+def run_live(
+    ctx: Context, tag: str, count: int, consumer: str, mix: tuple[str, ...] = ()
+) -> LiveDrain:
     """Start ``consumer`` ("worker": ``python -m detector`` as `make run` starts it, or
     "noop") on the empty stream tagged ``tag``, publish ``count`` readings of the realistic
     mix from another process, and time from the first XADD until the group has every entry
-    delivered and acknowledged."""
+    delivered and acknowledged. ``mix``: the producer's options of another mix (its series)."""
     names = stream_names(tag)
     stream, group = names["STREAM_READINGS"], "detector"
     r = redis.Redis.from_url(ctx.redis_url, decode_responses=True)
@@ -100,7 +102,7 @@ def run_live(ctx: Context, tag: str, count: int, consumer: str) -> LiveDrain:
         _wait_reading(r, proc.pid, log_path)
         out_path = ctx.data_dir / f"publisher-{tag}.json"
         publisher = spawn(
-            ["-m", "bench.live_publisher", "--stream", stream, "--count", str(count)],
+            ["-m", "bench.live_publisher", "--stream", stream, "--count", str(count), *mix],
             env,
             out_path,
         )

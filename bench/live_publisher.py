@@ -1,7 +1,8 @@
 """The stream benchmark's producer, in a process of its own: ``python -m bench.live_publisher
---stream S --count N`` publishes the realistic mix (``bench.streams.realistic_mix``) with the
-ingest ``Publisher`` at its default batch size, as a producer would while a consumer runs, and
-prints ``{"first_xadd": t, "last_id": id, "seconds": s}`` (``t`` wall-clock, for the drain's
+--stream S --count N [--series M --prefix P]`` publishes the realistic mix
+(``bench.streams.realistic_mix``, over M series, 1,000 by default) with the ingest
+``Publisher`` at its default batch size, as a producer would while a consumer runs, and prints
+``{"first_xadd": t, "last_id": id, "seconds": s}`` (``t`` wall-clock, for the drain's
 first-XADD-to-last-ack time)."""
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--stream", required=True)
     parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--series", type=int, default=STREAM_SERIES, help="series of the mix")
+    parser.add_argument("--prefix", default="stream", help="their ids: <prefix>-0000 …")
     args = parser.parse_args()
-    ids = series_ids(STREAM_SERIES)
+    ids = series_ids(args.series, args.prefix)
     series, timestamps, values, _ = realistic_mix(args.count, len(ids))
     # Checked before the clock starts: the benchmark times the consumer, not our validation.
     readings = [

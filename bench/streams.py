@@ -44,9 +44,9 @@ def stream_count(ctx: Context) -> int:
     return 200_000 if ctx.quick else 1_000_000
 
 
-def series_ids(n: int) -> list[str]:
+def series_ids(n: int, prefix: str = "stream") -> list[str]:
     """The ids of the stream scenarios' ``n`` series."""
-    return [f"stream-{i:04d}" for i in range(n)]
+    return [f"{prefix}-{i:04d}" for i in range(n)]
 
 
 def realistic_mix(

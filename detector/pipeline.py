@@ -329,6 +329,12 @@ async def score_batch(
             (s, pointers[s] if v is None else v) for s, v in zip(series_ids, versions, strict=True)
         ]
         triples = ((key, *key) for key in dict.fromkeys(keys))  # type: ignore[misc]
+    triples = list(triples)
+    # The models of versions new to this process (a series' first readings, a refit) come
+    # from Redis in one round trip for the whole batch, not one a series.
+    await store.prefetch(
+        [(s, v) for _, s, v in triples if v is not None and rules.get((s, v)) is None]
+    )
     # Row 0 stands for "no model": NaN bounds never compare true.
     rows: dict[Hashable, int] = {}
     models: list[tuple[int, StaticModel] | None] = [None]

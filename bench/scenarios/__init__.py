@@ -17,7 +17,7 @@ from bench.scenarios.rest import (
     scenario_predict,
     scenario_series_scaling,
 )
-from bench.scenarios.stream import scenario_stream, scenario_stream_scaling
+from bench.scenarios.stream import scenario_stream, scenario_stream_scaling, scenario_stream_wide
 
 SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "predict": scenario_predict,
@@ -29,6 +29,7 @@ SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "memory": scenario_memory,
     "stream": scenario_stream,
     "stream2": scenario_stream_scaling,
+    "stream-wide": scenario_stream_wide,
     "kafka": scenario_kafka,
     "backfill": scenario_backfill,
     "bulk-fit": scenario_bulk_fit,

@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -51,11 +52,13 @@ def _series_count(ctx: Context) -> int:
     return 20_000 if ctx.quick else 1_000_000
 
 
-def _body(start: int, stop: int, rng: np.random.Generator) -> bytes:
-    """An Arrow stream of the series ``start`` … ``stop - 1``, 32 points each (one a minute,
-    values ~ N(50, 5)), rows series by series."""
+def _body(
+    start: int, stop: int, rng: np.random.Generator, name: Callable[[int], str] = _name
+) -> bytes:
+    """An Arrow stream of the series ``start`` … ``stop - 1`` (their ids ``name(i)``), 32
+    points each (one a minute, values ~ N(50, 5)), rows series by series."""
     n = stop - start
-    names = np.array([_name(i) for i in range(start, stop)])
+    names = np.array([name(i) for i in range(start, stop)])
     table = pa.table(
         {
             "series_id": pa.array(np.repeat(names, POINTS), pa.string()),
@@ -88,9 +91,16 @@ def _pg_bytes(ctx: Context) -> dict[str, int]:
     return sizes
 
 
-def _bulk_fit(ctx: Context, first: int, count: int, kind: str | None) -> tuple[float, list[int]]:
-    """Fit series ``first`` … ``first + count - 1`` through POST /fit; (seconds, job ids).
-    The next request's body is built while the server works on the current one."""
+def bulk_fit(
+    ctx: Context,
+    first: int,
+    count: int,
+    kind: str | None,
+    name: Callable[[int], str] = _name,
+) -> tuple[float, list[int]]:
+    """Fit series ``first`` … ``first + count - 1`` (ids ``name(i)``) through POST /fit;
+    (seconds, job ids). The next request's body is built while the server works on the
+    current one."""
     rng = np.random.default_rng(first)
     params = {"kind": kind} if kind else {}
     jobs: list[int] = []
@@ -99,7 +109,7 @@ def _bulk_fit(ctx: Context, first: int, count: int, kind: str | None) -> tuple[f
 
         async def run() -> float:
             loop = asyncio.get_running_loop()
-            body = _body(bounds[0], bounds[1], rng)
+            body = _body(bounds[0], bounds[1], rng, name)
             started = time.perf_counter()
             for i in range(len(bounds) - 1):
                 sending = loop.run_in_executor(
@@ -110,7 +120,7 @@ def _bulk_fit(ctx: Context, first: int, count: int, kind: str | None) -> tuple[f
                 )
                 if i + 2 < len(bounds):
                     body = await loop.run_in_executor(
-                        None, _body, bounds[i + 1], bounds[i + 2], rng
+                        None, _body, bounds[i + 1], bounds[i + 2], rng, name
                     )
                 answer = await sending
                 answer.raise_for_status()
@@ -199,10 +209,10 @@ def scenario_bulk_fit(ctx: Context) -> list[Row]:
     rng = np.random.default_rng(7)
     scenario = f"bulk fit, {count:,} series × {POINTS} points (POST /fit, Arrow)"
     # One series stored: predict's p50 to compare with (the scaling scenario's measurement).
-    _bulk_fit(ctx, 0, 1, kind)
+    bulk_fit(ctx, 0, 1, kind)
     base = _best_p50(ctx, 1, rng)
     redis_before, pg_before = _redis_used(ctx), _pg_bytes(ctx)
-    seconds, jobs = _bulk_fit(ctx, 1, count, kind)
+    seconds, jobs = bulk_fit(ctx, 1, count, kind)
     redis_after, pg_after = _redis_used(ctx), _pg_bytes(ctx)
     rate = count / seconds
     log.info("bulk fit: %d series in %.1f s (%.0f/s)", count, seconds, rate)

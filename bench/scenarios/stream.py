@@ -10,6 +10,7 @@ import psycopg
 from bench.context import Context
 from bench.drains import LiveDrain, run_live, run_noop, run_workers
 from bench.report import Row, reported
+from bench.scenarios.bulk_fit import bulk_fit
 from bench.streams import (
     STREAM_SERIES,
     check_drained,
@@ -200,4 +201,58 @@ def scenario_stream_scaling(ctx: Context) -> list[Row]:
             None,
         ),
         reported(scenario, "Redis server CPU, two workers", redis_used, "s"),
+    ]
+
+
+def scenario_stream_wide(ctx: Context) -> list[Row]:
+    """The worker's throughput with readings spread over many series (``BENCH_WIDE_SERIES``,
+    default 1,000,000; ``--quick`` 20,000), bulk-fitted ``static`` first: as many readings as
+    series, each series once, 1 % of them anomalous (each its own episode), published while
+    the consumer runs, against the no-op consumer on the same readings. Every reading is its
+    series' first in the worker: its latest pointer and model are read from Redis."""
+    n = int(os.environ.get("BENCH_WIDE_SERIES") or (20_000 if ctx.quick else 1_000_000))
+    prefix = "wide"
+    seconds, _ = bulk_fit(ctx, 0, n, "static", name=lambda i: f"{prefix}-{i:04d}")
+    mix = ("--series", str(n), "--prefix", prefix)
+    base = run_live(ctx, "wide-noop", n, "noop", mix)
+    drop_streams(ctx, "wide-noop")
+    redis_before = redis_cpu(ctx)
+    ours = run_live(ctx, "wide", n, "worker", mix)
+    redis_used = redis_cpu(ctx) - redis_before
+    events = check_drained(ctx, "wide", n)
+    drop_streams(ctx, "wide")
+    expected = realistic_mix(n, n)[3]
+    if events != expected:
+        raise RuntimeError(f"expected {expected} anomaly events over {n} series, got {events}")
+    rate, base_rate = n / ours.seconds, n / base.seconds
+    scenario = (
+        f"stream live (static), {n:,} readings over {n:,} series (each once, 1 % anomalous), "
+        "first XADD → last ack"
+    )
+    return [
+        Row(
+            scenario,
+            "throughput",
+            rate,
+            "readings/s",
+            base_rate,
+            "no-op XREADGROUP + XACK consumer, same publisher",
+            rate / base_rate,
+            "report",
+            None,
+        ),
+        reported(scenario, "anomaly events", events, "events"),
+        Row(
+            scenario,
+            "worker CPU",
+            ours.cpu_seconds,
+            "s",
+            base.cpu_seconds,
+            "no-op consumer CPU",
+            ours.cpu_seconds / base.cpu_seconds,
+            "report",
+            None,
+        ),
+        reported(scenario, "Redis server CPU during the drain", redis_used, "s"),
+        reported(scenario, f"bulk fit of the {n:,} series beforehand", seconds, "s"),
     ]

@@ -31,6 +31,7 @@ from detector.identifiers import format_version
 from detector.kinds.static import StaticModel
 from detector.kinds.training import TrainingData
 from detector.redis_keys import model_key, write_probe_key
+from detector.scripts import lua
 from detector.store.caches import PointerCache, VersionCache
 from detector.store.codec import ModelVersion, parse_arrays, parse_points
 from detector.store.connections import is_cluster
@@ -45,6 +46,8 @@ T = TypeVar("T")
 
 # Kind-specific parameters (a multiscale initial state is ~1 KB) kept in process.
 _PARAMS_CACHE = 10_000
+# Versions a script call reads at most (``prefetch``): a bounded reply, and Redis busy briefly.
+_KEYS_A_CALL = 5000
 
 # A version's MLflow run: its own, or for a bulk fit's version its job's (``fit_jobs``).
 _VERSIONS = (
@@ -66,6 +69,7 @@ class ModelStore:
         # Optional: latest pointers cached in process, invalidated by Redis key tracking.
         self.pointers: PointerCache | None = None
         self.publisher = VersionPublisher(redis_client)
+        self._read_models = redis_client.register_script(lua("read_models"))
         # Set by a PostgreSQL failure, cleared by a successful probe (see ``_postgres_gate``).
         self._postgres_down = False
         self._params: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
@@ -266,6 +270,35 @@ class ModelStore:
             found = await self._load_version(series_id, version, from_redis=False)
             await self._repair(found, make_latest=True)
         return version
+
+    async def prefetch(self, keys: Sequence[tuple[str, int]]) -> None:
+        """Load the (series, version)s of ``keys`` not cached from Redis, in one pipeline, into
+        the cache: a batch of series new to the process costs one round trip, not one each.
+        Those Redis lacks, or all when it fails, are left to ``get`` (PostgreSQL, repair)."""
+        wanted = [key for key in dict.fromkeys(keys) if self.cache.get(key) is None]
+        if not wanted:
+            return
+        try:
+            if is_cluster(self.redis):  # one script may not take keys of many slots
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for series_id, version in wanted:
+                        pipe.hget(model_key(series_id), str(version))
+                    replies = await pipe.execute()
+            else:
+                replies = []
+                for start in range(0, len(wanted), _KEYS_A_CALL):
+                    part = wanted[start : start + _KEYS_A_CALL]
+                    replies += await self._read_models(
+                        keys=[model_key(s) for s, _ in part], args=[str(v) for _, v in part]
+                    )
+        except REDIS_FAILURES as exc:
+            if not redis_unavailable(exc):
+                raise
+            return
+        for (series_id, version), raw in zip(wanted, replies, strict=True):
+            if raw is not None:
+                found = ModelVersion.from_redis(series_id, version, str(raw))
+                self.cache.put((series_id, version), found)
 
     async def _load_version(
         self, series_id: str, version: int, *, from_redis: bool = True
