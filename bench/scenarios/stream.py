@@ -98,17 +98,7 @@ def _live_rows(
             ratio >= 0.6,
         ),
         reported(scenario, "anomaly events = episodes recorded", events, "events"),
-        Row(
-            scenario,
-            "worker CPU",
-            ours.cpu_seconds,
-            "s",
-            base.cpu_seconds,
-            "no-op consumer CPU",
-            ours.cpu_seconds / base.cpu_seconds,
-            "report",
-            None,
-        ),
+        _cpu_row(scenario, ours.cpu_seconds, base.cpu_seconds),
         reported(scenario, "publishing time alone", ours.publish_seconds, "s"),
         reported(scenario, "Redis server CPU during the drain", redis_used, "s"),
     ], ours
@@ -144,17 +134,7 @@ def scenario_stream_backlog(ctx: Context) -> list[Row]:
             ratio >= 0.5 and rate >= 100_000,
         ),
         reported(scenario, "anomaly events written", events, "events"),
-        Row(
-            scenario,
-            "worker CPU",
-            ours.cpu_seconds,
-            "s",
-            base.cpu_seconds,
-            "no-op consumer CPU",
-            ours.cpu_seconds / base.cpu_seconds,
-            "report",
-            None,
-        ),
+        _cpu_row(scenario, ours.cpu_seconds, base.cpu_seconds),
         reported(scenario, "Redis server CPU during the drain", redis_used, "s"),
     ]
 
@@ -242,17 +222,14 @@ def scenario_stream_wide(ctx: Context) -> list[Row]:
             None,
         ),
         reported(scenario, "anomaly events", events, "events"),
-        Row(
-            scenario,
-            "worker CPU",
-            ours.cpu_seconds,
-            "s",
-            base.cpu_seconds,
-            "no-op consumer CPU",
-            ours.cpu_seconds / base.cpu_seconds,
-            "report",
-            None,
-        ),
+        _cpu_row(scenario, ours.cpu_seconds, base.cpu_seconds),
         reported(scenario, "Redis server CPU during the drain", redis_used, "s"),
         reported(scenario, f"bulk fit of the {n:,} series beforehand", seconds, "s"),
     ]
+
+
+def _cpu_row(scenario: str, ours: float, base: float) -> Row:
+    """The worker's CPU seconds over a drain against the no-op consumer's."""
+    return Row(
+        scenario, "worker CPU", ours, "s", base, "no-op consumer CPU", ours / base, "report", None
+    )
