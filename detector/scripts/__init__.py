@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from typing import Final
+
+# Keys a script that reads many (latest pointers, model versions) takes in one call: bounded,
+# since a script holds Redis while it runs.
+KEYS_A_CALL: Final = 5000
 
 
 @cache

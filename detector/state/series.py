@@ -539,9 +539,10 @@ class SeriesStates:
                 scales=[scales.get(s) for s in todo],
                 lateness=self.lateness,
             )
+            nexts = [int(seq) + 1 for seq in seqs]  # each written state's seq
             values = [
-                b"%d\n%b" % (int(seq) + 1, result.state.to_bytes())
-                for seq, result in zip(seqs, results, strict=True)
+                b"%d\n%b" % (after, result.state.to_bytes())
+                for after, result in zip(nexts, results, strict=True)
             ]
             layout = "".join(f"{seq},{len(v)};" for seq, v in zip(seqs, values, strict=True))
             keys = [state_key(s, self.namespace) for s in todo]
@@ -559,7 +560,7 @@ class SeriesStates:
                 if new.newest is not None:
                     holding[todo[i]] = bool(new.held)
                 if self.cache_size:
-                    cache[todo[i]] = (str(int(seqs[i]) + 1), new)
+                    cache[todo[i]] = (str(nexts[i]), new)
                     cache.move_to_end(todo[i])
             while len(cache) > self.cache_size:
                 cache.popitem(last=False)

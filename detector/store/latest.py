@@ -10,11 +10,8 @@ from typing import Any
 
 from detector.errors import ModelNotFoundError
 from detector.redis_keys import model_key
-from detector.scripts import lua
+from detector.scripts import KEYS_A_CALL, lua
 from detector.store.models import ModelStore
-
-# Pointers read by one script call: bounded, since a script holds Redis while it runs.
-_KEYS_A_CALL = 5000
 
 
 class LatestVersions:
@@ -53,8 +50,8 @@ class LatestVersions:
             stale = [s for s in wanted if (e := self._entries.get(s)) is None or e[1] <= now]
         if stale:
             pointers: list[Any] = []
-            for start in range(0, len(stale), _KEYS_A_CALL):
-                keys = [model_key(s) for s in stale[start : start + _KEYS_A_CALL]]
+            for start in range(0, len(stale), KEYS_A_CALL):
+                keys = [model_key(s) for s in stale[start : start + KEYS_A_CALL]]
                 pointers += await self._pointers(keys=keys)
             for series_id, raw in zip(stale, pointers, strict=True):
                 version: int | None

@@ -31,7 +31,7 @@ from detector.identifiers import format_version
 from detector.kinds.static import StaticModel
 from detector.kinds.training import TrainingData
 from detector.redis_keys import model_key, write_probe_key
-from detector.scripts import lua
+from detector.scripts import KEYS_A_CALL, lua
 from detector.store.caches import PointerCache, VersionCache
 from detector.store.codec import ModelVersion, parse_arrays, parse_points
 from detector.store.connections import is_cluster
@@ -46,8 +46,6 @@ T = TypeVar("T")
 
 # Kind-specific parameters (a multiscale initial state is ~1 KB) kept in process.
 _PARAMS_CACHE = 10_000
-# Versions a script call reads at most (``prefetch``): a bounded reply, and Redis busy briefly.
-_KEYS_A_CALL = 5000
 
 # A version's MLflow run: its own, or for a bulk fit's version its job's (``fit_jobs``).
 _VERSIONS = (
@@ -272,25 +270,21 @@ class ModelStore:
         return version
 
     async def prefetch(self, keys: Sequence[tuple[str, int]]) -> None:
-        """Load the (series, version)s of ``keys`` not cached from Redis, in one pipeline, into
-        the cache: a batch of series new to the process costs one round trip, not one each.
-        Those Redis lacks, or all when it fails, are left to ``get`` (PostgreSQL, repair)."""
+        """Load the (series, version)s of ``keys`` not cached from Redis into the cache, in one
+        script call (``read_models.lua``): a batch of series new to the process costs one round
+        trip, not one each. Those Redis lacks, or all when it fails, are left to ``get``
+        (PostgreSQL, repair). For the stream's batches: like the latest pointers' script, it
+        takes many series' keys, which the workers' refusal of Redis Cluster allows."""
         wanted = [key for key in dict.fromkeys(keys) if self.cache.get(key) is None]
         if not wanted:
             return
+        replies: list[Any] = []
         try:
-            if is_cluster(self.redis):  # one script may not take keys of many slots
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for series_id, version in wanted:
-                        pipe.hget(model_key(series_id), str(version))
-                    replies = await pipe.execute()
-            else:
-                replies = []
-                for start in range(0, len(wanted), _KEYS_A_CALL):
-                    part = wanted[start : start + _KEYS_A_CALL]
-                    replies += await self._read_models(
-                        keys=[model_key(s) for s, _ in part], args=[str(v) for _, v in part]
-                    )
+            for start in range(0, len(wanted), KEYS_A_CALL):
+                part = wanted[start : start + KEYS_A_CALL]
+                replies += await self._read_models(
+                    keys=[model_key(s) for s, _ in part], args=[str(v) for _, v in part]
+                )
         except REDIS_FAILURES as exc:
             if not redis_unavailable(exc):
                 raise
