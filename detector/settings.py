@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detector.kinds.registry import ModelKind
@@ -117,9 +117,11 @@ class Settings(BaseSettings):
         return value
 
     # The streams (docs/stream-contract.md). The worker writes events and acknowledges
-    # readings in one script, which on a Redis Cluster would need the three in one slot (one
-    # hash tag: ``readings:{a}``, ``anomalies:{a}``, ``readings:dead:{a}``); the workers do not
-    # run on a cluster yet (docs/operations.md#redis-cluster).
+    # readings in one script, so on a Redis Cluster the three share one slot: with
+    # STREAM_SHARDS above 1 each shard's streams carry the shard's hash tag
+    # (``readings:{s3}``, ``anomalies:{s3}``, ``readings:dead:{s3}``, ``detector.shards``);
+    # with 1 shard the names are used as they are (docs/operations.md#sharded-streams).
+    stream_shards: int = Field(default=1, ge=1, le=1024)
     stream_readings: str = "readings"
     stream_anomalies: str = "anomalies"
     stream_dead: str = "readings:dead"
@@ -226,6 +228,19 @@ class Settings(BaseSettings):
     model_refresh_seconds: float = Field(default=1.0, ge=0, le=5)
     worker_heartbeat_ttl_seconds: int = Field(default=15, ge=1)
     metrics_port: int = Field(default=9101, ge=0, le=65535, description="0 disables it.")
+
+    @model_validator(mode="after")
+    def _shardable_names(self) -> Settings:
+        # A shard's tag must be its names' hash tag: a brace already in a name would win.
+        if self.stream_shards > 1:
+            for field_name in ("stream_readings", "stream_anomalies", "stream_dead"):
+                name = getattr(self, field_name)
+                if "{" in name or "}" in name:
+                    raise ValueError(
+                        f"{field_name.upper()} {name!r} has a brace: with STREAM_SHARDS above 1"
+                        " the shards' hash tags are added to the names, which may have none"
+                    )
+        return self
 
     @field_validator("redis_cluster_nodes")
     @classmethod
