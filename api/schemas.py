@@ -260,7 +260,7 @@ UNSUPPORTED_MEDIA_TYPE: dict[int | str, dict[str, Any]] = {
 }
 
 NOT_ON_CLUSTER: dict[int | str, dict[str, Any]] = {
-    501: {"model": ErrorBody, "description": "Not available on Redis Cluster yet"}
+    501: {"model": ErrorBody, "description": "Not available on Redis Cluster (backfill)"}
 }
 
 

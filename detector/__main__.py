@@ -21,7 +21,7 @@ from detector.settings import Settings
 from detector.store.connections import apply_schema, postgres_pool, redis_client, refuse_cluster
 from detector.store.retention import start_retention
 from detector.transports.redis.health import read_health
-from detector.transports.redis.worker import Worker
+from detector.transports.redis.worker import run_workers, workers
 
 log = logging.getLogger("detector")
 
@@ -41,17 +41,22 @@ async def serve(settings: Settings, *, burst: bool, consumer: str | None) -> Non
         except POSTGRES_ERRORS as exc:
             # Keep going: scoring needs Redis only; anomalies wait for PostgreSQL (retried).
             log.warning("PostgreSQL not reachable at start-up: %s", exc)
-        worker = Worker(settings, redis, pool, metrics=metrics, consumer=consumer)
+        group = workers(settings, redis, pool, metrics=metrics, consumer=consumer)
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            for worker in group:
+                worker.request_stop()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.request_stop)
+            loop.add_signal_handler(sig, stop)
         retention = None if burst else start_retention(pool, settings)
         try:
-            await worker.run(burst=burst)
+            await run_workers(group, burst=burst)
         finally:
             if retention is not None:
                 retention.cancel()
-            await worker.store.publisher.close()
+            await group[0].store.publisher.close()
     finally:
         await pool.close()
         await redis.aclose()

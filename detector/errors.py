@@ -50,7 +50,7 @@ class TrainingDataDeletedError(AnomalyError):
 
 
 class NotOnClusterError(AnomalyError):
-    """What does not run on Redis Cluster yet (HTTP 501; docs/operations.md#redis-cluster)."""
+    """What does not run on Redis Cluster (HTTP 501; docs/operations.md#redis-cluster)."""
 
 
 class StoreUnavailableError(AnomalyError):

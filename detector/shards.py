@@ -7,9 +7,10 @@ streams and the worker's keys of its series carry the hash tag ``{s<k>}``:
 
 - ``readings:{s<k>}``, ``anomalies:{s<k>}``, ``readings:dead:{s<k>}`` (the names of the
   settings, tagged), so a batch's commit writes its three streams in one slot;
-- ``{s<k>}:state:{<id>}``, ``{s<k>}:episode:{<id>}``, ``{s<k>}:state:held`` (the key
-  namespace of ``detector.redis_keys``), so a batch's states, episodes and held readings are
-  one slot too, and the silence watch's keys follow the shard's anomalies stream.
+- ``{s<k>}:readings:state:{<id>}``, ``{s<k>}:readings:episode:{<id>}``,
+  ``{s<k>}:readings:state:held`` (the key namespace of ``detector.redis_keys``, after the
+  readings stream), so a batch's states, episodes and held readings are one slot too, and
+  the silence watch's keys follow the shard's anomalies stream.
 
 On Redis Cluster the shards' slots spread over the masters (give N a few times the number
 of masters); on one Redis sharding only splits the streams. With N = 1 every name is the
@@ -67,7 +68,7 @@ def shard(settings: Settings, index: int) -> Shard:
         readings=tagged(settings.stream_readings, index, n),
         anomalies=tagged(settings.stream_anomalies, index, n),
         dead=tagged(settings.stream_dead, index, n),
-        namespace="" if n <= 1 else f"{shard_tag(index)}:",
+        namespace="" if n <= 1 else f"{shard_tag(index)}:{settings.stream_readings}:",
     )
 
 

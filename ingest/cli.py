@@ -227,7 +227,7 @@ def _publisher(
         )
     return Publisher(
         client, stream=args.stream or settings.stream_readings, maxlen=args.maxlen,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, shards=settings.stream_shards,
     )  # fmt: skip
 
 

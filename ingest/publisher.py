@@ -13,6 +13,7 @@ import redis
 
 from detector.redis_keys import producer_key
 from detector.scripts import lua
+from detector.shards import shard_of, tagged
 from detector.wire.events import number
 from detector.wire.readings import DeadLetter, parse_reading
 
@@ -48,6 +49,17 @@ _FIRST_BACKOFF, _MAX_BACKOFF = 0.1, 2.0
 class _Batch:
     number: int
     readings: list[dict[str, str]]
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One stream's buffer, the batch in flight to it and its producer record."""
+
+    stream: str
+    key: str
+    buffer: list[dict[str, str]]
+    in_flight: _Batch | None = None
+    last_batch: int = 0
 
 
 def checked_fields(
@@ -88,6 +100,11 @@ class Publisher:
 
     Each XADD trims the stream with ``MAXLEN ~ maxlen``: a producer-side bound on memory. It
     must stay far above any backlog the workers may face, or unscored readings are dropped.
+
+    With ``shards`` above 1 (STREAM_SHARDS, ``detector.shards``) ``stream`` names the shards:
+    each reading goes to its series' shard stream (``readings:{s<k>}``), each shard has a
+    buffer, batch numbers and a producer record of its own, and the guarantee holds shard by
+    shard; a series' readings stay in publishing order, as they share a shard.
     """
 
     def __init__(
@@ -100,9 +117,11 @@ class Publisher:
         producer_id: str | None = None,
         retries: int = 5,
         dedup_ttl: int = 86_400,
+        shards: int = 1,
     ) -> None:
         self.client = client
         self.stream = stream
+        self.shards = shards
         self.maxlen = maxlen
         self.batch_size = batch_size
         self.producer_id = producer_id or uuid.uuid4().hex
@@ -110,28 +129,34 @@ class Publisher:
         self.dedup_ttl = dedup_ttl
         self.sent = 0
         self.resent = 0  # batches found already applied on a retry
-        self._buffer: list[dict[str, str]] = []
-        self._in_flight: _Batch | None = None
-        self._last_batch = 0
+        self._lanes = [
+            _Lane(name, producer_key(name, self.producer_id), [])
+            for name in (tagged(stream, k, shards) for k in range(shards))
+        ]
         self._script = client.register_script(lua("publish_batch"))
 
     @property
     def key(self) -> str:
-        return producer_key(self.stream, self.producer_id)
+        """The producer record (of the first shard's stream, when sharded)."""
+        return self._lanes[0].key
+
+    def _lane(self, fields: dict[str, str]) -> _Lane:
+        if self.shards <= 1:
+            return self._lanes[0]
+        return self._lanes[shard_of(fields["series_id"], self.shards)]
 
     def publish(
         self, series_id: str, timestamp: int | str, value: float | str, version: str | None = None
     ) -> None:
         """Queue one reading (validated now: a bad one raises InvalidReadingError)."""
-        self._buffer.append(checked_fields(series_id, timestamp, value, version))
-        if len(self._buffer) >= self.batch_size:
-            self.flush()
+        self.publish_fields(checked_fields(series_id, timestamp, value, version))
 
     def publish_fields(self, fields: dict[str, str]) -> None:
         """Queue entry fields that are already checked (see ``checked_fields``)."""
-        self._buffer.append(fields)
-        if len(self._buffer) >= self.batch_size:
-            self.flush()
+        lane = self._lane(fields)
+        lane.buffer.append(fields)
+        if len(lane.buffer) >= self.batch_size:
+            self._flush_lane(lane)
 
     def publish_many(self, readings: Iterable[tuple[str, int, float]]) -> int:
         count = 0
@@ -143,28 +168,36 @@ class Publisher:
 
     def flush(self) -> list[str]:
         """Send an unconfirmed batch left by an earlier failure, then what is buffered, one
-        round trip a batch; returns the entry ids of the readings confirmed now."""
+        round trip a batch (a shard); returns the entry ids of the readings confirmed now
+        (shard by shard when sharded)."""
         ids: list[str] = []
-        if self._in_flight is not None:
-            ids += self._send(self._in_flight)
-        if self._buffer:
-            self._last_batch += 1
+        for lane in self._lanes:
+            ids += self._flush_lane(lane)
+        return ids
+
+    def _flush_lane(self, lane: _Lane) -> list[str]:
+        ids: list[str] = []
+        if lane.in_flight is not None:
+            ids += self._send(lane, lane.in_flight)
+        if lane.buffer:
+            lane.last_batch += 1
             # Frozen from here on: a resend must carry exactly these readings.
-            self._in_flight = _Batch(self._last_batch, self._buffer)
-            self._buffer = []
-            ids += self._send(self._in_flight)
+            lane.in_flight = _Batch(lane.last_batch, lane.buffer)
+            lane.buffer = []
+            ids += self._send(lane, lane.in_flight)
         return ids
 
     def close(self) -> None:
-        """Send what is buffered, then drop the producer's record (no resend can follow)."""
+        """Send what is buffered, then drop the producer's records (no resend can follow)."""
         self.flush()
-        if self._last_batch:
-            try:
-                self.client.delete(self.key)
-            except _CONNECTION_ERRORS:
-                pass  # its TTL removes it
+        for lane in self._lanes:
+            if lane.last_batch:
+                try:
+                    self.client.delete(lane.key)
+                except _CONNECTION_ERRORS:
+                    pass  # its TTL removes it
 
-    def _send(self, batch: _Batch) -> list[str]:
+    def _send(self, lane: _Lane, batch: _Batch) -> list[str]:
         args: list[str | int] = [batch.number, self.dedup_ttl, self.maxlen, len(batch.readings)]
         for fields in batch.readings:
             args.append(len(fields))
@@ -173,7 +206,7 @@ class Publisher:
         pause = _FIRST_BACKOFF
         for attempt in range(self.retries + 1):
             try:
-                reply: list[Any] = self._script(keys=[self.stream, self.key], args=args)
+                reply: list[Any] = self._script(keys=[lane.stream, lane.key], args=args)
                 break
             except _CONNECTION_ERRORS as exc:
                 if attempt == self.retries:
@@ -182,7 +215,7 @@ class Publisher:
                     ) from exc
                 time.sleep(pause)
                 pause = min(_MAX_BACKOFF, pause * 2)
-        self._in_flight = None
+        lane.in_flight = None
         self.sent += len(batch.readings)
         if not int(reply[0]):
             self.resent += 1

@@ -16,7 +16,8 @@
 -- incident, [3] the mode ('xadd': the script writes the events to the stream; 'lease': the
 -- caller produces them), [4] the stream's MAXLEN ~, [5] the lease in seconds, [6] the
 -- smallest share of the fleet that makes an incident (the fewest series is the larger of
--- [2] and that share of KEYS[9]'s size).
+-- [2] and that share of the fleet's size), [7] the fleet's size, or -1: KEYS[9]'s size
+-- (sharded streams: the shards' fleets are in other slots, so the caller sums them).
 
 -- Redis' own clock: one clock for every worker.
 local function now_seconds()
@@ -31,7 +32,11 @@ local window, need, mode, maxlen, lease =
     tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 local share = tonumber(ARGV[6])
 if share > 0 then
-    need = math.max(need, math.ceil(share * redis.call('HLEN', KEYS[9])))
+    local fleet = tonumber(ARGV[7])
+    if fleet < 0 then
+        fleet = redis.call('HLEN', KEYS[9])
+    end
+    need = math.max(need, math.ceil(share * fleet))
 end
 local ARRIVAL = ' arrival'  -- not a series id (they have no blanks)
 

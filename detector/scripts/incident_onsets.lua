@@ -1,5 +1,5 @@
 -- One call per batch that has episode onsets: groups them into incidents (runs after
--- incident_common.lua, whose KEYS, ARGV and functions it uses). ARGV[7]: the onsets, lines
+-- incident_common.lua, whose KEYS, ARGV and functions it uses). ARGV[8]: the onsets, lines
 -- "<series_id> <timestamp> <episode_id>" in batch order.
 --
 -- The rule (event time, w = the window, n = the fewest series):
@@ -19,7 +19,7 @@
 local now = now_seconds()
 local out, opened, touched, dirty = {}, 0, false, false
 local c = close_if_idle(load_current(), now, out)
-for series, ts, eid in string.gmatch(ARGV[7], '(%S+) (%d+) (%S+)') do
+for series, ts, eid in string.gmatch(ARGV[8], '(%S+) (%d+) (%S+)') do
     local t = tonumber(ts)
     if c and t > c.last + window then
         if dirty then

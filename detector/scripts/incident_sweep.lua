@@ -1,5 +1,5 @@
 -- The periodic sweep of every worker (runs after incident_common.lua, whose KEYS, ARGV and
--- functions it uses; ARGV[7]: at most this many expired leases a call). Closes the open
+-- functions it uses; ARGV[8]: at most this many expired leases a call). Closes the open
 -- incident once no onset joined it for the window of arrival time (whichever worker sweeps
 -- first writes its one closed event), and hands back the events whose lease ran out (the
 -- worker that had them died before recording them, or on Kafka producing them), leased again
@@ -8,7 +8,7 @@
 local now = now_seconds()
 local out = {}
 local c = close_if_idle(load_current(), now, out)
-local due = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now, 'LIMIT', 0, tonumber(ARGV[7]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
 for _, source_id in ipairs(due) do
     local raw = redis.call('HGET', KEYS[6], source_id)
     if raw then

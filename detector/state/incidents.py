@@ -18,6 +18,8 @@ in between leaves the lease to run out, and the next sweep hands the event to an
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -34,6 +36,8 @@ from detector.settings import Settings
 LEASE_SECONDS = 30.0
 # Expired leases taken per sweep call.
 SWEEP_LIMIT = 1000
+# How stale the summed fleet size of sharded streams may be.
+FLEET_REFRESH_SECONDS = 5.0
 # The keys, in the scripts' KEYS order (incident_common.lua); the output stream comes last.
 _PARTS = ("current", "members", "last_members", "pending", "pending_episodes", "outbox", "leases")
 
@@ -86,14 +90,21 @@ class IncidentTracker:
         min_share: float = 0.0,
         mode: Literal["xadd", "lease"] = "xadd",
         maxlen: int = 1_000_000,
+        fleet: Sequence[str] | None = None,
     ) -> None:
         self.redis = client
         self.output = output
         self.source = source or output  # what PostgreSQL records them under
         self.mode = mode
         # The fleet: the series the silence watch has seen on this output's stream.
-        fleet = silence_key(output, "series")
-        self.keys = [*(incident_key(output, part) for part in _PARTS), output, fleet]
+        fleet_key = silence_key(output, "series")
+        self.keys = [*(incident_key(output, part) for part in _PARTS), output, fleet_key]
+        # Sharded streams (``detector.shards``): the fleet is every shard's watched series,
+        # hashes in other slots than the incident keys, so their sizes are summed here and
+        # handed to the scripts (refreshed at most every FLEET_REFRESH_SECONDS).
+        self.fleet = list(fleet or ())
+        self._fleet_size = -1
+        self._fleet_read = -math.inf
         self._args: list[Any] = [
             window_seconds,
             min_series,
@@ -112,7 +123,7 @@ class IncidentTracker:
             return IncidentChanges()
         lines = "\n".join(f"{o.series_id} {int(o.timestamp)} {o.episode_id}" for o in onsets)
         opened, active, events, state = await self._onsets(
-            keys=self.keys, args=[*self._args, lines]
+            keys=self.keys, args=[*self._args, await self._fleet_arg(), lines]
         )
         return IncidentChanges(
             opened=int(opened),
@@ -125,11 +136,27 @@ class IncidentTracker:
         """Close an incident gone quiet; take over events whose lease ran out."""
         changes = IncidentChanges()
         while True:
-            active, events = await self._sweep(keys=self.keys, args=[*self._args, SWEEP_LIMIT])
+            active, events = await self._sweep(
+                keys=self.keys, args=[*self._args, await self._fleet_arg(), SWEEP_LIMIT]
+            )
             changes.active = int(active)
             changes.events += [_fields(e) for e in events]
             if len(events) < SWEEP_LIMIT:
                 return changes
+
+    async def _fleet_arg(self) -> int:
+        """The fleet's size for the scripts; -1: the script reads it (one stream)."""
+        if not self.fleet:
+            return -1
+        now = time.monotonic()
+        if now - self._fleet_read >= FLEET_REFRESH_SECONDS:
+            # A non-transactional pipeline: a cluster client sends each HLEN to its node.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in self.fleet:
+                    pipe.hlen(key)
+                sizes = await pipe.execute()
+            self._fleet_size, self._fleet_read = sum(int(n) for n in sizes), now
+        return self._fleet_size
 
     async def delivered(self, events: Sequence[Mapping[str, str]]) -> None:
         """These events are recorded (and on Kafka produced): out of the outbox."""
@@ -160,10 +187,12 @@ def incident_tracker(
     output: str | None = None,
     source: str | None = None,
     mode: Literal["xadd", "lease"] = "xadd",
+    fleet: Sequence[str] | None = None,
 ) -> IncidentTracker | None:
     """The tracker a worker's settings ask for (None when ``incident_min_series`` is 0); its
     keys are named after ``output`` (default: the anomalies stream), its PostgreSQL rows
-    after ``source`` (default: ``output``)."""
+    after ``source`` (default: ``output``); ``fleet``: the silence watch's series hashes
+    of every shard, when the streams are sharded."""
     if settings.incident_min_series <= 0:
         return None
     return IncidentTracker(
@@ -175,4 +204,5 @@ def incident_tracker(
         min_share=settings.incident_min_share if settings.silence_cadences > 0 else 0.0,
         mode=mode,
         maxlen=settings.stream_anomalies_maxlen,
+        fleet=fleet,
     )

@@ -73,19 +73,42 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster | redis.cluster.RedisCluster)
 
 
-# Why the workers and backfill refuse a cluster (docs/operations.md#redis-cluster).
+# Why the Kafka worker and backfill refuse a cluster (docs/operations.md#redis-cluster).
 NOT_ON_CLUSTER = (
-    "does not run on Redis Cluster yet: its batch scripts take the keys of many series at"
-    " once (states, episodes, latest pointers), or a series' keys with shared ones (the held"
-    " set, the silence and incident keys, the streams), which lie in different slots; unset"
-    " REDIS_CLUSTER_NODES and point it at one Redis (docs/operations.md#redis-cluster)"
+    "does not run on Redis Cluster: its batch scripts take the keys of many series at"
+    " once (states, episodes), or a series' keys with shared ones (the held set, the silence"
+    " and incident keys), which lie in different slots; unset REDIS_CLUSTER_NODES and point"
+    " it at one Redis (docs/operations.md#redis-cluster)"
+)
+
+# Why the stream worker refuses a cluster with one shard.
+ONE_SHARD_ON_CLUSTER = (
+    "the stream worker runs on Redis Cluster with sharded streams only: a batch's scripts"
+    " take its streams' and its series' keys at once, which share a slot only under a"
+    " shard's hash tag; set STREAM_SHARDS to a few times the number of masters, the same for"
+    " the publishers (docs/operations.md#sharded-streams)"
 )
 
 
 def refuse_cluster(settings: Settings, what: str = "the stream worker") -> None:
-    """Raise NotOnClusterError when the settings name a Redis Cluster."""
-    if settings.redis_cluster_nodes:
-        raise NotOnClusterError(f"{what} {NOT_ON_CLUSTER}")
+    """Raise NotOnClusterError when the settings name a Redis Cluster that ``what`` cannot
+    run on: the stream worker runs on one with STREAM_SHARDS above 1, the rest on none."""
+    if not settings.redis_cluster_nodes:
+        return
+    if what == "the stream worker":
+        if settings.stream_shards <= 1:
+            raise NotOnClusterError(ONE_SHARD_ON_CLUSTER)
+        return
+    raise NotOnClusterError(f"{what} {NOT_ON_CLUSTER}")
+
+
+def reply_twin(settings: Settings, client: Redis) -> Redis:
+    """A second client on ``client``'s server(s) whose reply parsing may be changed without
+    changing ``client``'s: on one Redis a client over the same connection pool; on a
+    cluster a cluster client of its own (its reply callbacks are shared by all its nodes)."""
+    if is_cluster(client):
+        return _cluster_client(settings)
+    return Redis(connection_pool=client.connection_pool)
 
 
 def sync_redis_client(settings: Settings, url: str | None = None) -> redis.Redis:

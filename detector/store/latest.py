@@ -6,11 +6,10 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from operator import itemgetter
-from typing import Any
 
 from detector.errors import ModelNotFoundError
 from detector.redis_keys import model_key
-from detector.scripts import KEYS_A_CALL, lua
+from detector.store.fields import FieldReads
 from detector.store.models import ModelStore
 
 
@@ -36,7 +35,7 @@ class LatestVersions:
         # No entry expires before this (a lower bound): until then, a batch whose series are
         # all known needs no look at each entry's age.
         self._fresh_until = math.inf
-        self._pointers = store.redis.register_script(lua("latest_pointers"))
+        self._read = FieldReads(store.redis)
 
     async def resolve(self, series_ids: Iterable[str]) -> dict[str, int | None]:
         """The latest version of each series (None: no model), one Redis round trip for all
@@ -49,10 +48,7 @@ class LatestVersions:
         else:
             stale = [s for s in wanted if (e := self._entries.get(s)) is None or e[1] <= now]
         if stale:
-            pointers: list[Any] = []
-            for start in range(0, len(stale), KEYS_A_CALL):
-                keys = [model_key(s) for s in stale[start : start + KEYS_A_CALL]]
-                pointers += await self._pointers(keys=keys)
+            pointers = await self._read([model_key(s) for s in stale], ["latest"] * len(stale))
             for series_id, raw in zip(stale, pointers, strict=True):
                 version: int | None
                 if raw is not None:

@@ -31,10 +31,10 @@ from detector.identifiers import format_version
 from detector.kinds.static import StaticModel
 from detector.kinds.training import TrainingData
 from detector.redis_keys import model_key, write_probe_key
-from detector.scripts import KEYS_A_CALL, lua
 from detector.store.caches import PointerCache, VersionCache
 from detector.store.codec import ModelVersion, parse_arrays, parse_points
 from detector.store.connections import is_cluster
+from detector.store.fields import FieldReads
 from detector.store.fit_jobs import create_job, finish_job
 from detector.store.fit_rows import NewFit, allocate_versions, version_exists, write_fits
 from detector.store.publish import VersionPublisher
@@ -67,7 +67,7 @@ class ModelStore:
         # Optional: latest pointers cached in process, invalidated by Redis key tracking.
         self.pointers: PointerCache | None = None
         self.publisher = VersionPublisher(redis_client)
-        self._read_models = redis_client.register_script(lua("read_models"))
+        self._read_fields = FieldReads(redis_client)
         # Set by a PostgreSQL failure, cleared by a successful probe (see ``_postgres_gate``).
         self._postgres_down = False
         self._params: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
@@ -273,18 +273,15 @@ class ModelStore:
         """Load the (series, version)s of ``keys`` not cached from Redis into the cache, in one
         script call (``read_models.lua``): a batch of series new to the process costs one round
         trip, not one each. Those Redis lacks, or all when it fails, are left to ``get``
-        (PostgreSQL, repair). For the stream's batches: like the latest pointers' script, it
-        takes many series' keys, which the workers' refusal of Redis Cluster allows."""
+        (PostgreSQL, repair). For the stream's batches (``FieldReads``: one script call, or
+        on Redis Cluster one pipeline split by master)."""
         wanted = [key for key in dict.fromkeys(keys) if self.cache.get(key) is None]
         if not wanted:
             return
-        replies: list[Any] = []
         try:
-            for start in range(0, len(wanted), KEYS_A_CALL):
-                part = wanted[start : start + KEYS_A_CALL]
-                replies += await self._read_models(
-                    keys=[model_key(s) for s, _ in part], args=[str(v) for _, v in part]
-                )
+            replies = await self._read_fields(
+                [model_key(s) for s, _ in wanted], [str(v) for _, v in wanted]
+            )
         except REDIS_FAILURES as exc:
             if not redis_unavailable(exc):
                 raise

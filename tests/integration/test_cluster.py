@@ -1,5 +1,6 @@
 """The REST path, the publisher and the subscriber on a real Redis Cluster (three masters,
-three replicas); the workers refuse to start on one."""
+three replicas); the stream worker refuses one without sharded streams, the Kafka worker and
+backfill refuse it always (the sharded workers: test_cluster_workers.py)."""
 
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ def test_backfill_over_rest_is_refused_on_a_cluster(cluster_client, series_id):
         f"/backfill/{series_id}", json={"timestamps": TS[:2], "values": VALUES[:2]}
     )
     assert answer.status_code == 501, answer.text
-    assert "does not run on Redis Cluster yet" in answer.json()["detail"]
+    assert "backfill does not run on Redis Cluster" in answer.json()["detail"]
 
 
 def test_publisher_and_subscriber_on_a_cluster(rc):
@@ -247,18 +248,19 @@ def test_ingest_cli_bulk_fits_on_a_cluster(cluster_settings, redis_cluster, tmp_
 
 
 @pytest.mark.parametrize(
-    ("argv", "what"),
+    ("argv", "says"),
     [
-        (["-m", "detector"], "the stream worker"),
-        (["-m", "detector", "--check"], "the stream worker"),
-        (["-m", "detector.transports.kafka", "worker"], "the Kafka worker"),
+        (["-m", "detector"], "runs on Redis Cluster with sharded streams only"),
+        (["-m", "detector", "--check"], "runs on Redis Cluster with sharded streams only"),
+        (["-m", "detector.transports.kafka", "worker"], "the Kafka worker does not run on Redis"),
     ],
 )
-def test_workers_refuse_a_cluster(argv, what):
-    """Refused before anything is reached (the seed needs no server behind it)."""
+def test_workers_refuse_a_cluster_they_cannot_run_on(argv, says):
+    """The stream worker without STREAM_SHARDS, the Kafka worker always: refused before
+    anything is reached (the seed needs no server behind it)."""
     env = service_env(Settings(), REDIS_CLUSTER_NODES="127.0.0.1:1")
     done = subprocess.run(
         [sys.executable, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 1
-    assert f"{what} does not run on Redis Cluster yet" in done.stderr
+    assert says in done.stderr

@@ -10,6 +10,8 @@ from pathlib import Path
 import redis
 
 from detector.settings import Settings
+from detector.shards import tagged
+from detector.store.connections import sync_redis_client
 from tests.support.polling import wait_for
 from tests.support.services import ROOT, service_env
 
@@ -24,6 +26,7 @@ def start_worker(
         STREAM_READINGS=s.stream_readings,
         STREAM_ANOMALIES=s.stream_anomalies,
         STREAM_DEAD=s.stream_dead,
+        STREAM_SHARDS=str(s.stream_shards),
         STREAM_BATCH_COUNT=str(s.stream_batch_count),
         STREAM_BLOCK_MS="200",
         STREAM_CLAIM_IDLE_MS=str(s.stream_claim_idle_ms),
@@ -49,18 +52,15 @@ def wait_consuming(
 ) -> None:
     """Wait until the worker ``consumer`` has joined its group (its first read): a test that
     times a fault against the stream starts publishing only then."""
-    client = redis.Redis(
-        host=s.redis_host,
-        port=s.redis_port,
-        username=s.redis_username,
-        password=s.redis_password,
-        decode_responses=True,
-    )
+    client = sync_redis_client(s)  # a cluster client when ``s`` names a cluster
 
     def joined() -> bool:
         assert proc.poll() is None, f"the worker exited with {proc.returncode}"
         try:
-            consumers = client.xinfo_consumers(s.stream_readings, s.stream_group)
+            # Every shard's worker joins at start-up; the last shard's joins last.
+            consumers = client.xinfo_consumers(
+                tagged(s.stream_readings, s.stream_shards - 1, s.stream_shards), s.stream_group
+            )
         except redis.exceptions.ResponseError:  # no stream or group yet
             return False
         return any(c["name"] == consumer for c in consumers)

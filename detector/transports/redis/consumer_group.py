@@ -67,6 +67,7 @@ class StreamOps:
         group: str,
         anomalies_maxlen: int,
         dead_maxlen: int,
+        raw: Redis | None = None,
     ) -> None:
         self.redis = client
         self.readings, self.anomalies, self.dead, self.group = readings, anomalies, dead, group
@@ -77,8 +78,9 @@ class StreamOps:
         # them: flat field lists (redis-py's own parsing builds a dict per entry, the worker's
         # largest cost), and bytes (NEVER_DECODE), since a producer may have written anything;
         # decoding them is the wire codec's job, where bytes that are not UTF-8 become a dead
-        # letter instead of an exception inside the reply parser on every read.
-        self._raw = Redis(connection_pool=client.connection_pool)
+        # letter instead of an exception inside the reply parser on every read. ``raw``: such
+        # a client (``connections.reply_twin``), else one over ``client``'s pool.
+        self._raw = raw if raw is not None else Redis(connection_pool=client.connection_pool)
         self._raw.set_response_callback("XREADGROUP", _as_sent)
         self._raw.set_response_callback("XAUTOCLAIM", _as_sent)
         self._lag = client.register_script(lua("consumer_lag"))

@@ -24,13 +24,15 @@ from detector.errors import (
 from detector.kinds.registry import stateful_kind
 from detector.metrics import WorkerMetrics
 from detector.pipeline import Outcome, Pipeline
+from detector.redis_keys import silence_key
 from detector.retry import Backoff, retry_while
 from detector.settings import Settings
+from detector.shards import Shard, shard, shards
 from detector.state.adjustments import Adjustments
-from detector.state.incidents import incident_tracker
+from detector.state.incidents import IncidentTracker, incident_tracker
 from detector.state.series import SeriesStates
 from detector.state.silence import silence_watch
-from detector.store.connections import refuse_cluster
+from detector.store.connections import refuse_cluster, reply_twin
 from detector.store.models import ModelStore
 from detector.transports.redis.consumer_group import Output, StreamOps, is_nogroup
 from detector.transports.redis.health import clear_health, record_health
@@ -52,7 +54,9 @@ def default_consumer_name() -> str:
 
 
 class Worker:
-    """Reads `readings` as one consumer of the group, scores, and commits atomically.
+    """Reads one shard's `readings` as one consumer of the group, scores, and commits
+    atomically (one shard, the settings' own streams, unless STREAM_SHARDS is above 1: see
+    ``workers``, which builds one a shard sharing one model store and incident tracker).
 
     Per batch: validate each entry (poison → dead letter), resolve models (latest pointer
     cached ``model_refresh_seconds``), score each (series, version) group with one vectorised
@@ -71,8 +75,12 @@ class Worker:
         metrics: WorkerMetrics,
         consumer: str | None = None,
         store: ModelStore | None = None,
+        shard: Shard | None = None,
+        incidents: IncidentTracker | bool | None = True,
+        raw: Redis | None = None,
     ) -> None:
         refuse_cluster(settings)
+        self.shard = shard = shard or _first_shard(settings)
         self.settings = settings
         self.redis = redis_client
         self.pool = pool
@@ -82,32 +90,37 @@ class Worker:
         self.pipeline = Pipeline(
             settings,
             self.store,
-            source=settings.stream_readings,
+            source=shard.readings,
             metrics=metrics,
             # Per-series state of stateful kinds (compare-and-set in Redis, see the module);
             # the group's oldest pending entry bounds its redelivery bookkeeping.
             streams=SeriesStates(
                 redis_client,
                 self.store,
-                readings_stream=settings.stream_readings,
+                readings_stream=shard.readings,
                 group=settings.stream_group,
+                namespace=shard.namespace,
                 adjustments=Adjustments(redis_client, settings.model_refresh_seconds),
                 lateness=settings.lateness_seconds,
                 flush_after=settings.lateness_flush_seconds,
             ),
             stopping=lambda: self._stopping,
-            silence=silence_watch(settings, redis_client, self.store),
-            incidents=incident_tracker(settings, redis_client),
+            silence=silence_watch(settings, redis_client, self.store, output=shard.anomalies),
+            incidents=(
+                incident_tracker(settings, redis_client) if incidents is True else incidents or None
+            ),
+            namespace=shard.namespace,
         )
         self.streams = self.pipeline.streams
         self.ops = StreamOps(
             redis_client,
-            readings=settings.stream_readings,
-            anomalies=settings.stream_anomalies,
-            dead=settings.stream_dead,
+            readings=shard.readings,
+            anomalies=shard.anomalies,
+            dead=shard.dead,
             group=settings.stream_group,
             anomalies_maxlen=settings.stream_anomalies_maxlen,
             dead_maxlen=settings.stream_dead_maxlen,
+            raw=raw if raw is not None else reply_twin(settings, redis_client),
         )
         self.processed = 0
         self._stopping = False
@@ -123,6 +136,11 @@ class Worker:
         self._label = metrics.transport
         self._started = time.monotonic()
         self._prefetched: asyncio.Task[list[RawEntry]] | None = None
+        # The workers of one process, one a shard (``workers``): the first records the
+        # process' heartbeat and gauges and sweeps the incidents for all of them.
+        self.group: list[Worker] = [self]
+        self.silent = 0  # series of this shard silent at the last sweep
+        self.lag = self.pending = 0  # the shard's at the last maintenance
 
     def request_stop(self) -> None:
         """Finish the batch in hand, then return from ``run`` (the SIGTERM handler)."""
@@ -131,7 +149,7 @@ class Worker:
     async def run(self, *, burst: bool = False) -> None:
         """Consume until ``request_stop``; with ``burst``, until the group has nothing left
         (no undelivered entry and nothing pending for any consumer)."""
-        log.info("worker %s consuming %s", self.consumer, self.settings.stream_readings)
+        log.info("worker %s consuming %s", self.consumer, self.shard.readings)
         self._started = time.monotonic()
         if stateful_kind(self.settings.default_kind) is not None:
             self.streams.prepare()  # what a fit without options makes: load its fold now
@@ -207,7 +225,8 @@ class Worker:
     async def _finish(self) -> None:
         try:
             await self._maintain(force=True)
-            await clear_health(self.redis, self.settings.stream_readings, self.consumer)
+            if self.leads:
+                await clear_health(self.redis, self.settings.stream_readings, self.consumer)
             await self.ops.delete_consumer_if_idle(self.consumer)
         except (*REDIS_ERRORS, redis.exceptions.ResponseError) as exc:
             log.warning("could not tidy up on exit: %s", exc)
@@ -388,7 +407,9 @@ class Worker:
         if swept.claimed:
             log.info("%d series went silent", swept.claimed)
             self.metrics.no_data_events.labels(self._label, "open").inc(swept.claimed)
-        self.metrics.series_silent.labels(self._label).set(swept.silent)
+        self.silent = swept.silent
+        if self.leads:
+            self.metrics.series_silent.labels(self._label).set(sum(w.silent for w in self.group))
 
     async def _flush_held(self) -> None:
         """With a lateness tolerance, every ``silence_sweep_seconds``: fold the held readings
@@ -400,7 +421,7 @@ class Worker:
             return
         self._next_flush = now + s.silence_sweep_seconds
         flushed = await self.streams.flush(
-            anomalies=s.stream_anomalies, maxlen=s.stream_anomalies_maxlen
+            anomalies=self.shard.anomalies, maxlen=s.stream_anomalies_maxlen
         )
         if not flushed:
             return
@@ -414,15 +435,20 @@ class Worker:
         record events whose worker died before recording them."""
         tracker = self.pipeline.incidents
         now = time.monotonic()
-        if tracker is None or now < self._next_incident_sweep:
+        if tracker is None or not self.leads or now < self._next_incident_sweep:
             return
         self._next_incident_sweep = now + self.settings.incident_sweep_seconds
         changes = await tracker.sweep()
         await self._in_place(lambda: self.pipeline.settle_incidents(changes))
 
+    @property
+    def leads(self) -> bool:
+        """Whether this is its process' first worker (or its only one)."""
+        return self.group[0] is self
+
     async def _heartbeat(self) -> None:
         now = time.monotonic()
-        if now < self._next_heartbeat:
+        if not self.leads or now < self._next_heartbeat:
             return
         ttl = self.settings.worker_heartbeat_ttl_seconds
         self._next_heartbeat = now + max(0.5, ttl / 3)
@@ -431,7 +457,7 @@ class Worker:
             self.settings.stream_readings,
             self.consumer,
             ttl=ttl,
-            processed=self.processed,
+            processed=sum(w.processed for w in self.group),
         )
 
     async def _maintain(self, *, force: bool = False) -> None:
@@ -441,8 +467,75 @@ class Worker:
             return
         self._next_maintenance = now + self.settings.stream_trim_interval_ms / 1000
         await self.ops.trim_readings()
-        self.metrics.consumer_lag.labels(self._label).set(await self.ops.lag())
-        self.metrics.pending_entries.labels(self._label).set(await self.ops.pending_count())
+        self.lag, self.pending = await self.ops.lag(), await self.ops.pending_count()
+        if self.leads:
+            self.metrics.consumer_lag.labels(self._label).set(sum(w.lag for w in self.group))
+            self.metrics.pending_entries.labels(self._label).set(sum(w.pending for w in self.group))
+
+
+def _first_shard(settings: Settings) -> Shard:
+    return shard(settings, 0)
+
+
+def workers(
+    settings: Settings,
+    redis_client: Redis,
+    pool: AsyncConnectionPool,
+    *,
+    metrics: WorkerMetrics,
+    consumer: str | None = None,
+) -> list[Worker]:
+    """One worker a shard (STREAM_SHARDS), all of them consumers of their shard's group
+    under one consumer name, sharing the process' model store (its caches) and incident
+    tracker (incidents are fleet-wide: their keys and events live in the first shard's
+    slot, ``detector.state.incidents``). Run them with ``run_workers``.
+
+    Every process serves every shard: the shards' consumer groups share out the entries
+    between the processes and hand a dead one's pending entries to the others (claims), so
+    workers join and leave without any assignment to rebalance."""
+    store = ModelStore(redis_client, pool, cache_size=settings.model_cache_size)
+    raw = reply_twin(settings, redis_client)
+    every = shards(settings)
+    tracker = incident_tracker(
+        settings,
+        redis_client,
+        output=every[0].anomalies,
+        fleet=[silence_key(s.anomalies, "series") for s in every] if len(every) > 1 else None,
+    )
+    group = [
+        Worker(
+            settings,
+            redis_client,
+            pool,
+            metrics=metrics,
+            consumer=consumer,
+            store=store,
+            shard=s,
+            incidents=tracker,
+            raw=raw,
+        )
+        for s in every
+    ]
+    for worker in group:
+        worker.group = group
+    return group
+
+
+async def run_workers(group: Sequence[Worker], *, burst: bool = False) -> None:
+    """Run a process' workers together until each stops (a burst: until each shard is
+    drained); the first error stops the others, then is raised."""
+    tasks = [asyncio.create_task(w.run(burst=burst), name=f"shard-{w.shard.label}") for w in group]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                for worker in group:
+                    worker.request_stop()
+                break
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _is_reading_failure(exc: BaseException) -> bool:

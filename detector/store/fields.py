@@ -1,0 +1,37 @@
+"""One field of each of many hashes, in as few round trips as the deployment allows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+
+from detector.scripts import KEYS_A_CALL, lua
+from detector.store.connections import is_cluster
+
+
+class FieldReads:
+    """``HGET key field`` for many (key, field) pairs: on one Redis one script call a
+    ``KEYS_A_CALL`` keys (``read_models.lua``: a pipeline of one HGET a key costs the client
+    a command to pack and a reply to parse each); on Redis Cluster, where a script's keys
+    must share a slot and these are many series' (one slot each), one non-transactional
+    pipeline, which the cluster client splits into one round trip a master. Replies come in
+    the pairs' order, None for a missing field."""
+
+    def __init__(self, client: Redis) -> None:
+        self.redis = client
+        self._cluster = is_cluster(client)
+        self._script = client.register_script(lua("read_models"))
+
+    async def __call__(self, keys: Sequence[str], fields: Sequence[str]) -> list[Any]:
+        if self._cluster:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, name in zip(keys, fields, strict=True):
+                    pipe.hget(key, name)
+                return list(await pipe.execute())
+        replies: list[Any] = []
+        for start in range(0, len(keys), KEYS_A_CALL):
+            end = start + KEYS_A_CALL
+            replies += await self._script(keys=keys[start:end], args=fields[start:end])
+        return replies
