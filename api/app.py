@@ -24,6 +24,7 @@ from api.schemas import ERROR_RESPONSES, declare_limits
 from detector.errors import POSTGRES_ERRORS
 from detector.mlflow_outbox import MlflowTracker
 from detector.settings import Settings, get_settings
+from detector.shards import anomalies_streams
 from detector.store.connections import apply_schema, is_cluster, postgres_pool, redis_client
 from detector.store.models import ModelStore
 from detector.store.retention import start_retention
@@ -60,7 +61,7 @@ def create_app(
         events = EventFeed(
             reader=redis_client(settings),
             redis=redis,
-            stream=settings.stream_anomalies,
+            streams=anomalies_streams(settings),
             max_clients=settings.sse_max_clients,
             queue_size=settings.sse_queue_events,
         )

@@ -25,6 +25,7 @@ from detector.collector import tune_collector
 from detector.errors import InvalidInputError, NotOnClusterError, StoreUnavailableError
 from detector.identifiers import parse_version
 from detector.settings import Settings
+from detector.shards import anomalies_streams
 from detector.store.connections import postgres_pool, sync_redis_client
 from detector.store.connections import redis_client as async_redis_client
 from detector.store.models import ModelStore
@@ -304,15 +305,21 @@ def subscribe(args: argparse.Namespace, client: redis.Redis, settings: Settings)
             types=types,
         )
     else:
-        subscriber = Subscriber(
-            client,
-            stream=args.stream or settings.stream_anomalies,
-            start=start,
-            series_id=args.series,
-            group=args.group,
-            consumer=args.consumer,
-            types=types,
-        )
+        # Every shard's anomalies stream (one, the setting's own, when unsharded), unless
+        # --stream names one.
+        streams = [args.stream] if args.stream else anomalies_streams(settings)
+        try:
+            subscriber = Subscriber(
+                client,
+                streams=streams,
+                start=start,
+                series_id=args.series,
+                group=args.group,
+                consumer=args.consumer,
+                types=types,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"--from: {exc}") from exc
     try:
         for event in subscriber.events(limit=args.count, idle_timeout=args.idle_timeout):
             sys.stdout.write(json.dumps(event, default=_json_default) + "\n")
@@ -544,7 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("subscribe", help="print anomaly events as JSON lines")
     where = sub.add_mutually_exclusive_group()
     where.add_argument("--from-start", action="store_true")
-    where.add_argument("--from", dest="from_id", metavar="ID", help="events after this id")
+    where.add_argument(
+        "--from",
+        dest="from_id",
+        metavar="ID",
+        help="events after this id (in every shard), or after one id a shard joined by ','",
+    )
     sub.add_argument("--series", help="only this series")
     sub.add_argument(
         "--no-data",

@@ -10,7 +10,14 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import SeriesIdQueryDep, ServicesDep
-from api.event_feed import EventFeed, Subscriber, parse_stream_id
+from api.event_feed import (
+    EventFeed,
+    StreamId,
+    Subscriber,
+    format_id,
+    parse_cursor,
+    parse_stream_id,
+)
 from detector.errors import REDIS_ERRORS, InvalidInputError, StoreUnavailableError
 from detector.identifiers import SERIES_ID_RULE, SERIES_ID_SCHEMA, validate_series_id
 from detector.store.history import query_anomalies, query_episodes
@@ -40,7 +47,11 @@ async def events(
         str | None, Query(description=SERIES_ID_RULE, json_schema_extra=SERIES_ID_SCHEMA)
     ] = None,
     last_id: Annotated[
-        str | None, Query(description="Resume after this event id (for clients without headers).")
+        str | None,
+        Query(
+            description="Resume after this event id (for clients without headers): a "
+            "message's `id`; with sharded streams the comma-joined positions it carries."
+        ),
     ] = None,
     last_event_id: Annotated[
         str | None, Header(description="Resume after this event id (browsers send it).")
@@ -58,6 +69,8 @@ async def events(
     """One `event: anomaly` per anomalous reading from now on (or after ``Last-Event-ID``,
     else ``last_id``), with the stream event's fields as JSON data; with
     ``types=anomaly,no_data,incident`` also `event: no_data` and `event: incident` messages.
+    With STREAM_SHARDS above 1 it is one feed over every shard, and a message's id is the
+    shards' positions after it, comma-joined (one id resumes every shard after it).
     A comment line every 5 s keeps it open. A client that reads too slowly gets an
     `event: error` and is closed."""
     if series_id is not None:
@@ -65,15 +78,13 @@ async def events(
     wanted_types = frozenset(types.split(","))
     if not wanted_types <= set(EVENT_TYPES):
         raise InvalidInputError(f"types must be a comma-separated list of {', '.join(EVENT_TYPES)}")
+    feed = services.events
     # A reconnecting browser sends the newest id it saw; the URL still carries the first one.
     resume = None
     if last_event_id is not None:
-        parse_stream_id(last_event_id, "Last-Event-ID")
-        resume = last_event_id
+        resume = parse_cursor(last_event_id, "Last-Event-ID", feed.shards)
     elif last_id is not None:
-        parse_stream_id(last_id, "last_id")
-        resume = last_id
-    feed = services.events
+        resume = parse_cursor(last_id, "last_id", feed.shards)
     try:
         subscriber, joined = await feed.join(series_id, wanted_types)
     except REDIS_ERRORS as exc:
@@ -81,7 +92,7 @@ async def events(
     try:
         # "Now" resolved before the headers go out: an event published once the client has
         # its response is never missed.
-        start = resume or await feed.newest_id()
+        start = resume or await feed.newest()
     except REDIS_ERRORS as exc:
         feed.leave(subscriber)
         raise StoreUnavailableError("redis", f"Redis is unavailable: {exc}") from exc
@@ -93,20 +104,30 @@ async def events(
 
 
 async def _sse(
-    request: Request, feed: EventFeed, subscriber: Subscriber, start: str, joined: str
+    request: Request,
+    feed: EventFeed,
+    subscriber: Subscriber,
+    start: list[str],
+    joined: list[str],
 ) -> AsyncIterator[str]:
-    """Entries after ``start``: those up to ``joined`` read once from the stream, the rest
-    from the shared feed; ids at or below the last one sent are skipped, so the switch
-    neither loses nor repeats an entry."""
-    sent = parse_stream_id(start, "start")
+    """Entries after ``start`` (a position a shard): those up to ``joined`` read once from the
+    streams, the rest from the shared feed; a shard's entries at or below the position caught
+    up to are skipped, so the switch neither loses nor repeats an entry. Each message's id is
+    the positions after it (with one shard, its entry id)."""
+    after = [parse_stream_id(p, "start") for p in start]
+    until = [parse_stream_id(p, "joined") for p in joined]
+    # What the client has, once caught up: every shard's entries up to here.
+    floor = [max(a, u) for a, u in zip(after, until, strict=True)]
+    # Until the feed's positions pass the client's own in every shard (the client resumed
+    # from a position this feed had not reached yet), ids are the larger of the two.
+    ahead: list[StreamId] | None = floor
     try:
         yield "retry: 2000\n: connected\n\n"
-        if sent < parse_stream_id(joined, "joined"):
+        if any(a < u for a, u in zip(after, until, strict=True)):
             try:
-                async for entry, message in feed.catch_up(
+                async for message in feed.catch_up(
                     start, joined, subscriber.series_id, subscriber.types
                 ):
-                    sent = entry
                     yield message
             except REDIS_ERRORS:
                 yield _REDIS_DOWN
@@ -123,10 +144,16 @@ async def _sse(
             if item is None:
                 yield _REDIS_DOWN
                 return
-            entry, message = item
-            if entry > sent:
-                sent = entry
-                yield message
+            if item.entry <= floor[item.shard]:
+                continue
+            if ahead is not None and any(c < a for c, a in zip(item.cursor, ahead, strict=True)):
+                cursor = ",".join(
+                    format_id(max(c, a)) for c, a in zip(item.cursor, ahead, strict=True)
+                )
+                yield f"id: {cursor}\n{item.body}"
+                continue
+            ahead = None
+            yield item.text
     finally:
         feed.leave(subscriber)
 
