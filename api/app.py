@@ -26,6 +26,7 @@ from detector.mlflow_outbox import MlflowTracker
 from detector.settings import Settings, get_settings
 from detector.store.connections import apply_schema, is_cluster, postgres_pool, redis_client
 from detector.store.models import ModelStore
+from detector.store.replication import ReplicaWait
 from detector.store.retention import start_retention
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,12 @@ def create_app(
             # Start anyway: /healthcheck reports it, and the schema is applied by whoever
             # reaches PostgreSQL first (make run and the worker apply it too).
             log.warning("PostgreSQL not reachable at start-up: %s", exc)
-        store = ModelStore(redis, pool, cache_size=settings.model_cache_size)
+        store = ModelStore(
+            redis,
+            pool,
+            cache_size=settings.model_cache_size,
+            replica_wait=ReplicaWait.from_settings(settings),
+        )
         events = EventFeed(
             reader=redis_client(settings),
             redis=redis,
