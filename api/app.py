@@ -27,6 +27,7 @@ from detector.settings import Settings, get_settings
 from detector.shards import anomalies_streams
 from detector.store.connections import apply_schema, is_cluster, postgres_pool, redis_client
 from detector.store.models import ModelStore
+from detector.store.replication import ReplicaWait
 from detector.store.retention import start_retention
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,12 @@ def create_app(
             # Start anyway: /healthcheck reports it, and the schema is applied by whoever
             # reaches PostgreSQL first (make run and the worker apply it too).
             log.warning("PostgreSQL not reachable at start-up: %s", exc)
-        store = ModelStore(redis, pool, cache_size=settings.model_cache_size)
+        store = ModelStore(
+            redis,
+            pool,
+            cache_size=settings.model_cache_size,
+            replica_wait=ReplicaWait.from_settings(settings),
+        )
         events = EventFeed(
             reader=redis_client(settings),
             redis=redis,

@@ -72,16 +72,24 @@ class StoreRefusedError(StoreUnavailableError):
         self.versions = versions
 
 
+class NotReplicatedError(redis.exceptions.RedisError):
+    """A write the Redis master applied, but fewer replicas than REDIS_WAIT_REPLICAS
+    acknowledged within REDIS_WAIT_TIMEOUT_MS (``detector.store.replication``): a failover now
+    could lose it. For the service it is Redis unavailable, as Redis' own NOREPLICAS is."""
+
+
 # Foreign errors that mean "the dependency cannot be reached": the store's boundary catches
 # these and raises StoreUnavailableError, so the rest of the service catches the tree above.
 # A Redis Cluster client adds its own: too many redirections or lost nodes in a row
 # (ClusterError, which CLUSTERDOWN and MASTERDOWN replies are too), a slot no node serves.
+# A write confirmed on too few replicas (NotReplicatedError) counts as one too.
 REDIS_ERRORS = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     OSError,
     redis.exceptions.ClusterError,
     redis.exceptions.SlotNotCoveredError,
+    NotReplicatedError,
 )
 POSTGRES_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, OSError)
 
@@ -108,6 +116,10 @@ _REFUSED_CLASSES: dict[type[redis.exceptions.RedisError], str] = {
     redis.exceptions.ClusterDownError: "CLUSTERDOWN",
     redis.exceptions.MasterDownError: "MASTERDOWN",
     redis.exceptions.TryAgainError: "TRYAGAIN",
+    # A cluster client follows these itself; a write sent to one node's connection (a write
+    # waited for on replicas, ``detector.store.replication``) meets them after a failover.
+    redis.exceptions.MovedError: "MOVED",
+    redis.exceptions.AskError: "ASK",
 }
 _REFUSED_REPLY = re.compile(
     r"(?:^|: -?)"

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     # REDIS_USERNAME / REDIS_PASSWORD on each node, and REDIS_HOST, REDIS_PORT, REDIS_DB and
     # REDIS_URL are not used. What runs on a cluster: docs/operations.md#redis-cluster.
     redis_cluster_nodes: str = ""
+    # Replicas that must acknowledge a publisher's batch and a fit's version (Redis' WAIT)
+    # before it is reported done; 0 (the default): the master's answer, with asynchronous
+    # replication, so a failover can lose what it acknowledged last (docs/operations.md).
+    # Too few within the timeout fails the publish or the fit loudly. The timeout stays below
+    # the clients' 10 s socket timeout.
+    redis_wait_replicas: int = Field(default=0, ge=0)
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1, le=5000)
 
     # PostgreSQL: the durable store, source of truth.
     postgres_host: str = "127.0.0.1"

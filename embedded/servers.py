@@ -51,6 +51,9 @@ class RedisServer:
     credentials: Credentials = field(default_factory=Credentials.generate)
     # A node of a Redis Cluster (``RedisClusterServers`` forms the cluster).
     cluster: bool = False
+    # How long a cluster node may be unreachable before the others count it as failing; a
+    # master's failover starts about then (a test's cluster uses a second or two).
+    cluster_node_timeout_ms: int = 5000
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -100,7 +103,7 @@ class RedisServer:
             lines += [
                 "cluster-enabled yes",
                 f'cluster-config-file "{self.data_dir / "nodes.conf"}"',
-                "cluster-node-timeout 5000",
+                f"cluster-node-timeout {self.cluster_node_timeout_ms}",
                 # A replica logs in to its master as `default` (every node has the same users).
                 "masteruser default",
                 f"masterauth {self.credentials.redis_admin_password}",
@@ -144,6 +147,8 @@ class RedisClusterServers:
     ports: list[int]
     replicas_each: int = 1
     credentials: Credentials = field(default_factory=Credentials.generate)
+    # Each node's cluster-node-timeout (``RedisServer``): how soon a lost master fails over.
+    node_timeout_ms: int = 5000
     nodes: list[RedisServer] = field(default_factory=list, init=False)
 
     @property
@@ -183,6 +188,7 @@ class RedisClusterServers:
                 appendonly=False,
                 credentials=self.credentials,
                 cluster=True,
+                cluster_node_timeout_ms=self.node_timeout_ms,
             )
             self.nodes.append(node)
             node.start()

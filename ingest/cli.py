@@ -29,11 +29,13 @@ from detector.shards import anomalies_streams
 from detector.store.connections import postgres_pool, sync_redis_client
 from detector.store.connections import redis_client as async_redis_client
 from detector.store.models import ModelStore
+from detector.store.replication import ReplicaWait
 from detector.wire.events import ANOMALY, INCIDENT, NO_DATA, decode_event
 from detector.wire.readings import check_columns
 from ingest.kafka import KafkaPublisher, KafkaSubscriber
 from ingest.publisher import (
     InvalidReadingError,
+    NotReplicatedBatchError,
     Publisher,
     UnconfirmedBatchError,
     checked_fields,
@@ -229,6 +231,7 @@ def _publisher(
     return Publisher(
         client, stream=args.stream or settings.stream_readings, maxlen=args.maxlen,
         batch_size=args.batch_size, shards=settings.stream_shards,
+        wait_replicas=settings.redis_wait_replicas, wait_timeout_ms=settings.redis_wait_timeout_ms,
     )  # fmt: skip
 
 
@@ -405,7 +408,7 @@ async def _bulk_fit(args: argparse.Namespace, settings: Settings) -> int:
     # Options first: a bad one is refused before anything is read or connected.
     try:
         redis_async, pool = async_redis_client(settings), postgres_pool(settings)
-        store = ModelStore(redis_async, pool)
+        store = ModelStore(redis_async, pool, replica_wait=ReplicaWait.from_settings(settings))
         job = BulkFit(
             store,
             settings,
@@ -618,6 +621,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     try:
         code = commands[args.command](args, client, settings)
+    except NotReplicatedBatchError as exc:
+        sys.exit(
+            f"{exc.confirmed} readings were confirmed; the next {exc.readings} were added but "
+            f"too few replicas acknowledged them: {exc.__cause__}"
+        )
     except UnconfirmedBatchError as exc:
         sys.exit(
             f"lost Redis after {exc.confirmed} readings were confirmed; the next "

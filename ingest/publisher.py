@@ -10,10 +10,18 @@ from types import TracebackType
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError, SlotNotCoveredError
 
+from detector.errors import NotReplicatedError
 from detector.redis_keys import producer_key
 from detector.scripts import lua
 from detector.shards import shard_of, tagged
+from detector.store.replication import (
+    LAYOUT_CHANGED,
+    ReplicaWait,
+    refresh_layout,
+    write_then_wait,
+)
 from detector.wire.events import number
 from detector.wire.readings import DeadLetter, parse_reading
 
@@ -30,18 +38,42 @@ class UnconfirmedBatchError(redis.exceptions.ConnectionError):
     """
 
     def __init__(
-        self, producer_id: str, batch: int, readings: int, confirmed: int, cause: Exception
+        self,
+        producer_id: str,
+        batch: int,
+        readings: int,
+        confirmed: int,
+        cause: Exception,
+        *,
+        detail: str | None = None,
     ) -> None:
         super().__init__(
             f"batch {batch} of producer {producer_id} ({readings} readings) is unconfirmed: "
-            f"it may or may not have been added ({cause}); {confirmed} readings before it are "
-            "confirmed; flush again to resend it safely"
+            + (detail or f"it may or may not have been added ({cause})")
+            + f"; {confirmed} readings before it are confirmed; flush again to resend it safely"
         )
         self.producer_id, self.batch, self.readings = producer_id, batch, readings
         self.confirmed = confirmed
 
 
+class NotReplicatedBatchError(UnconfirmedBatchError):
+    """A batch the master added but fewer replicas than ``wait_replicas`` acknowledged in time
+    (REDIS_WAIT_REPLICAS): a failover now could lose it. As for any unconfirmed batch,
+    ``flush()`` sends it again (the master finds it applied and adds nothing) and waits for
+    the replicas again."""
+
+    def __init__(
+        self, producer_id: str, batch: int, readings: int, confirmed: int, cause: Exception
+    ) -> None:
+        super().__init__(
+            producer_id, batch, readings, confirmed, cause, detail=f"not on replicas ({cause})"
+        )
+
+
 _CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Worth the same retries: a failover in progress (CLUSTERDOWN, TRYAGAIN, a slot not served
+# yet), a slot moved (MOVED, ASK, met by a write waited for on replicas), too few replicas.
+_RETRIED = (*_CONNECTION_ERRORS, *LAYOUT_CHANGED, SlotNotCoveredError, NotReplicatedError)
 _FIRST_BACKOFF, _MAX_BACKOFF = 0.1, 2.0
 
 
@@ -87,15 +119,17 @@ class Publisher:
 
     Guarantee: every reading that ``publish`` accepted and a later ``flush`` (or the end of
     the ``with`` block) confirmed is in the stream exactly once, in publishing order, even
-    when a connection is lost mid-batch and the batch is sent again. A publisher has a
+    when a connection is lost mid-batch and the batch is sent again (and as long as the
+    master that confirmed it lives, or had it replicated: see below). A publisher has a
     producer id (a fresh uuid4 unless given; never share one between two publishers) and
     numbers its batches 1, 2, 3 …; one Lua script adds a batch and records its number and
     entry ids, atomically, and a batch whose number was already applied is not added again:
-    the script returns the ids it was given then. A lost connection is retried ``retries``
-    times with a doubling pause; after that ``UnconfirmedBatchError`` names the batch, which
-    stays in hand for the next ``flush``. The record lives ``dedup_ttl`` seconds (a resend
-    later than that adds the batch again) and is deleted when the ``with`` block ends
-    cleanly. Readings published with plain ``XADD`` by other clients carry no such
+    the script returns the ids it was given then. A lost connection (or, on a Redis Cluster,
+    a failover in progress: CLUSTERDOWN, TRYAGAIN, a slot not served yet) is retried
+    ``retries`` times with a doubling pause; after that ``UnconfirmedBatchError`` names the
+    batch, which stays in hand for the next ``flush``. The record lives ``dedup_ttl`` seconds
+    (a resend later than that adds the batch again) and is deleted when the ``with`` block
+    ends cleanly. Readings published with plain ``XADD`` by other clients carry no such
     guarantee.
 
     Each XADD trims the stream with ``MAXLEN ~ maxlen``: a producer-side bound on memory. It
@@ -105,6 +139,13 @@ class Publisher:
     each reading goes to its series' shard stream (``readings:{s<k>}``), each shard has a
     buffer, batch numbers and a producer record of its own, and the guarantee holds shard by
     shard; a series' readings stay in publishing order, as they share a shard.
+
+    Confirmed means the master applied the batch. Redis replicates asynchronously, so when a
+    master dies its promoted replica may lack the batches the master confirmed last (a
+    suffix: never one in the middle, and never one twice). With ``wait_replicas`` (n > 0,
+    REDIS_WAIT_REPLICAS) a batch is confirmed only once n replicas acknowledged it within
+    ``wait_timeout_ms`` (``detector.store.replication``); fewer is retried like a lost
+    connection, then raises ``NotReplicatedBatchError``, the batch still in hand.
     """
 
     def __init__(
@@ -118,6 +159,8 @@ class Publisher:
         retries: int = 5,
         dedup_ttl: int = 86_400,
         shards: int = 1,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.client = client
         self.stream = stream
@@ -127,6 +170,7 @@ class Publisher:
         self.producer_id = producer_id or uuid.uuid4().hex
         self.retries = retries
         self.dedup_ttl = dedup_ttl
+        self.wait = ReplicaWait(wait_replicas, wait_timeout_ms) if wait_replicas > 0 else None
         self.sent = 0
         self.resent = 0  # batches found already applied on a retry
         self._lanes = [
@@ -206,11 +250,16 @@ class Publisher:
         pause = _FIRST_BACKOFF
         for attempt in range(self.retries + 1):
             try:
-                reply: list[Any] = self._script(keys=[lane.stream, lane.key], args=args)
+                reply = self._apply(lane, args)
                 break
-            except _CONNECTION_ERRORS as exc:
+            except _RETRIED as exc:
                 if attempt == self.retries:
-                    raise UnconfirmedBatchError(
+                    error = (
+                        NotReplicatedBatchError
+                        if isinstance(exc, NotReplicatedError)
+                        else UnconfirmedBatchError
+                    )
+                    raise error(
                         self.producer_id, batch.number, len(batch.readings), self.sent, exc
                     ) from exc
                 time.sleep(pause)
@@ -220,6 +269,31 @@ class Publisher:
         if not int(reply[0]):
             self.resent += 1
         return [i.decode() if isinstance(i, bytes) else str(i) for i in reply[1:]]
+
+    def _apply(self, lane: _Lane, args: list[str | int]) -> list[Any]:
+        """One attempt at the batch's script, and with ``wait`` its WAIT on the same
+        connection to the stream's master."""
+        if self.wait is None:
+            reply: list[Any] = self._script(keys=[lane.stream, lane.key], args=args)
+            return reply
+        command = ("EVALSHA", self._script.sha, 2, lane.stream, lane.key, *args)
+        try:
+            (found,), acknowledged = write_then_wait(self.client, lane.stream, [command], self.wait)
+            if isinstance(found, NoScriptError):  # a node new to the script (promoted, restarted)
+                self.client.script_load(self._script.script)
+                (found,), acknowledged = write_then_wait(
+                    self.client, lane.stream, [command], self.wait
+                )
+            if isinstance(found, Exception):
+                raise found
+        except (*_CONNECTION_ERRORS, *LAYOUT_CHANGED, SlotNotCoveredError):
+            try:
+                refresh_layout(self.client)
+            except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
+                pass  # no node answers yet: the next attempt reads the layout again
+            raise
+        self.wait.check(acknowledged)
+        return list(found)
 
     def __enter__(self) -> Publisher:
         return self

@@ -20,6 +20,10 @@ if record then
     local last, last_count, ids = string.match(record, '^(%d+) (%d+) ?(.*)$')
     last, last_count = tonumber(last), tonumber(last_count)
     if batch == last and count == last_count then
+        -- The record's life starts again, as if the batch were applied now. It is also a
+        -- write: a WAIT after this call (REDIS_WAIT_REPLICAS) waits for the replicas to reach
+        -- it, and so for the batch applied earlier, on whatever connection that was.
+        redis.call('EXPIRE', KEYS[2], ARGV[2])
         local reply = {0}
         for id in string.gmatch(ids, '%S+') do
             reply[#reply + 1] = id

@@ -37,7 +37,8 @@ from detector.store.connections import is_cluster
 from detector.store.fields import FieldReads
 from detector.store.fit_jobs import create_job, finish_job
 from detector.store.fit_rows import NewFit, allocate_versions, version_exists, write_fits
-from detector.store.publish import VersionPublisher
+from detector.store.publish import PutOutcome, VersionPublisher
+from detector.store.replication import ReplicaWait
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,20 @@ class ModelStore:
     """Fit storage and model lookup, used alike by the API and the stream worker."""
 
     def __init__(
-        self, redis_client: Redis, pool: AsyncConnectionPool, *, cache_size: int = 200_000
+        self,
+        redis_client: Redis,
+        pool: AsyncConnectionPool,
+        *,
+        cache_size: int = 200_000,
+        replica_wait: ReplicaWait | None = None,
     ):
         self.redis = redis_client
         self.pool = pool
         self.cache = VersionCache(cache_size)
         # Optional: latest pointers cached in process, invalidated by Redis key tracking.
         self.pointers: PointerCache | None = None
-        self.publisher = VersionPublisher(redis_client)
+        # With a replica wait (REDIS_WAIT_REPLICAS) a fit is done once replicas have it too.
+        self.publisher = VersionPublisher(redis_client, replica_wait)
         self._read_fields = FieldReads(redis_client)
         # Set by a PostgreSQL failure, cleared by a successful probe (see ``_postgres_gate``).
         self._postgres_down = False
@@ -104,7 +111,11 @@ class ModelStore:
         and their MLflow record in one transaction and commit; only then put them into Redis.
         So Redis, and every cache fed from it, only ever sees committed versions. A Redis
         failure after the commit does not fail the fits: they are stored, and the publisher
-        puts them into Redis again until Redis confirms them.
+        puts them into Redis again until Redis confirms them. Unless the fits must be on
+        replicas (REDIS_WAIT_REPLICAS): then a put Redis did not confirm on enough of them
+        fails the fits with StoreUnavailableError (a 503) naming the versions stored, since a
+        failover before the publisher's retry succeeds could take the series back to their
+        previous version in Redis.
         """
         if not fits:
             return []
@@ -183,7 +194,9 @@ class ModelStore:
         if cache:
             for found in stored:
                 self.cache.put((found.series_id, found.version), found)
-        await self.publisher.put_many(stored, make_latest=True)
+        put = await self.publisher.put_many(stored, make_latest=True)
+        if put.unconfirmed and self.publisher.wait is not None:
+            raise StoreUnavailableError("redis", _not_on_replicas(stored, put))
         return stored
 
     async def start_fit_job(self, *, source: str, kind: str, sigma: float, direction: str) -> int:
@@ -530,3 +543,25 @@ def _points_deleted(series_id: str, version: int) -> TrainingDataDeletedError:
 def _brief(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _not_on_replicas(stored: Sequence[ModelVersion], put: PutOutcome) -> str:
+    """Why fits PostgreSQL committed are answered 503: Redis did not confirm them on enough
+    replicas (``save_fits``)."""
+    first = stored[0]
+    if len(stored) == 1:
+        what, them, are = f"the fit was stored as {first.name} of '{first.series_id}'", "it", "is"
+    else:
+        what = (
+            f"the {len(stored)} fits were stored ({first.series_id} {first.name} and"
+            f" {len(stored) - 1} more)"
+        )
+        them, are = f"{put.unconfirmed} of them", "are"
+    cause = describe_redis_error(put.cause) if put.cause is not None else "no answer"
+    return (
+        f"{what} in PostgreSQL, but Redis did not confirm {them} on replicas"
+        f" (REDIS_WAIT_REPLICAS): {cause}. Until a replica has {them}, a failover could leave"
+        f" predictions on the previous version; {them} {are} put into Redis again in the"
+        " background. Fitting again makes another version: GET /models/{series_id} lists"
+        " the stored ones"
+    )

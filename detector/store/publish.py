@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -14,6 +15,7 @@ from detector.errors import REDIS_FAILURES, redis_unavailable
 from detector.redis_keys import model_key
 from detector.scripts import lua
 from detector.store.codec import ModelVersion
+from detector.store.replication import ReplicaWait, write_then_wait_async
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,14 @@ _RETRY_MAX = 5.0
 _PIPELINE = 1000
 
 
+@dataclass(frozen=True, slots=True)
+class PutOutcome:
+    """How many versions of a put Redis did not confirm (each owed), and why."""
+
+    unconfirmed: int
+    cause: BaseException | None
+
+
 class VersionPublisher:
     """Puts versions PostgreSQL has committed into Redis, and only those.
 
@@ -31,10 +41,15 @@ class VersionPublisher:
     have reached Redis; either way the version is durable, so it is kept and put again in the
     background until Redis confirms it. The put is idempotent and moves ``latest`` forward
     only, so repeating it, or repeating it after a newer version, changes nothing.
+
+    With ``wait`` (REDIS_WAIT_REPLICAS) Redis confirms a put only once that many replicas
+    acknowledged it (``detector.store.replication``): one the master applied but too few
+    replicas took is owed too, and put (and waited for) again until they do.
     """
 
-    def __init__(self, redis_client: Redis) -> None:
+    def __init__(self, redis_client: Redis, wait: ReplicaWait | None = None) -> None:
         self._redis = redis_client
+        self.wait = wait
         self._script = redis_client.register_script(lua("put_version"))
         # (series, version) → (version, move latest): puts still owed to Redis.
         self._owed: dict[tuple[str, int], tuple[ModelVersion, bool]] = {}
@@ -47,11 +62,12 @@ class VersionPublisher:
 
     async def put(self, found: ModelVersion, *, make_latest: bool) -> bool:
         """Write one version now; False (and a retry owed) when Redis did not confirm it."""
-        return await self.put_many([found], make_latest=make_latest) == 0
+        return (await self.put_many([found], make_latest=make_latest)).unconfirmed == 0
 
-    async def put_many(self, versions: Sequence[ModelVersion], *, make_latest: bool) -> int:
+    async def put_many(self, versions: Sequence[ModelVersion], *, make_latest: bool) -> PutOutcome:
         """Write versions now, pipelined (a bulk fit's batch in a round trip or two); returns
-        how many Redis did not confirm, each owed and put again in the background."""
+        how many Redis did not confirm, each owed and put again in the background, and the
+        failure that stopped them."""
         items = [(found, make_latest) for found in versions]
         unconfirmed, exc = await self._put_many(items)
         if unconfirmed:
@@ -66,7 +82,7 @@ class VersionPublisher:
             )
             for found, latest in unconfirmed:
                 self._owe(found, latest)
-        return len(unconfirmed)
+        return PutOutcome(len(unconfirmed), exc)
 
     async def _put_many(
         self, items: Sequence[tuple[ModelVersion, bool]]
@@ -93,9 +109,10 @@ class VersionPublisher:
     async def _pipeline(self, chunk: Sequence[tuple[ModelVersion, bool]]) -> list[Any]:
         # EVALSHA by name: a cluster pipeline blocks its ``evalsha`` method, and routes the
         # command by its one key's slot all the same.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for found, make_latest in chunk:
-                pipe.execute_command(
+        commands = [
+            (
+                model_key(found.series_id),
+                (
                     "EVALSHA",
                     self._script.sha,
                     1,
@@ -103,7 +120,16 @@ class VersionPublisher:
                     found.version,
                     found.to_redis(),
                     1 if make_latest else 0,
-                )
+                ),
+            )
+            for found, make_latest in chunk
+        ]
+        if self.wait is not None:
+            # Each master's puts and their WAIT on one connection to it.
+            return await write_then_wait_async(self._redis, commands, self.wait)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _, args in commands:
+                pipe.execute_command(*args)
             return list(await pipe.execute(raise_on_error=False))
 
     def _owe(self, found: ModelVersion, make_latest: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis.exceptions as rx
 
-from detector.errors import describe_redis_error, redis_unavailable
+from detector.errors import NotReplicatedError, describe_redis_error, redis_unavailable
 
 REFUSED = [
     rx.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
@@ -29,6 +29,11 @@ REFUSED = [
     rx.TryAgainError("Multiple keys request during rehashing of slot"),
     rx.ClusterError("TTL exhausted."),
     rx.SlotNotCoveredError('Slot "12" is not covered by the cluster.'),
+    # Met by a write sent to one node's connection to be waited for on replicas: the slot
+    # moved (a failover), and too few replicas acknowledged (REDIS_WAIT_REPLICAS).
+    rx.MovedError("3999 127.0.0.1:6381"),
+    rx.AskError("3999 127.0.0.1:6381"),
+    NotReplicatedError("only 0 of the 1 replicas asked for acknowledged it within 1000 ms"),
 ]
 
 
