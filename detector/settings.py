@@ -125,8 +125,8 @@ class Settings(BaseSettings):
 
     # The streams (docs/stream-contract.md). The worker writes events and acknowledges
     # readings in one script, so on a Redis Cluster the three share one slot: with
-    # STREAM_SHARDS above 1 each shard's streams carry the shard's hash tag
-    # (``readings:{s3}``, ``anomalies:{s3}``, ``readings:dead:{s3}``, ``detector.shards``);
+    # STREAM_SHARDS above 1 each shard's streams carry the shard's hash tag (``readings:
+    # {s3.<j>}``, ``anomalies:{s3.<j>}``, ``readings:dead:{s3.<j>}``, ``detector.shards``);
     # with 1 shard the names are used as they are (docs/operations.md#sharded-streams).
     stream_shards: int = Field(default=1, ge=1, le=1024)
     stream_readings: str = "readings"

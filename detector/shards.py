@@ -3,12 +3,13 @@
 One `readings` stream lives on one Redis node and is served by its one core. With
 ``STREAM_SHARDS`` = N above 1, the publisher routes each series to shard
 ``crc32(series_id) % N`` (so a series' readings stay on one stream, in order), and shard k's
-streams and the worker's keys of its series carry the hash tag ``{s<k>}``:
+streams and the worker's keys of its series carry its hash tag ``{s<k>.<j>}`` (``shard_tag``:
+the shards' slots spread evenly over the slot space):
 
-- ``readings:{s<k>}``, ``anomalies:{s<k>}``, ``readings:dead:{s<k>}`` (the names of the
+- ``readings:{s<k>.<j>}``, ``anomalies:{s<k>.<j>}``, ``readings:dead:{s<k>.<j>}`` (the names of the
   settings, tagged), so a batch's commit writes its three streams in one slot;
-- ``{s<k>}:readings:state:{<id>}``, ``{s<k>}:readings:episode:{<id>}``,
-  ``{s<k>}:readings:state:held`` (the key namespace of ``detector.redis_keys``, after the
+- ``{s<k>.<j>}:readings:state:{<id>}``, ``{s<k>.<j>}:readings:episode:{<id>}``,
+  ``{s<k>.<j>}:readings:state:held`` (the key namespace of ``detector.redis_keys``, after the
   readings stream), so a batch's states, episodes and held readings are one slot too, and
   the silence watch's keys follow the shard's anomalies stream.
 
@@ -21,8 +22,13 @@ the publishers, drain the workers, then change it everywhere.
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from dataclasses import dataclass
+from functools import cache
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS as _SLOTS
+from redis.crc import key_slot
 
 from detector.settings import Settings
 
@@ -43,8 +49,20 @@ class Shard:
         return str(self.index)
 
 
-def shard_tag(index: int) -> str:
-    return f"{{s{index}}}"
+@cache
+def shard_tag(index: int, count: int) -> str:
+    """Shard ``index`` of ``count``'s hash tag, braces included: ``{s<index>.<j>}`` with the
+    smallest ``j`` whose slot lies in the index-th count-th of the slot space. A cluster's
+    masters usually own equal ranges of slots (as ``redis-cli --cluster create`` splits
+    them), so the shards spread over them evenly (with N a multiple of the masters, N/masters
+    each), where tags of consecutive numbers alone fall where their hashes land (six of them
+    4, 1 and 1 on three masters)."""
+    low, high = index * _SLOTS // count, (index + 1) * _SLOTS // count
+    for j in itertools.count():
+        tag = f"s{index}.{j}"
+        if low <= key_slot(tag.encode()) < high:
+            return f"{{{tag}}}"
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def shard_of(series_id: str, count: int) -> int:
@@ -56,7 +74,7 @@ def shard_of(series_id: str, count: int) -> int:
 
 def tagged(name: str, index: int, count: int) -> str:
     """Shard ``index``'s stream of the stream setting ``name`` (``name`` itself unsharded)."""
-    return name if count <= 1 else f"{name}:{shard_tag(index)}"
+    return name if count <= 1 else f"{name}:{shard_tag(index, count)}"
 
 
 def shard(settings: Settings, index: int) -> Shard:
@@ -68,7 +86,7 @@ def shard(settings: Settings, index: int) -> Shard:
         readings=tagged(settings.stream_readings, index, n),
         anomalies=tagged(settings.stream_anomalies, index, n),
         dead=tagged(settings.stream_dead, index, n),
-        namespace="" if n <= 1 else f"{shard_tag(index)}:{settings.stream_readings}:",
+        namespace="" if n <= 1 else f"{shard_tag(index, n)}:{settings.stream_readings}:",
     )
 
 

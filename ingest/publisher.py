@@ -136,7 +136,7 @@ class Publisher:
     must stay far above any backlog the workers may face, or unscored readings are dropped.
 
     With ``shards`` above 1 (STREAM_SHARDS, ``detector.shards``) ``stream`` names the shards:
-    each reading goes to its series' shard stream (``readings:{s<k>}``), each shard has a
+    each reading goes to its series' shard stream (``readings:{s<k>.<j>}``), each shard has a
     buffer, batch numbers and a producer record of its own, and the guarantee holds shard by
     shard; a series' readings stay in publishing order, as they share a shard.
 

@@ -12,6 +12,7 @@ import asyncio
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from detector.errors import StoreUnavailableError
 from detector.fitting import new_fit
 from detector.redis_keys import model_key
 from detector.settings import Settings
+from detector.shards import shard_of, shards
 from detector.store.connections import postgres_pool, redis_client, sync_redis_client
 from detector.store.models import ModelStore
 from detector.store.replication import ReplicaWait
@@ -33,7 +35,9 @@ from embedded.servers import RedisClusterServers, RedisServer
 from ingest.publisher import NotReplicatedBatchError, Publisher, UnconfirmedBatchError
 from tests.support.api import TS, VALUES
 from tests.support.polling import wait_for
+from tests.support.processes import start_worker, stop_process, wait_consuming
 from tests.support.services import start_api
+from tests.support.streams import stream_settings
 
 NODE_TIMEOUT_MS = 1000
 # From the kill to every series of the killed master fitted and predicted again (a failover
@@ -441,3 +445,142 @@ def test_too_few_replicas_fail_the_publish_and_the_fit(settings, series_id):
 def _number(version: str) -> int:
     """3 for "v3.0.0"."""
     return int(version.lstrip("v").split(".")[0])
+
+
+# ------------------------------------------------------------------ the stream workers
+
+SHARDS = 6
+WORKER_TRAINING = [90.0, 110.0] * 5  # μ 100, σ 10: every reading of 500 is an anomaly
+
+
+def test_sharded_workers_carry_on_through_a_failover_and_every_reading_is_counted(
+    cluster: RedisClusterServers, settings: Settings, tmp_path: Path
+) -> None:
+    """Two sharded workers (STREAM_SHARDS=6) score a stream while the master of the first
+    shard is killed with SIGKILL: the workers carry on without a restart, and every reading
+    published is scored exactly once (each reading is an anomaly, so each gives one event),
+    except those the dead master confirmed and had not replicated: those are only the victim
+    master's shards' newest ones, a batch or two of each."""
+    s = stream_settings(
+        settings.model_copy(update=cluster.settings_fields()),
+        stream_shards=SHARDS,
+        stream_batch_count=100,
+        stream_claim_idle_ms=1000,
+    )
+    every = shards(s)
+    victim = master_of(cluster, every[0].readings, cluster.ports[0])
+    replica = replica_of(cluster, victim)
+    assert replica is not None
+    survivor = next(p for p in cluster.ports if p not in (victim, replica))
+    on_victim = {
+        sh.index for sh in every if master_of(cluster, sh.readings, cluster.ports[0]) == victim
+    }
+    series = [f"fw-{uuid.uuid4().hex[:6]}-{i}" for i in range(24)]
+    proc, base_url = start_api(s, STREAM_SHARDS=str(SHARDS))
+    log = tmp_path / "workers.log"
+    workers = []
+    published: list[tuple[str, int]] = []
+    errors: list[Exception] = []
+    stop = threading.Event()
+    confirmed = [0]
+
+    def publish() -> None:
+        client = sync_redis_client(s)
+        with Publisher(client, stream=s.stream_readings, batch_size=50, shards=SHARDS) as pub:
+            n = 0
+            while not stop.is_set():
+                try:
+                    pub.flush()
+                    for _ in range(len(series)):
+                        sid, ts = series[n % len(series)], T0 + n // len(series)
+                        n += 1
+                        published.append((sid, ts))
+                        pub.publish(sid, ts, 500.0)
+                except UnconfirmedBatchError as exc:
+                    errors.append(exc)
+                    time.sleep(0.05)
+                confirmed[0] = pub.sent
+                time.sleep(0.002)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    pub.flush()
+                    break
+                except UnconfirmedBatchError as exc:
+                    errors.append(exc)
+                    assert time.monotonic() < deadline
+            confirmed[0] = pub.sent
+        client.close()
+
+    thread = threading.Thread(target=publish)
+    try:
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            for sid in series:
+                answer = http.post(
+                    f"/fit/{sid}",
+                    json={"timestamps": list(range(10)), "values": WORKER_TRAINING},
+                )
+                assert answer.status_code == 200, answer.text
+        workers = [start_worker(s, name, log) for name in ("w1", "w2")]
+        for name, worker in zip(("w1", "w2"), workers, strict=True):
+            wait_consuming(s, name, worker)
+        thread.start()
+        wait_for(lambda: confirmed[0] >= 2000, "readings flowing", 60)
+        node_on(cluster, victim).stop(kill=True)
+        killed = time.monotonic()
+        at_kill = confirmed[0]
+        wait_for(lambda: promoted(cluster, victim, replica, survivor), "the promotion", 30)
+        promoted_after = time.monotonic() - killed
+        after = confirmed[0]
+        wait_for(lambda: confirmed[0] >= after + 2000, "the publisher after it", 60)
+        stop.set()
+        thread.join(60)
+        client = sync_redis_client(s)
+        try:
+            wait_for(lambda: _all_drained(client, s), "every shard drained", 120)
+            drained_after = time.monotonic() - killed
+            for worker in workers:
+                assert worker.poll() is None, log.read_text()  # never restarted
+            scored = Counter(
+                (f["series_id"], int(f["timestamp"]))
+                for sh in every
+                for _, f in client.xrange(sh.anomalies)
+                if f.get("type", "anomaly") == "anomaly"
+            )
+        finally:
+            client.close()
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(60)
+        for worker in workers:
+            stop_process(worker)
+        proc.terminate()
+        proc.wait(30)
+    assert confirmed[0] == len(published)  # everything published confirmed at last
+    twice = [k for k, n in scored.items() if n > 1]
+    assert not twice, twice[:5]
+    assert set(scored) <= set(published)
+    lost = [k for k in published if k not in scored]
+    lost_shards = {shard_of(sid, SHARDS) for sid, _ in lost}
+    print(
+        f"\nfailover under sharded workers: promoted after {promoted_after:.1f} s, every shard"
+        f" drained {drained_after:.1f} s after the kill; {len(published)} readings published"
+        f" ({at_kill} confirmed by the kill), {len(scored)} scored once, {len(lost)} lost"
+        f" (shards {sorted(lost_shards)}; the victim served {sorted(on_victim)}), 0 twice;"
+        f" {len(errors)} publisher errors"
+    )
+    assert lost_shards <= on_victim, log.read_text()
+    assert len(lost) <= 2 * 50 * len(on_victim)  # a batch or two a shard of the dead master
+
+
+def _all_drained(client: redis.Redis, s: Settings) -> bool:
+    for sh in shards(s):
+        try:
+            (group,) = client.xinfo_groups(sh.readings)  # type: ignore[misc]
+            newest = client.xinfo_stream(sh.readings)["last-generated-id"]  # type: ignore[index]
+        except (redis.exceptions.RedisError, ValueError):
+            return False
+        if group["pending"] or group["last-delivered-id"] != newest:
+            return False
+    return True

@@ -17,7 +17,7 @@ import redis
 
 from detector.redis_keys import incident_key, state_key
 from detector.settings import Settings
-from detector.shards import series_shard, shard_of, shards
+from detector.shards import series_shard, shard_of, shard_tag, shards
 from ingest.publisher import Publisher
 from tests.support.polling import wait_for
 from tests.support.processes import start_worker, stop_process, wait_consuming
@@ -124,7 +124,7 @@ def test_stateful_states_live_in_their_shards_slot(
         stop_process(proc)
     home = series_shard(s, sid)
     key = state_key(sid, home.namespace)
-    assert key.startswith(f"{{s{home.index}}}:")  # the shard's hash tag comes first
+    assert key.startswith(shard_tag(home.index, SHARDS) + ":")  # the shard's hash tag first
     assert redis_client.exists(key), log.read_text()
     assert not redis_client.exists(state_key(sid))
 

@@ -61,3 +61,13 @@ def test_sharded_names_may_hold_no_brace() -> None:
     with pytest.raises(ValidationError, match="brace"):
         Settings(stream_shards=2, stream_anomalies="anomalies:{a}")
     Settings(stream_shards=1, stream_anomalies="anomalies:{a}")  # unsharded: as before
+
+
+@pytest.mark.parametrize("count", [2, 3, 6, 12, 48, 64, 96])
+def test_the_shards_spread_evenly_over_masters_of_equal_slot_ranges(count: int) -> None:
+    # Three masters, each owning a third of the slots (redis-cli --cluster create's split):
+    # N / 3 shards each when 3 divides N, else off by a shard a straddled boundary at most.
+    masters = [0] * 3
+    for sh in shards(Settings(stream_shards=count)):
+        masters[key_slot(sh.readings.encode()) * 3 // 16384] += 1
+    assert max(masters) - min(masters) <= (0 if count % 3 == 0 else 2), masters
