@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import psycopg
@@ -127,9 +128,29 @@ _REFUSED_REPLY = re.compile(
 )
 
 
+def torn_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py's own connection torn down under a command: a cluster
+    client's layout refresh marks every connection for a reconnect, and a command that was
+    connecting meanwhile finds its writer gone (``AttributeError: 'NoneType' object has no
+    attribute 'writelines'`` inside ``redis/asyncio/connection.py``). A lost connection, not
+    a bug of ours."""
+    if not isinstance(exc, AttributeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(_REDIS_CONNECTION_FILES)
+
+
+_REDIS_CONNECTION_FILES = (
+    os.path.join("redis", "asyncio", "connection.py"),
+    os.path.join("redis", "connection.py"),
+)
+
+
 def redis_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means Redis cannot serve now: unreachable, or refusing (see above)."""
-    if isinstance(exc, REDIS_ERRORS) or type(exc) in _REFUSED_CLASSES:
+    if isinstance(exc, REDIS_ERRORS) or type(exc) in _REFUSED_CLASSES or torn_connection(exc):
         return True
     if isinstance(exc, redis.exceptions.RedisClusterException):
         return isinstance(exc.__cause__, REDIS_ERRORS)

@@ -39,9 +39,10 @@ async def retry_while(
     log: logging.Logger,
     what: str = "dependency unavailable",
     first: float = 0.1,
+    before_retry: Callable[[], Awaitable[None]] | None = None,
 ) -> T:
     """Run ``step`` until it returns; an exception ``retryable`` accepts is logged and the step
-    tried again after a ``Backoff`` pause, any other propagates."""
+    tried again after a ``Backoff`` pause (and ``before_retry``), any other propagates."""
     backoff = Backoff(first)
     while True:
         try:
@@ -51,3 +52,5 @@ async def retry_while(
                 raise
             log.warning("%s (%s); retrying in %.1f s", what, exc, backoff.pause)
         await backoff.wait()
+        if before_retry is not None:
+            await before_retry()

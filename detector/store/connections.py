@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from importlib import resources
 from typing import cast
 
@@ -100,6 +102,47 @@ def refuse_cluster(settings: Settings, what: str = "the stream worker") -> None:
             raise NotOnClusterError(ONE_SHARD_ON_CLUSTER)
         return
     raise NotOnClusterError(f"{what} {NOT_ON_CLUSTER}")
+
+
+async def prepare_clients(*clients: Redis) -> None:
+    """Let cluster clients read the cluster's layout now, before concurrent use (nothing for
+    one Redis; a cluster not reachable yet is left to the clients' first commands)."""
+    for client in clients:
+        if is_cluster(client):
+            try:
+                await cast(RedisCluster, client).initialize()
+            except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError):
+                pass
+
+
+_REREAD_SECONDS = 0.5
+_last_reread: dict[int, float] = {}
+
+
+async def reread_layout(*clients: Redis) -> None:
+    """Make cluster clients read the cluster's layout again now (nothing for one Redis).
+
+    After a lost master the client marks its layout stale and re-reads it before its next
+    command; but a re-read during the failover (the dead master not yet failed over) learns
+    the old layout again, and the node it asks where a command's keys are (``COMMAND
+    GETKEYS``, for commands such as XREADGROUP) stays the one it started with: were that the
+    dead master, every such command would fail until a restart. A retry loop calls this
+    before each new attempt, so the promoted replica is found as soon as the cluster has
+    promoted it. A failure here (no node answers yet) is left for the next attempt. At most
+    one re-read a client every ``_REREAD_SECONDS``: each marks every connection of the
+    client for a reconnect, so the shards' workers, retrying together, would churn them."""
+    now = time.monotonic()
+    for client in clients:
+        if is_cluster(client):
+            cluster = cast(RedisCluster, client)
+            if now - _last_reread.get(id(cluster), -math.inf) < _REREAD_SECONDS:
+                continue
+            _last_reread[id(cluster)] = now
+            try:
+                await cluster.nodes_manager.initialize()
+            except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError):
+                continue
+            cluster.commands_parser.node = cluster.get_default_node()  # a live master
 
 
 def reply_twin(settings: Settings, client: Redis) -> Redis:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import redis.exceptions as rx
 
-from detector.errors import NotReplicatedError, describe_redis_error, redis_unavailable
+from detector.errors import (
+    NotReplicatedError,
+    describe_redis_error,
+    redis_unavailable,
+    torn_connection,
+)
 
 REFUSED = [
     rx.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
@@ -76,3 +83,23 @@ def test_the_description_keeps_the_code_redis_py_strips() -> None:
 
 def test_cluster_codes_are_put_back_too() -> None:
     assert describe_redis_error(rx.TryAgainError("Multiple keys")).startswith("TRYAGAIN ")
+
+
+def _raised_in(filename: str) -> AttributeError:
+    """The AttributeError a line of ``filename`` raises (a frame of that file on top)."""
+    try:
+        exec(compile("None.writelines([])", filename, "exec"))
+    except AttributeError as exc:
+        return exc
+    raise AssertionError("no error")
+
+
+def test_a_connection_torn_down_inside_redis_py_is_redis_unavailable() -> None:
+    # redis-py's asyncio cluster client marks every connection for a reconnect when it reads
+    # the layout again; a command connecting meanwhile finds its writer gone.
+    torn = _raised_in(os.path.join("site-packages", "redis", "asyncio", "connection.py"))
+    assert torn_connection(torn) and redis_unavailable(torn)
+    # The same error raised by our own code is a bug, never waited out.
+    ours = _raised_in(os.path.join("detector", "transports", "redis", "worker.py"))
+    assert not torn_connection(ours) and not redis_unavailable(ours)
+    assert not torn_connection(ValueError("writelines"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.exceptions
@@ -14,6 +14,7 @@ from redis.client import NEVER_DECODE
 
 from detector.redis_keys import attempts_key
 from detector.scripts import lua
+from detector.store.connections import is_cluster
 from detector.wire.readings import RawEntry
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,10 @@ class StreamOps:
         # decoding them is the wire codec's job, where bytes that are not UTF-8 become a dead
         # letter instead of an exception inside the reply parser on every read. ``raw``: such
         # a client (``connections.reply_twin``), else one over ``client``'s pool.
-        self._raw = raw if raw is not None else Redis(connection_pool=client.connection_pool)
-        self._raw.set_response_callback("XREADGROUP", _as_sent)
-        self._raw.set_response_callback("XAUTOCLAIM", _as_sent)
+        self.raw = raw if raw is not None else Redis(connection_pool=client.connection_pool)
+        self.raw.set_response_callback("XREADGROUP", _as_sent)
+        self.raw.set_response_callback("XAUTOCLAIM", _as_sent)
+        self._cluster = is_cluster(client)
         self._lag = client.register_script(lua("consumer_lag"))
         self._trim = client.register_script(
             lua("trim_finished") + "return trim_finished(KEYS[1])\n"
@@ -111,8 +113,8 @@ class StreamOps:
         args: list[str | int] = ["GROUP", self.group, consumer, "COUNT", count]
         if block is not None:
             args += ["BLOCK", block]
-        reply: Any = await self._raw.execute_command(  # type: ignore[no-untyped-call]
-            "XREADGROUP", *args, "STREAMS", self.readings, from_id, **{NEVER_DECODE: True}
+        reply: Any = await self.raw.execute_command(  # type: ignore[no-untyped-call]
+            "XREADGROUP", *args, "STREAMS", self.readings, from_id, **self._options()
         )
         if not reply:
             return []
@@ -128,7 +130,7 @@ class StreamOps:
         """XAUTOCLAIM: up to ``count`` entries idle over ``min_idle_ms`` from ``cursor`` on,
         now ``consumer``'s; returns the next cursor ("0-0" after a full pass) and the entries,
         fields as flat lists of bytes (None for an entry deleted while pending)."""
-        reply: Any = await self._raw.execute_command(  # type: ignore[no-untyped-call]
+        reply: Any = await self.raw.execute_command(  # type: ignore[no-untyped-call]
             "XAUTOCLAIM",
             self.readings,
             self.group,
@@ -137,7 +139,7 @@ class StreamOps:
             cursor,
             "COUNT",
             count,
-            **{NEVER_DECODE: True},
+            **self._options(),
         )
         entries: list[RawEntry] = [
             (entry[0].decode(), entry[1] or None)
@@ -145,6 +147,15 @@ class StreamOps:
             if entry is not None and entry[0] is not None
         ]
         return reply[0].decode(), entries
+
+    def _options(self) -> dict[str, Any]:
+        """Raw replies; on a cluster, sent to the master of the stream's slot: a cluster client
+        finds XREADGROUP's keys by asking a node (``COMMAND GETKEYS``), a round trip more a
+        read, and one to a dead node after a failover (``connections.reread_layout``)."""
+        if not self._cluster:
+            return {NEVER_DECODE: True}
+        node = cast(Any, self.raw).get_node_from_key(self.readings)
+        return {NEVER_DECODE: True, "target_nodes": node}
 
     async def commit(
         self, entry_ids: Sequence[str], outputs: Sequence[Output]

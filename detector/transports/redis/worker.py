@@ -32,7 +32,12 @@ from detector.state.adjustments import Adjustments
 from detector.state.incidents import IncidentTracker, incident_tracker
 from detector.state.series import SeriesStates
 from detector.state.silence import silence_watch
-from detector.store.connections import refuse_cluster, reply_twin
+from detector.store.connections import (
+    prepare_clients,
+    refuse_cluster,
+    reply_twin,
+    reread_layout,
+)
 from detector.store.models import ModelStore
 from detector.transports.redis.consumer_group import Output, StreamOps, is_nogroup
 from detector.transports.redis.health import clear_health, record_health
@@ -171,7 +176,8 @@ class Worker:
             try:
                 more = await self._step(burst)
                 backoff.reset()
-            except (*REDIS_FAILURES, StoreUnavailableError) as exc:
+            except (*REDIS_FAILURES, StoreUnavailableError, AttributeError) as exc:
+                # (AttributeError: only redis-py's torn connection, ``errors.torn_connection``)
                 await self._drop_inflight()
                 if isinstance(exc, redis.exceptions.ResponseError) and is_nogroup(exc):
                     log.warning(
@@ -184,6 +190,7 @@ class Worker:
                     raise
                 log.warning("store unavailable (%s); retrying in %.1f s", exc, backoff.pause)
                 await backoff.wait()
+                await self._reread_layout()
                 # The batch in hand was not acknowledged: it is still pending for us.
                 self._recovering, self._pending_cursor = True, "0"
                 continue
@@ -216,7 +223,7 @@ class Worker:
                 if await self.ops.ensure_group():
                     log.info("created consumer group %s", self.settings.stream_group)
                 return
-            except REDIS_FAILURES as exc:
+            except (*REDIS_FAILURES, AttributeError) as exc:  # (``errors.torn_connection``)
                 if self._stopping or not redis_unavailable(exc):
                     raise
                 log.warning("Redis unavailable (%s); retrying", exc)
@@ -370,8 +377,16 @@ class Worker:
         """Run ``step``, retrying while a dependency is unavailable (the batch stays in hand,
         pending and undelivered again); on stop, give up and leave the batch pending."""
         return await retry_while(
-            step, lambda exc: is_unavailable(exc) and not self._stopping, log=log
+            step,
+            lambda exc: is_unavailable(exc) and not self._stopping,
+            log=log,
+            before_retry=self._reread_layout,
         )
+
+    async def _reread_layout(self) -> None:
+        """On Redis Cluster, before a retry: the layout read again (a master may have failed
+        over), by both clients (``connections.reread_layout``)."""
+        await reread_layout(self.redis, self.ops.raw)
 
     async def _commit(self, outcome: Outcome) -> None:
         """Write the batch's events and dead letters and acknowledge it in one atomic script
@@ -524,6 +539,10 @@ def workers(
 async def run_workers(group: Sequence[Worker], *, burst: bool = False) -> None:
     """Run a process' workers together until each stops (a burst: until each shard is
     drained); the first error stops the others, then is raised."""
+    # A cluster client learns the layout on its first command; the shards' first commands
+    # all at once would race in it (redis-py marks every connection for a reconnect while
+    # others are connecting), so the clients learn it first, one at a time.
+    await prepare_clients(*{id(c): c for w in group for c in (w.redis, w.ops.raw)}.values())
     tasks = [asyncio.create_task(w.run(burst=burst), name=f"shard-{w.shard.label}") for w in group]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
