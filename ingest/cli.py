@@ -527,7 +527,11 @@ def _json_default(value: Any) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-ingest", description=__doc__)
     parser.add_argument("--redis-url", help="default: from REDIS_* settings")
-    parser.add_argument("--stream", help="stream or topic name (default: from settings)")
+    parser.add_argument(
+        "--stream",
+        help="stream or topic name (default: from settings); with STREAM_SHARDS above 1, "
+        "publish and generate send to that name's shards, subscribe reads that one stream",
+    )
     parser.add_argument(
         "--transport", choices=("redis", "kafka"), default="redis", help="the bus (default redis)"
     )
