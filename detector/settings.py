@@ -136,7 +136,10 @@ class Settings(BaseSettings):
     stream_consumer: str | None = Field(
         default=None, description="This worker's consumer name; default host-pid."
     )
-    stream_batch_count: int = Field(default=1000, ge=1, le=100_000)
+    # The most entries one read takes (XREADGROUP COUNT). A read takes what is there, so a
+    # light stream is scored a few entries at a time; under load full batches amortise the
+    # per-series work over a series' several readings (docs/performance.md#batch-size).
+    stream_batch_count: int = Field(default=5000, ge=1, le=100_000)
     # Blocking reads must end before the client's 10 s socket timeout (a redis-py pitfall).
     stream_block_ms: int = Field(default=2000, ge=1, le=5000)
     stream_claim_idle_ms: int = Field(default=30_000, ge=1)
