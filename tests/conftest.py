@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from detector.settings import Settings
-from detector.store.connections import apply_schema_sync
+from detector.store.connections import apply_schema_sync, sync_redis_client
 from embedded.processes import free_cluster_ports, free_port
 from embedded.servers import PostgresServer, RedisClusterServers, RedisServer
 from tests.support.services import postgres_data_dir, start_api
@@ -63,6 +63,21 @@ def cluster_api_url(cluster_settings: Settings) -> Iterator[str]:
     yield base_url
     proc.terminate()
     proc.wait(30)
+
+
+@pytest.fixture
+def cluster_client(cluster_api_url: str) -> Iterator[httpx.Client]:
+    """An HTTP client of the service on the Redis Cluster."""
+    with httpx.Client(base_url=cluster_api_url, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture
+def rc(cluster_settings: Settings) -> Iterator[redis.Redis]:
+    """A cluster client as the service user, as the ingest CLI makes it."""
+    client = sync_redis_client(cluster_settings)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")

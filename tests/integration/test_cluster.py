@@ -9,35 +9,19 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import redis
 from redis.crc import key_slot
 
 from detector.redis_keys import model_key, producer_key
 from detector.settings import Settings
-from detector.store.connections import sync_redis_client
 from embedded.servers import RedisClusterServers
 from ingest.publisher import Publisher
 from ingest.subscriber import Subscriber
 from tests.support.api import TS, VALUES, fit
 from tests.support.services import ROOT, service_env
-
-
-@pytest.fixture
-def cluster_client(cluster_api_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cluster_api_url, timeout=60) as http:
-        yield http
-
-
-@pytest.fixture
-def rc(cluster_settings: Settings) -> Iterator[redis.Redis]:
-    """A cluster client as the service user, as the ingest CLI makes it."""
-    client = sync_redis_client(cluster_settings)
-    yield client
-    client.close()
 
 
 def master_of(cluster: RedisClusterServers, key: str) -> int:

@@ -37,7 +37,7 @@ from tests.support.api import TS, VALUES
 from tests.support.polling import wait_for
 from tests.support.processes import start_worker, stop_process, wait_consuming
 from tests.support.services import start_api
-from tests.support.streams import stream_settings
+from tests.support.streams import shards_drained, stream_settings
 
 NODE_TIMEOUT_MS = 1000
 # From the kill to every series of the killed master fitted and predicted again (a failover
@@ -537,7 +537,7 @@ def test_sharded_workers_carry_on_through_a_failover_and_every_reading_is_counte
         thread.join(60)
         client = sync_redis_client(s)
         try:
-            wait_for(lambda: _all_drained(client, s), "every shard drained", 120)
+            wait_for(lambda: shards_drained(client, s), "every shard drained", 120)
             drained_after = time.monotonic() - killed
             for worker in workers:
                 assert worker.poll() is None, log.read_text()  # never restarted
@@ -572,15 +572,3 @@ def test_sharded_workers_carry_on_through_a_failover_and_every_reading_is_counte
     )
     assert lost_shards <= on_victim, log.read_text()
     assert len(lost) <= 2 * 50 * len(on_victim)  # a batch or two a shard of the dead master
-
-
-def _all_drained(client: redis.Redis, s: Settings) -> bool:
-    for sh in shards(s):
-        try:
-            (group,) = client.xinfo_groups(sh.readings)  # type: ignore[misc]
-            newest = client.xinfo_stream(sh.readings)["last-generated-id"]  # type: ignore[index]
-        except (redis.exceptions.RedisError, ValueError):
-            return False
-        if group["pending"] or group["last-delivered-id"] != newest:
-            return False
-    return True

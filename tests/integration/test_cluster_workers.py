@@ -12,7 +12,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,14 +21,13 @@ import redis
 from detector.redis_keys import state_key
 from detector.settings import Settings
 from detector.shards import series_shard, shard_of, shards
-from detector.store.connections import sync_redis_client
 from embedded.servers import RedisClusterServers
 from ingest.publisher import Publisher
 from tests.integration.test_cluster import master_of
 from tests.support.polling import wait_for
 from tests.support.processes import start_worker, stop_process, wait_consuming
 from tests.support.services import ROOT, service_env
-from tests.support.streams import fit, stream_settings
+from tests.support.streams import fit, shard_events, shards_drained, stream_settings
 
 SHARDS = 6
 TRAINING = [90.0, 110.0] * 5  # μ 100, σ 10: 100 is never anomalous, 500 always is
@@ -42,40 +40,8 @@ def s(cluster_settings: Settings) -> Settings:
     )
 
 
-@pytest.fixture
-def cluster_client(cluster_api_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cluster_api_url, timeout=60) as http:
-        yield http
-
-
-@pytest.fixture
-def rc(cluster_settings: Settings) -> Iterator[redis.Redis]:
-    client = sync_redis_client(cluster_settings)
-    yield client
-    client.close()
-
-
 def worker_log() -> Path:
     return Path(tempfile.mkstemp(prefix="cluster-workers-", suffix=".log")[1])
-
-
-def drained(client: redis.Redis, s: Settings) -> bool:
-    for shard in shards(s):
-        try:
-            (group,) = client.xinfo_groups(shard.readings)  # type: ignore[misc]
-            newest = client.xinfo_stream(shard.readings)["last-generated-id"]  # type: ignore[index]
-        except (redis.exceptions.ResponseError, ValueError):
-            return False
-        if group["pending"] or group["last-delivered-id"] != newest:
-            return False
-    return True
-
-
-def all_events(client: redis.Redis, s: Settings) -> dict[int, list[dict[str, str]]]:
-    return {
-        sh.index: [f for _, f in client.xrange(sh.anomalies)]  # type: ignore[union-attr]
-        for sh in shards(s)
-    }
 
 
 def test_sharded_workers_score_every_reading_once_on_a_cluster_with_a_worker_killed(
@@ -130,12 +96,12 @@ def test_sharded_workers_score_every_reading_once_on_a_cluster_with_a_worker_kil
                     procs[0].send_signal(signal.SIGKILL)
         assert pub.sent == len(rows) + 100
         procs[0].wait(10)
-        wait_for(lambda: drained(rc, s), "every shard drained", 120)
+        wait_for(lambda: shards_drained(rc, s), "every shard drained", 120)
     finally:
         for proc in procs:
             stop_process(proc)
 
-    by_shard = all_events(rc, s)
+    by_shard = shard_events(rc, s)
     found = Counter(
         (f["series_id"], int(f["timestamp"]))
         for events in by_shard.values()
@@ -168,7 +134,7 @@ def test_an_outage_across_the_shards_is_one_incident_on_a_cluster(
     def incidents() -> list[dict[str, str]]:
         return [
             f
-            for events in all_events(rc, s).values()
+            for events in shard_events(rc, s).values()
             for f in events
             if f.get("type") == "incident"
         ]

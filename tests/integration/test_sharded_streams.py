@@ -21,7 +21,7 @@ from detector.shards import series_shard, shard_of, shard_tag, shards
 from ingest.publisher import Publisher
 from tests.support.polling import wait_for
 from tests.support.processes import start_worker, stop_process, wait_consuming
-from tests.support.streams import fit, stream_settings
+from tests.support.streams import fit, shard_events, shards_drained, stream_settings
 
 SHARDS = 4
 TRAINING = [90.0, 110.0] * 5  # μ 100, σ 10: 100 is never anomalous, 500 always is
@@ -36,27 +36,6 @@ def s(settings: Settings) -> Settings:
 
 def worker_log() -> Path:
     return Path(tempfile.mkstemp(prefix="shards-", suffix=".log")[1])
-
-
-def drained(client: redis.Redis, s: Settings) -> bool:
-    """Every shard's group has been given its stream's newest entry and has nothing pending
-    (the workers trim what they acknowledged, so the streams' lengths tell nothing)."""
-    for shard in shards(s):
-        try:
-            (group,) = client.xinfo_groups(shard.readings)  # type: ignore[misc]
-            newest = client.xinfo_stream(shard.readings)["last-generated-id"]  # type: ignore[index]
-        except (redis.exceptions.ResponseError, ValueError):
-            return False
-        if group["pending"] or group["last-delivered-id"] != newest:
-            return False
-    return True
-
-
-def shard_events(client: redis.Redis, s: Settings) -> dict[int, list[dict[str, str]]]:
-    return {
-        sh.index: [f for _, f in client.xrange(sh.anomalies)]  # type: ignore[union-attr]
-        for sh in shards(s)
-    }
 
 
 def test_series_stay_on_their_shard_and_every_reading_is_scored_once_with_a_worker_killed(
@@ -82,7 +61,7 @@ def test_series_stay_on_their_shard_and_every_reading_is_scored_once_with_a_work
                     procs[0].send_signal(signal.SIGKILL)  # no shutdown, no final commit
         assert pub.sent == len(rows)
         procs[0].wait(10)
-        wait_for(lambda: drained(redis_client, s), "every shard drained", 90)
+        wait_for(lambda: shards_drained(redis_client, s), "every shard drained", 90)
     finally:
         for proc in procs:
             stop_process(proc)
@@ -119,7 +98,7 @@ def test_stateful_states_live_in_their_shards_slot(
         with Publisher(redis_client, stream=s.stream_readings, shards=SHARDS) as pub:
             for i in range(600, 700):
                 pub.publish(sid, 300 * i, 100.0 + (i % 7))
-        wait_for(lambda: drained(redis_client, s), "the shard drained", 60)
+        wait_for(lambda: shards_drained(redis_client, s), "the shard drained", 60)
     finally:
         stop_process(proc)
     home = series_shard(s, sid)

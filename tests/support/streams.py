@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
+from detector.shards import shards
 from detector.store.connections import postgres_pool, redis_client
 from detector.transports.redis.worker import Worker
 from ingest.publisher import Publisher
@@ -80,3 +81,25 @@ def publish(
 
 def events(client: redis.Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
     return [(str(i), f) for i, f in client.xrange(stream)]  # type: ignore[union-attr]
+
+
+def shards_drained(client: redis.Redis, s: Settings) -> bool:
+    """Every shard's group has been given its stream's newest entry and has nothing pending
+    (the workers trim what they acknowledged, so the streams' lengths tell nothing)."""
+    for shard in shards(s):
+        try:
+            (group,) = client.xinfo_groups(shard.readings)  # type: ignore[misc]
+            newest = client.xinfo_stream(shard.readings)["last-generated-id"]  # type: ignore[index]
+        except (redis.exceptions.RedisError, ValueError):
+            return False
+        if group["pending"] or group["last-delivered-id"] != newest:
+            return False
+    return True
+
+
+def shard_events(client: redis.Redis, s: Settings) -> dict[int, list[dict[str, str]]]:
+    """Each shard's anomalies stream, by shard index."""
+    return {
+        sh.index: [f for _, f in client.xrange(sh.anomalies)]  # type: ignore[union-attr]
+        for sh in shards(s)
+    }
