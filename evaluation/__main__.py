@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import sys
 import time
@@ -99,12 +100,27 @@ SEASONAL_SWEEP: dict[str, tuple[Any, ...]] = {
 }
 
 # The feedback rule's grid (``detector.feedback.FeedbackRule``), for the feedback protocol's
-# leave-one-folder-out figure: for each folder, the rule best on the other six.
+# leave-one-folder-out figure: for each folder, the rule best on the other six. Half-lives in
+# seconds; an hour_widen of 1 switches the hour multiples off.
 FEEDBACK_GRID: dict[str, tuple[float, ...]] = {
+    "widen": (1.25, 1.5),
+    "half_life": (7 * 86_400.0, 14 * 86_400.0, 30 * 86_400.0),
+    "hour_widen": (1.0, 2.0),
+    "margin": (1.2, 1.5),
+}
+# ``--static-feedback``: static per-test scales (no fading, no hours, no cap), the rule and grid
+# the service had before fading, hour multiples and caps, as the reference they are measured
+# against.
+STATIC_RULE = FeedbackRule(
+    widen=1.25, half_life=math.inf, hour_widen=1.0, margin=math.inf, max_scale=1.5
+)
+STATIC_FEEDBACK_GRID: dict[str, tuple[float, ...]] = {
     "widen": (1.1, 1.25, 1.5),
     "max_scale": (1.5, 2.0, 3.0),
     "narrow": (0.85, 1.0),
-    "min_scale": (0.8,),
+    "half_life": (math.inf,),
+    "hour_widen": (1.0,),
+    "margin": (math.inf,),
 }
 
 
@@ -334,10 +350,20 @@ def _seasonal_params(choice: dict[str, Any]) -> SeasonalParams:
     )
 
 
-def feedback_rules() -> list[FeedbackRule]:
+def describe_rule(rule: FeedbackRule) -> str:
+    fading = "none" if math.isinf(rule.half_life) else f"{rule.half_life / 86_400.0:g}d"
+    margin = "none" if math.isinf(rule.margin) else f"{rule.margin:g}"
+    return (
+        f"widen={rule.widen:g} half_life={fading} hour_widen={rule.hour_widen:g}"
+        f" margin={margin} narrow={rule.narrow:g} scales=[{rule.min_scale:g}, {rule.max_scale:g}]"
+    )
+
+
+def feedback_rules(grid: dict[str, tuple[float, ...]] | None = None) -> list[FeedbackRule]:
+    grid = FEEDBACK_GRID if grid is None else grid
     return [
-        FeedbackRule(**dict(zip(FEEDBACK_GRID, point, strict=True)))
-        for point in itertools.product(*FEEDBACK_GRID.values())
+        FeedbackRule(**dict(zip(grid, point, strict=True)))
+        for point in itertools.product(*grid.values())
     ]
 
 
@@ -350,18 +376,26 @@ class FeedbackFigures:
     choices: list[str]
 
 
-def feedback_figures(corpus: Corpus, root: Path, jobs: int, with_lofo: bool) -> FeedbackFigures:
+def feedback_figures(
+    corpus: Corpus,
+    root: Path,
+    jobs: int,
+    with_lofo: bool,
+    rule: FeedbackRule = DEFAULT_RULE,
+    grid: dict[str, tuple[float, ...]] | None = None,
+) -> FeedbackFigures:
     """The seasonal kind replayed under the feedback protocol (``evaluation.feedback``).
 
-    Leave-one-folder-out: each folder is scored with the seasonal setting the existing
-    machinery chooses without it (``seasonal_leave_one_folder_out``) and, with feedback, the
-    rule of FEEDBACK_GRID best on the other folders under that setting; so neither the
-    kind's nor the rule's constants are chosen on the folder they are scored on.
+    In-sample with ``rule``. Leave-one-folder-out: each folder is scored with the seasonal
+    setting the existing machinery chooses without it (``seasonal_leave_one_folder_out``)
+    and, with feedback, the rule of ``grid`` (FEEDBACK_GRID) best on the other folders under
+    that setting; so neither the kind's nor the rule's constants are chosen on the folder
+    they are scored on.
     """
     corpus.require_tunable()
     jobs_in: list[tuple[str, Path | None, SeasonalParams | None, FeedbackRule | None]] = [
         (corpus.name, root, None, None),
-        (corpus.name, root, None, DEFAULT_RULE),
+        (corpus.name, root, None, rule),
     ]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         plain, adjusted = pool.map(corpus_job, jobs_in)
@@ -369,8 +403,8 @@ def feedback_figures(corpus: Corpus, root: Path, jobs: int, with_lofo: bool) -> 
         return FeedbackFigures((plain, adjusted), None, [])
     swept, chosen = seasonal_leave_one_folder_out(corpus, root, jobs)
     settings = {repr(c): _seasonal_params(c) for c in chosen.values()}
-    rules = feedback_rules()
-    work = [(key, rule) for key in settings for rule in (None, *rules)]
+    rules = feedback_rules(grid)
+    work = [(key, r) for key in settings for r in (None, *rules)]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         runs = list(pool.map(corpus_job, [(corpus.name, root, settings[k], r) for k, r in work]))
     by_key = {(k, r): run for (k, r), run in zip(work, runs, strict=True)}
@@ -385,22 +419,24 @@ def feedback_figures(corpus: Corpus, root: Path, jobs: int, with_lofo: bool) -> 
         off.update({n: by_key[(key, None)].files[n].alerts for n in members})
         raw = [_score_by_folder(corpus, scorer, by_key[(key, r)].outputs) for r in rules]
         others = [sum(v for f, v in r.items() if f != folder) for r in raw]
-        rule = rules[int(np.argmax(others))]
-        on.update({n: by_key[(key, rule)].files[n].alerts for n in members})
-        choices.append(
-            f"  {folder:24s} widen={rule.widen:g} max={rule.max_scale:g}"
-            f" narrow={rule.narrow:g} min={rule.min_scale:g}"
-        )
+        best = rules[int(np.argmax(others))]
+        on.update({n: by_key[(key, best)].files[n].alerts for n in members})
+        choices.append(f"  {folder:24s} {describe_rule(best)}")
     for name, alerts in off.items():  # the replay is the sweep's own outputs, per file
         if not np.array_equal(alerts, swept[name]):
             raise AssertionError(f"{name}: the replay differs from the seasonal sweep")
     return FeedbackFigures((plain, adjusted), (off, on), choices)
 
 
-def run_feedback(corpus: Corpus, root: Path, jobs: int, with_lofo: bool) -> int:
-    """``--feedback``: print the protocol's figures beside the plain replay."""
+def run_feedback(
+    corpus: Corpus, root: Path, jobs: int, with_lofo: bool, static: bool = False
+) -> int:
+    """``--feedback``: print the protocol's figures beside the plain replay (``static``: of
+    STATIC_RULE and STATIC_FEEDBACK_GRID)."""
     started = time.perf_counter()
-    figures = feedback_figures(corpus, root, jobs, with_lofo)
+    rule = STATIC_RULE if static else DEFAULT_RULE
+    grid = STATIC_FEEDBACK_GRID if static else FEEDBACK_GRID
+    figures = feedback_figures(corpus, root, jobs, with_lofo, rule, grid)
     scorer = NabScorer(corpus)
     rows: list[tuple[str, dict[str, FloatArray]]] = [
         ("seasonal, no feedback (in-sample)", figures.in_sample[0].outputs),
@@ -423,10 +459,9 @@ def run_feedback(corpus: Corpus, root: Path, jobs: int, with_lofo: bool) -> int:
         lines.append(f"{label:46s} {cells} {fp:10d} {missed:7d}")
     print("\n".join(lines))
     adjusted = figures.in_sample[1]
-    rule = DEFAULT_RULE
     print(
-        f"\nin-sample rule: widen={rule.widen:g} max={rule.max_scale:g} narrow={rule.narrow:g}"
-        f" min={rule.min_scale:g}; feedback given: {adjusted.count('false_positive')}"
+        f"\nin-sample rule: {describe_rule(rule)};"
+        f" feedback given: {adjusted.count('false_positive')}"
         f" false_positive, {adjusted.count('missed')} missed;"
         f" {corpus.window_count} windows; {time.perf_counter() - started:.0f} s."
     )
@@ -653,6 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the seasonal kind under the feedback protocol beside the plain replay"
         " (NAB only; with --lofo, leave-one-folder-out too)",
     )
+    parser.add_argument(
+        "--static-feedback",
+        action="store_true",
+        help="with --feedback: the static per-test scales (no fading, hours or caps) instead",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
         "--score-only",
@@ -666,7 +706,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.detector != "seasonal" or args.corpus != "nab" or args.all or args.score_only:
             parser.error("--feedback replays the seasonal kind on NAB: --detector seasonal")
         return run_feedback(
-            load_named("nab", args.root), args.root or CORPORA["nab"][1], args.jobs, args.lofo
+            load_named("nab", args.root),
+            args.root or CORPORA["nab"][1],
+            args.jobs,
+            args.lofo,
+            static=args.static_feedback,
         )
     if args.all:
         return run_all(args.corpus, args.root, args.lofo, args.results, args.jobs)

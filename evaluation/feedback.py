@@ -5,11 +5,14 @@ stream's rows) and its later readings are folded one series at a time through
 ``detector.kinds.seasonal.fold``, the worker's function. The simulated user
 
 - marks an alert raised outside every labelled window ``false_positive`` at that moment
-  (with the test that fired, as the alert's event carries it);
-- marks a labelled window that ended without an alert inside it ``missed``, at its end;
+  (with what the alert's event carries: the test that fired, its ``base_score`` and the
+  reading's timestamp);
+- marks a labelled window that ended without an alert inside it ``missed``, at its end (the
+  range's last timestamp);
 
 and the series' adjustment (``detector.feedback.adjustment``, the service's rule) is applied
-from the next reading on, as a worker applies it after ``MODEL_REFRESH_SECONDS``.
+from the next reading on (``detector.kinds.seasonal.with_adjustment``, as the worker's
+``SeasonalKind.adjust``), as a worker applies it after ``MODEL_REFRESH_SECONDS``.
 
 The fold runs in chunks on a copy of the state; a chunk in which feedback falls is folded
 again from its start up to that reading only, so the state the next reading meets is exactly
@@ -103,7 +106,6 @@ def replay_file(
         unseen = {int(k) for k in window[n_fit:] if k >= 0}
         return FileRun(alerts, 0, len(unseen))
     ts, xs, win = ts_all[rows], series.values[rows], window[rows]
-    base = seasonal.thresholds(state)
     # Per window with streamed rows: the position of its last streamed reading.
     ends = sorted({int(np.flatnonzero(win == k)[-1]): k for k in np.unique(win[win >= 0])}.items())
     raised = np.zeros(rows.size, dtype=bool)
@@ -125,20 +127,26 @@ def replay_file(
                     trial, folded = _fold(state, ts[pos : pos + j + 1], xs[pos : pos + j + 1])
                 raised[pos : pos + j + 1] = folded.alert
                 state, pos = trial, pos + j + 1
-                item = Feedback("false_positive", TESTS[int(folded.test[j]) - 1])
+                level = folded.ratio[j] if folded.level is None else folded.level[j]
+                item = Feedback(
+                    "false_positive",
+                    TESTS[int(folded.test[j]) - 1],
+                    time=float(ts[pos - 1]),
+                    level=float(level),
+                )
                 history.append(item)
                 current = step(current, item, rule)
-                seasonal.apply_adjustment(state, base, current.scales())
+                state = seasonal.with_adjustment(state, current.vector())
                 continue
         raised[pos:stop] = folded.alert
         state, pos = trial, stop
         if rule is not None and next_end < len(ends) and ends[next_end][0] == stop - 1:
             k = ends[next_end][1]
             if not raised[win == k].any():
-                item = Feedback("missed")
+                item = Feedback("missed", time=float(ts[stop - 1]))
                 history.append(item)
                 current = step(current, item, rule)
-                seasonal.apply_adjustment(state, base, current.scales())
+                state = seasonal.with_adjustment(state, current.vector())
     alerts[rows] = raised
     alerted_windows = {int(k) for k in win[raised] if k >= 0}
     scored = {int(k) for k in window[n_fit:] if k >= 0}

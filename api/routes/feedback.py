@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import SeriesIdDep, ServicesDep, find_model, json_body
 from api.schemas import body_schema
 from detector.errors import InvalidInputError
+from detector.feedback import Adjustment
 from detector.identifiers import SERIES_ID_SCHEMA, validate_series_id
 from detector.kinds.training import MAX_TIMESTAMP
 from detector.store.feedback import (
@@ -93,15 +94,21 @@ class FeedbackAnswer(BaseModel):
     label: str
     changed: bool = Field(description="False when the same feedback was already stored.")
     adjustment: dict[str, float] = Field(
-        description="The series' per-test threshold scales now in force (1.0: the version's)."
+        description="Each test's threshold multiple in force at the latest feedback's time,"
+        " outside the hours of day it marked (1.0: the version's own threshold)."
+    )
+    adjustment_detail: dict[str, Any] = Field(
+        description="What the multiples are made of: the fading multiples at `time` (point,"
+        " shift, divergence), their `half_life` in seconds, the `caps`, each test's 24 UTC"
+        " `hours` multiples and the `ceiling` (detector.feedback.Adjustment)."
     )
 
 
-async def _publish(services: ServicesDep, series_id: str) -> dict[str, float]:
+async def _publish(services: ServicesDep, series_id: str) -> Adjustment:
     rows = await list_feedback(services.store.pool, series_id)
     found, through = series_adjustment(rows)
     await publish_adjustment(services.store.redis, series_id, found, through)
-    return found.to_dict()
+    return found
 
 
 @router.post(
@@ -122,8 +129,10 @@ async def episode_feedback(
     services: ServicesDep,
 ) -> FeedbackAnswer:
     """A false positive widens the threshold of the test that fired on the episode's opener
-    for its series' stream (a true positive changes nothing); see the stream contract. The
-    same feedback again changes nothing; another label for the same episode replaces it."""
+    for its series' stream, fading with time, more at the opener's hour of day, and never
+    beyond a little more than the opener's strength (a true positive changes nothing); see
+    the stream contract. The same feedback again changes nothing; another label for the same
+    episode replaces it."""
     if not EPISODE_ID.match(episode_id):
         raise InvalidInputError("an episode id is 1-512 printable ASCII characters, no spaces")
     if body.label == "missed":
@@ -150,7 +159,8 @@ async def episode_feedback(
         episode_id=episode_id,
         label=body.label,
         changed=changed,
-        adjustment=adjustment,
+        adjustment=adjustment.in_force(),
+        adjustment_detail=adjustment.to_dict(),
     )
 
 
@@ -166,8 +176,8 @@ async def series_feedback(
     services: ServicesDep,
 ) -> FeedbackAnswer:
     """A missed range (no alert where there should have been one) narrows every test's
-    threshold for the series' stream. It needs no episode; the same range again changes
-    nothing."""
+    threshold for the series' stream, fading with time. It needs no episode; the same range
+    again changes nothing."""
     if body.label != "missed":
         raise InvalidInputError(
             f"{body.label} judges an episode: POST /anomalies/{{episode_id}}/feedback"
@@ -193,19 +203,21 @@ async def series_feedback(
         episode_id=None,
         label="missed",
         changed=changed,
-        adjustment=adjustment,
+        adjustment=adjustment.in_force(),
+        adjustment_detail=adjustment.to_dict(),
     )
 
 
 @read_router.get("/series/{series_id}/feedback", summary="A series' feedback and adjustment")
 async def get_feedback(series_id: SeriesIdDep, services: ServicesDep) -> dict[str, Any]:
-    """Every piece of feedback on the series, oldest first, and the threshold scales they
-    add up to (``adjustment``)."""
+    """Every piece of feedback on the series, oldest first, and the threshold multiples they
+    add up to (``adjustment``, and what they are made of, ``adjustment_detail``)."""
     await find_model(services.store, series_id, None)  # 404 for an unknown series
     rows = await list_feedback(services.store.pool, series_id)
     found, _ = series_adjustment(rows)
     return {
         "series_id": series_id,
-        "adjustment": found.to_dict(),
+        "adjustment": found.in_force(),
+        "adjustment_detail": found.to_dict(),
         "feedback": [public(r) for r in rows],
     }

@@ -116,7 +116,10 @@ class Folded:
     """Per folded reading, in the order given to ``StatefulKind.fold``: the verdict and its
     explanation. ``expected`` and ``lower``/``upper`` are the value and bounds the kind used
     at that instant, ``score`` the signed z against its baseline, ``ratio`` the kind's largest
-    statistic relative to its threshold (> 1: anomalous), ``test`` an index into TESTS."""
+    statistic relative to its threshold (> 1: anomalous), ``test`` an index into TESTS.
+    ``level`` (kinds whose thresholds feedback moves) is the statistic of the test that fired
+    relative to the version's own threshold, which feedback judging the alert reads (None:
+    ``ratio``, the thresholds being the version's)."""
 
     anomaly: BoolArray
     alert: BoolArray  # opens an alert of the kind's own grouping (an episode onset)
@@ -127,6 +130,7 @@ class Folded:
     score: FloatArray
     ratio: FloatArray
     test: IntArray
+    level: FloatArray | None = None
 
 
 def severity(ratio: Any) -> Any:

@@ -31,6 +31,11 @@ alert per 43,200 readings.
 threshold and time scale resolved into it at fit. Rows stack into a bank, and ``fold`` runs the
 rule over a batch's readings, whatever their mix of series, in one compiled loop (numba, about
 a microsecond a reading); the same function replays one series or a whole corpus offline.
+
+**Feedback.** A series with feedback keeps its adjustment after the row
+(``detector.feedback.Adjustment.vector``: ``ADJUSTED_WIDTH`` floats, 1,264 bytes in all), and
+the fold multiplies each test's threshold, the version's own, by the multiple in force at the
+reading's time and UTC hour (``with_adjustment``). Rows without it are folded as they are.
 """
 
 from __future__ import annotations
@@ -48,6 +53,17 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from detector.feedback import HOURS as FEEDBACK_HOURS
+from detector.feedback import (
+    V_CAP,
+    V_CEILING,
+    V_HALF_LIFE,
+    V_HOURS,
+    V_LOG,
+    V_TIME,
+    VECTOR_LENGTH,
+    Adjustment,
+)
 from detector.kinds.base import FitOptions, Fitted, Folded, Verdicts
 from detector.kinds.moments import Moments, fit_readings
 from detector.kinds.static import StaticModel, fit_static
@@ -124,6 +140,15 @@ SLOW_HIST: Final = WEEKLY + WEEKDAYS
 FAST_HIST: Final = SLOW_HIST + BINS + 2
 WIDTH: Final = FAST_HIST + BINS + 2
 STATE_BYTES: Final = WIDTH * 8
+# A row with a feedback adjustment: the row, then ``Adjustment.vector()`` (its offsets: V_*).
+ADJUSTED_WIDTH: Final = WIDTH + VECTOR_LENGTH
+ADJUSTED_BYTES: Final = ADJUSTED_WIDTH * 8
+A_TIME: Final = WIDTH + V_TIME
+A_HALF_LIFE: Final = WIDTH + V_HALF_LIFE
+A_CEILING: Final = WIDTH + V_CEILING
+A_LOG: Final = WIDTH + V_LOG
+A_CAP: Final = WIDTH + V_CAP
+A_HOURS: Final = WIDTH + V_HOURS
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,13 +318,17 @@ def fold(
     readings of different series may interleave in any way, as each updates its own row. The
     loop is compiled (numba): about a microsecond a reading, for one series or many.
     ``statistics`` (n × 3, optional) receives each reading's point, shift and divergence
-    statistics (the evaluation sweeps thresholds over them).
+    statistics (the evaluation sweeps thresholds over them). The bank's rows are either all
+    ``WIDTH`` wide or all ``ADJUSTED_WIDTH`` (with a feedback adjustment each, the identity's
+    for a series without one).
     """
+    if bank.shape[1] not in (WIDTH, ADJUSTED_WIDTH):
+        raise ValueError(f"a seasonal bank has {WIDTH} or {ADJUSTED_WIDTH} columns")
     n = len(rows)
     anomaly = np.zeros(n, dtype=np.bool_)
     alert = np.zeros(n, dtype=np.bool_)
     test = np.zeros(n, dtype=np.intp)
-    out = np.zeros((6, n))
+    out = np.zeros((7, n))
     stats = np.zeros((n, 3)) if statistics is None else statistics
     if n:
         _compiled()(
@@ -313,8 +342,8 @@ def fold(
             out,
             stats,
         )
-    expected, std, lower, upper, score, ratio = out
-    return Folded(anomaly, alert, expected, std, lower, upper, score, ratio, test)
+    expected, std, lower, upper, score, ratio, level = out
+    return Folded(anomaly, alert, expected, std, lower, upper, score, ratio, test, level)
 
 
 _COMPILING = threading.Lock()
@@ -348,6 +377,8 @@ def _fold_loop(
 ) -> None:
     """The kind's rule, one reading at a time (see the module's docstring)."""
     prior = PSEUDO_COUNT / (BINS + 2)
+    adjusted = bank.shape[1] > WIDTH
+    k = np.empty(3)
     for i in range(rows.shape[0]):
         s = bank[rows[i]]
         t, x = ts[i], xs[i]
@@ -369,6 +400,15 @@ def _fold_loop(
         w_fast = 2.0 ** (late / s[FAST_HL])
         hour = int(np.floor(t / HOUR) % HOURS)
         day = int((np.floor(t / DAY) + 3.0) % WEEKDAYS)
+        k[0], k[1], k[2] = s[K_POINT], s[K_SHIFT], s[K_DIVERGENCE]
+        if adjusted:  # the version's thresholds times the feedback multiples in force
+            el = t - s[A_TIME]  # NaN without a time: the multiples do not fade
+            fade = 2.0 ** (-el / s[A_HALF_LIFE]) if el > 0.0 else 1.0
+            for j in range(3):
+                m = math.exp(s[A_LOG + j] * fade) * s[A_HOURS + FEEDBACK_HOURS * j + hour]
+                if s[A_CAP + j] > 0.0:
+                    m = min(m, s[A_CAP + j])
+                k[j] *= min(m, s[A_CEILING])
         season = s[DAILY + hour] * s[DAILY_ON] + s[WEEKLY + day] * s[WEEKLY_ON]
         y = x - season
         weight = s[SLOW_W]
@@ -381,11 +421,11 @@ def _fold_loop(
         point = (
             (0.0 if deviation == 0.0 else MAX_SCORE) if flat else min(deviation / std, MAX_SCORE)
         )
-        band = s[K_POINT] * std
+        band = k[0] * std
         # A reading that failed the point test is learned clipped to the band (by the short
         # window and the baseline alike): a spike is the point test's and bends nothing.
         learned = y
-        if known and s[EXCLUDE] > 0.0 and point > s[K_POINT] and math.isfinite(band):
+        if known and s[EXCLUDE] > 0.0 and point > k[0] and math.isfinite(band):
             learned = min(max(y, mean - band), mean + band)
         fw = s[FAST_W]
         total = fw + w_fast
@@ -395,8 +435,8 @@ def _fold_loop(
         s[FAST_MEAN] += delta * w_fast / safe
         s[FAST_W] = total
         edge = np.floor((learned - s[LOW]) / s[BIN_WIDTH]) + 1.0
-        k = 0 if math.isnan(edge) or edge < 0.0 else int(min(edge, BINS + 1.0))
-        s[FAST_HIST + k] += w_fast
+        b_in = 0 if math.isnan(edge) or edge < 0.0 else int(min(edge, BINS + 1.0))
+        s[FAST_HIST + b_in] += w_fast
         moved = abs(s[FAST_MEAN] - mean) * math.sqrt(total)
         shift = (0.0 if moved == 0.0 else MAX_SCORE) if flat else min(moved / std, MAX_SCORE)
         # G statistic 2·n·KL(fast ‖ slow): ~χ² with BINS + 1 degrees of freedom if the short
@@ -407,14 +447,18 @@ def _fold_loop(
             if p > MIN_SHARE:
                 kl += p * math.log(p * (weight + PSEUDO_COUNT) / (s[SLOW_HIST + j] + prior))
         divergence = min(2.0 * total * max(kl, 0.0), MAX_SCORE)
-        r1 = point / s[K_POINT]
-        r2 = shift / s[K_SHIFT]
-        r3 = divergence / s[K_DIVERGENCE]
+        r1 = point / k[0]
+        r2 = shift / k[1]
+        r3 = divergence / k[2]
         ratio = min(max(r1, r2, r3), MAX_SCORE) if known else 0.0
         flagged = ratio > 1.0
         fired = 0
+        level = ratio  # the fired test's statistic over the version's own threshold
         if flagged:
             fired = 1 if r1 >= r2 and r1 >= r3 else (2 if r2 >= r3 else 3)
+            if adjusted:
+                c = (K_POINT, K_SHIFT, K_DIVERGENCE)[fired - 1]
+                level = min((point, shift, divergence)[fired - 1] / s[c], MAX_SCORE)
         raised = flagged and t - s[LAST_ALERT] > s[QUIET]
         if raised:
             s[LAST_ALERT] = t
@@ -425,7 +469,7 @@ def _fold_loop(
         s[SLOW_M2] += delta * delta * sw * w_slow / safe
         s[SLOW_MEAN] += delta * w_slow / safe
         s[SLOW_W] = total
-        s[SLOW_HIST + k] += w_slow
+        s[SLOW_HIST + b_in] += w_slow
         # The profiles learn the residual the level does not explain, re-centred to sum to 0.
         residual = learned - mean if known else 0.0
         gain = s[DAILY_ON] * s[DAILY_RATE] * residual * w_slow
@@ -449,6 +493,7 @@ def _fold_loop(
         out[0, i], out[1, i] = expected, std
         out[2, i], out[3, i] = expected - band, expected + band
         out[4, i], out[5, i] = min(max(z, -MAX_SCORE), MAX_SCORE), ratio
+        out[6, i] = level
         stats[i, 0], stats[i, 1], stats[i, 2] = point, shift, divergence
 
 
@@ -464,7 +509,7 @@ def expected_band(row: FloatArray, timestamps: Any) -> tuple[FloatArray, FloatAr
     return expected, expected - band, expected + band
 
 
-# The columns a feedback adjustment scales (``detector.feedback.Adjustment.scales``' order).
+# The threshold columns, in ``detector.feedback.TESTS``' order.
 ADJUSTED: Final = (K_POINT, K_SHIFT, K_DIVERGENCE)
 
 
@@ -474,11 +519,33 @@ def thresholds(row: FloatArray) -> tuple[float, ...]:
 
 
 def apply_adjustment(row: FloatArray, base: Sequence[float], scales: Sequence[float]) -> None:
-    """Set a state's thresholds, in place, to the version's own (``base``: ``thresholds`` of
-    its fitted state) times a feedback adjustment's per-test ``scales`` (``detector.feedback``).
-    Idempotent: they never compound, however often it is applied."""
+    """Set a state's thresholds, in place, to ``base`` (``thresholds`` of its fitted state)
+    times static per-test ``scales``. Idempotent: they never compound, however often it is
+    applied. States adjusted before fading and hour multiples carry their scales this way
+    (``SeasonalKind.adjust`` undoes them); feedback now goes through ``with_adjustment``."""
     for column, b, s in zip(ADJUSTED, base, scales, strict=True):
         row[column] = b * s
+
+
+def with_adjustment(row: FloatArray, vector: Sequence[float]) -> FloatArray:
+    """A new row: ``row``'s own ``WIDTH`` columns and, unless ``vector`` is empty (the
+    identity), the feedback adjustment ``vector`` (``Adjustment.vector()``) after them. The
+    worker and the evaluation both adjust a state through this one function."""
+    plain = np.array(row[:WIDTH], dtype=np.float64)
+    if not len(vector):
+        return plain
+    if len(vector) != VECTOR_LENGTH:
+        raise ValueError(f"an adjustment vector has {VECTOR_LENGTH} floats, not {len(vector)}")
+    return np.concatenate([plain, np.asarray(vector, dtype=np.float64)])
+
+
+def adjustment_of(row: FloatArray) -> tuple[float, ...]:
+    """The adjustment vector a row carries (() for none)."""
+    return tuple(float(v) for v in row[WIDTH:])
+
+
+# What a row without feedback carries when it is folded beside rows with some.
+_IDENTITY_BLOCK: Final = Adjustment().layout()
 
 
 def encode_state(row: FloatArray) -> str:
@@ -488,8 +555,11 @@ def encode_state(row: FloatArray) -> str:
 
 def decode_state(text: str) -> FloatArray:
     raw = base64.b64decode(text)
-    if len(raw) != STATE_BYTES:
-        raise ValueError(f"a seasonal state is {STATE_BYTES} bytes, not {len(raw)}")
+    if len(raw) not in (STATE_BYTES, ADJUSTED_BYTES):
+        raise ValueError(
+            f"a seasonal state is {STATE_BYTES} bytes ({ADJUSTED_BYTES} with a feedback"
+            f" adjustment), not {len(raw)}"
+        )
     return np.frombuffer(raw, dtype="<f8").copy()
 
 
@@ -568,13 +638,30 @@ class SeasonalKind:
     ) -> tuple[list[FloatArray], Folded]:
         # One copy end to end (np.stack checks and copies each row: ~9x slower at 1,000 rows); a
         # row of another width fails the reshape.
-        bank = (
-            np.concatenate(states).reshape(len(states), WIDTH)
-            if len(states)
-            else np.zeros((0, WIDTH))
-        )
+        if all(len(s) == WIDTH for s in states):
+            bank = (
+                np.concatenate(states).reshape(len(states), WIDTH)
+                if len(states)
+                else np.zeros((0, WIDTH))
+            )
+            folded = fold(bank, rows, timestamps, values)
+            return list(bank), folded
+        # Some series carry feedback: the others get the identity's adjustment for the fold,
+        # and are handed back as wide as they came.
+        bank = np.empty((len(states), ADJUSTED_WIDTH))
+        identity = np.asarray(_IDENTITY_BLOCK)
+        for i, s in enumerate(states):
+            if len(s) == ADJUSTED_WIDTH:
+                bank[i] = s
+            elif len(s) == WIDTH:
+                bank[i, :WIDTH], bank[i, WIDTH:] = s, identity
+            else:
+                raise ValueError(f"a seasonal state has {WIDTH} or {ADJUSTED_WIDTH} floats")
         folded = fold(bank, rows, timestamps, values)
-        return list(bank), folded
+        return [
+            row if len(s) == ADJUSTED_WIDTH else row[:WIDTH]
+            for row, s in zip(bank, states, strict=True)
+        ], folded
 
     def baseline(
         self, params: dict[str, Any], timestamps: FloatArray
@@ -584,12 +671,22 @@ class SeasonalKind:
     def adjust(
         self, state: FloatArray, applied: Sequence[float], wanted: Sequence[float]
     ) -> FloatArray:
-        """A copy of ``state`` whose thresholds carry the feedback scales ``wanted`` instead
-        of ``applied`` (the version's thresholds are the state's divided by ``applied``)."""
-        row = np.array(state, dtype=np.float64, copy=True)
-        base = [t / a for t, a in zip(thresholds(row), applied, strict=True)]
-        apply_adjustment(row, base, wanted)
-        return row
+        """``state`` with the feedback adjustment ``wanted`` (``Adjustment.vector()``; ():
+        none; three floats: static scales) in place of the one it carries. ``applied`` are
+        static scales an older worker multiplied into the thresholds (``apply_adjustment``),
+        undone here; the state itself is returned when nothing changes."""
+        if len(wanted) == len(ADJUSTED):
+            wanted = Adjustment.from_scales(wanted).vector()
+        legacy = any(a != 1.0 for a in applied)
+        carried = state[WIDTH:]
+        if not legacy and len(carried) == len(wanted):
+            if not len(wanted) or np.array_equal(carried, wanted, equal_nan=True):
+                return state
+        row = np.array(state[:WIDTH], dtype=np.float64, copy=True)
+        if legacy:
+            base = [t / a for t, a in zip(thresholds(row), applied, strict=True)]
+            apply_adjustment(row, base, (1.0,) * len(ADJUSTED))
+        return with_adjustment(row, wanted)
 
     def encode_state(self, state: FloatArray) -> str:
         return encode_state(state)

@@ -5,32 +5,44 @@ The API writes a series' adjustment to Redis whenever its feedback changes
 ``ttl`` seconds old (``MODEL_REFRESH_SECONDS``, as for the latest-version pointers), so new
 feedback is in force on every worker within that time plus one batch. A series without
 feedback has no key and keeps the version's own thresholds.
+
+What a worker hands the kind is ``Adjustment.vector()`` (() for none), read from the hash's
+``adjustment`` field; a hash written before that field existed has only the three static
+scales, which are read as such.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 
+import orjson
 from redis.asyncio import Redis
 
-from detector.feedback import IDENTITY, TESTS
+from detector.feedback import TESTS, Adjustment
 from detector.redis_keys import feedback_key
 
+log = logging.getLogger(__name__)
+
 Scales = tuple[float, ...]
+FIELDS = ("adjustment", *TESTS)
 
 
 def _parse(raw: list[bytes | str | None]) -> Scales:
-    if any(v is None for v in raw):
-        return IDENTITY.scales()
+    adjustment, *scales = raw
     try:
-        return tuple(float(v) for v in raw)  # type: ignore[arg-type]
-    except ValueError:
-        return IDENTITY.scales()
+        if adjustment is not None:
+            return Adjustment.from_dict(orjson.loads(adjustment)).vector()
+        if all(v is not None for v in scales):
+            return Adjustment.from_scales([float(v) for v in scales]).vector()  # type: ignore[arg-type]
+    except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
+        log.warning("an unreadable feedback adjustment is ignored: %s", exc)
+    return ()
 
 
 class Adjustments:
-    """Per-series threshold scales, each re-read from Redis at most every ``ttl`` seconds."""
+    """Per-series adjustment vectors, each re-read from Redis at most every ``ttl`` seconds."""
 
     def __init__(
         self, client: Redis, ttl: float, *, clock: Callable[[], float] = time.monotonic
@@ -41,14 +53,14 @@ class Adjustments:
         self._entries: dict[str, tuple[Scales, float]] = {}
 
     async def resolve(self, series_ids: Iterable[str]) -> dict[str, Scales]:
-        """The scales of each series, one pipeline for the entries that are stale."""
+        """The adjustment vector of each series, one pipeline for the entries that are stale."""
         now = self.clock()
         wanted = list(series_ids)
         stale = [s for s in wanted if (e := self._entries.get(s)) is None or e[1] <= now]
         if stale:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for series_id in stale:
-                    pipe.hmget(feedback_key(series_id), *TESTS)
+                    pipe.hmget(feedback_key(series_id), *FIELDS)
                 replies = await pipe.execute()
             for series_id, raw in zip(stale, replies, strict=True):
                 self._entries[series_id] = (_parse(raw), now + self.ttl)

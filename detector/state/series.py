@@ -98,9 +98,12 @@ class SeriesState:
     episode_id: str | None = None  # the source id of the latest alert
     ids: list[str] = field(default_factory=list)  # folded ids that may still be redelivered
     # Anomalous outcomes for re-emission:
-    # [source_id, expected, std, z, ratio, onset, episode_id, test, lower, upper]
+    # [source_id, expected, std, z, ratio, onset, episode_id, test, lower, upper], then for
+    # a late or held reading or a kind that reports a base score: [late, carrier, timestamp,
+    # value], then the base score (``Folded.level``) if there is one.
     recent: list[list[Any]] = field(default_factory=list)
-    # The feedback scales applied to the state's thresholds (``detector.feedback``).
+    # Static feedback scales an older worker multiplied into the state's thresholds, undone
+    # by the kind's ``adjust`` (the adjustment now travels in the state itself).
     scales: tuple[float, ...] = IDENTITY_SCALES
     # The reorder buffer (only with a lateness tolerance, ``detector.state.lateness``): the
     # newest timestamp seen, the newest folded, and the readings held until the watermark
@@ -238,19 +241,20 @@ def fold_states(
     reading already folded (a redelivery) is not folded again: its event, if it had one, is
     emitted again, the same, with those it carried. ``acknowledged`` (None: unknown) tells
     which source ids were committed for good: they are skipped and forgotten. ``scales[i]``
-    (None: unknown, keep) is the feedback adjustment of series i, applied to its state before
-    its readings are folded (kinds with an ``adjust``). ``lateness`` is the reorder buffer's
+    (None: unknown, keep) is the feedback adjustment of series i (``Adjustment.vector()``),
+    set on its state before its readings are folded (kinds with an ``adjust``, which leave a
+    state that already carries it as it is). ``lateness`` is the reorder buffer's
     tolerance in event seconds (``detector.state.lateness``; 0: none, readings folded in
     timestamp order within the batch). ``flush`` (the series' ids, with no readings) folds
     every held reading now, their events carried by nobody (``SeriesStates.flush``).
     """
     news = list(currents)
     for new, wanted in zip(news, scales or [None] * len(news), strict=True):
-        if wanted is not None and wanted != new.scales:
+        if wanted is not None:
             adjust = getattr(_plugin(new.kind), "adjust", None)
             if adjust is not None:
                 new.state = adjust(new.state, new.scales, wanted)
-                new.scales = wanted
+                new.scales = IDENTITY_SCALES
     events: list[dict[str, dict[str, str]]] = [{} for _ in news]
     carriers: list[dict[str, str]] = [{} for _ in news]
     opened = [0] * len(news)
@@ -320,8 +324,9 @@ def fold_states(
                 carrier = held_before  # held by an earlier batch: written with its carrier
                 carriers[i][r.source_id] = carrier
             outcome = _outcome(r, new.episode_id or r.source_id, verdicts, j)
-            if carrier != r.source_id:
+            if carrier != r.source_id or verdicts.level is not None:
                 outcome += [0, carrier, r.timestamp, r.value]  # its reading, for again
+                _add_level(outcome, verdicts, j)
             new.recent.append(outcome)
             events[i][r.source_id] = _event(r, new, outcome, detected_at)
         late_members = [i for i in members if lates[i]]
@@ -334,6 +339,9 @@ def fold_states(
                 outcome = _outcome(r, new.episode_id or r.source_id, verdicts, j)
                 outcome[5] = 0  # never an alert: a late reading opens no episode
                 outcome += [1, r.source_id]
+                if verdicts.level is not None:
+                    outcome += [r.timestamp, r.value]
+                    _add_level(outcome, verdicts, j)
                 new.recent.append(outcome)
                 events[late_members[int(slots[j])]][r.source_id] = _event(
                     r, new, outcome, detected_at
@@ -394,6 +402,11 @@ def _outcome(r: StreamReading, episode: str, v: Folded, j: int) -> list[Any]:
     ]
 
 
+def _add_level(outcome: list[Any], v: Folded, j: int) -> None:
+    if v.level is not None:
+        outcome.append(float(v.level[j]))
+
+
 def _event(
     r: StreamReading, state: SeriesState, outcome: list[Any], detected_at: float
 ) -> dict[str, str]:
@@ -401,6 +414,7 @@ def _event(
     # Outcomes recorded before bounds were kept have no lower and upper: NaN says unknown.
     test, lower, upper = (rest + ["", float("nan"), float("nan")][len(rest) :])[:3]
     late = len(rest) > 3 and bool(rest[3])
+    base = {"base_score": repr(float(rest[7]))} if len(rest) > 7 else {}
     return event_fields(
         Reading(r.source_id, r.series_id, r.timestamp, r.value),
         version=state.version,
@@ -418,6 +432,7 @@ def _event(
             "expected": repr(float(expected)),
             "severity": f"{float(severity(ratio)):.1f}",
             "detector_score": repr(float(ratio)),
+            **base,
             **({"late": "1"} if late else {}),
         },
     )

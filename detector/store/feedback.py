@@ -6,6 +6,10 @@ the NAB evaluation measures) and writes it to ``feedback:{<series_id>}``; worker
 that key at most every ``MODEL_REFRESH_SECONDS`` (``detector.state.adjustments``). A write
 carries the newest revision it was computed from and is refused by Redis if an as new one is
 stored, so concurrent feedback on one series never leaves an older adjustment in force.
+
+A judgment keeps what the rule reads of the episode's opener, copied from ``anomalies`` when
+it is given (retention deletes anomalies, not feedback): its test, its reading's timestamp
+(``episode_ts``) and its ``base_score``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
@@ -31,15 +36,16 @@ from detector.scripts import lua
 
 # The episode's opener, as the live stream recorded it.
 _EPISODE = """
-SELECT series_id, model_version, test, ts FROM anomalies
+SELECT series_id, model_version, test, ts, base_score FROM anomalies
 WHERE episode_id = %s AND onset AND source = 'stream' AND (%s::text IS NULL OR series_id = %s)
 ORDER BY id LIMIT 2
 """
 
 # One judgment per episode: feedback on an episode already judged replaces its label.
 _JUDGE = """
-INSERT INTO feedback (series_id, episode_id, label, test, model_version, from_ts, to_ts, note)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+INSERT INTO feedback (series_id, episode_id, label, test, model_version, from_ts, to_ts, note,
+    episode_ts, base_score)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (series_id, episode_id) WHERE episode_id IS NOT NULL DO UPDATE
 SET label = EXCLUDED.label, note = EXCLUDED.note, updated_at = now(),
     revision = nextval('feedback_revision'), mlflow_logged_at = NULL, mlflow_attempts = 0,
@@ -64,7 +70,7 @@ SELECT id FROM feedback WHERE series_id = %s AND
 
 _LIST = """
 SELECT id, series_id, episode_id, label, test, model_version, from_ts, to_ts, note,
-    created_at, updated_at, revision, mlflow_logged_at
+    created_at, updated_at, revision, mlflow_logged_at, episode_ts, base_score
 FROM feedback WHERE series_id = %s ORDER BY id
 """
 
@@ -77,6 +83,7 @@ class Episode:
     version: int
     test: str | None
     timestamp: int
+    base_score: float | None = None  # None: recorded before base scores were
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailableError:
@@ -103,7 +110,9 @@ async def find_episode(
             f"episode {episode_id!r} is an episode of several series: name one (series_id)"
         )
     row = rows[0]
-    return Episode(row["series_id"], int(row["model_version"]), row["test"], int(row["ts"]))
+    return Episode(
+        row["series_id"], int(row["model_version"]), row["test"], int(row["ts"]), row["base_score"]
+    )
 
 
 async def record_feedback(
@@ -134,6 +143,8 @@ async def record_feedback(
                         None,
                         None,
                         note,
+                        episode.timestamp,
+                        episode.base_score,
                     ),
                 )
             else:
@@ -160,16 +171,31 @@ async def list_feedback(pool: AsyncConnectionPool, series_id: str) -> list[dict[
         raise _unavailable(exc) from exc
 
 
+def as_feedback(row: dict[str, Any]) -> Feedback:
+    """What the rule reads of a feedback row: an episode's judgment at its opener's time, a
+    missed range at its end."""
+    time = row.get("episode_ts") if row["episode_id"] is not None else row.get("to_ts")
+    level = row.get("base_score")
+    return Feedback(
+        row["label"],
+        row["test"],
+        time=None if time is None else float(time),
+        level=None if level is None else float(level),
+    )
+
+
 def series_adjustment(rows: list[dict[str, Any]]) -> tuple[Adjustment, int]:
     """The adjustment of a series' rows (``list_feedback``) and their newest revision."""
-    found = adjustment(Feedback(r["label"], r["test"]) for r in rows)
+    found = adjustment(as_feedback(r) for r in rows)
     return found, max((int(r["revision"]) for r in rows), default=0)
 
 
 async def publish_adjustment(redis: Redis, series_id: str, found: Adjustment, through: int) -> bool:
-    """Write the adjustment for the workers, unless a newer one is stored."""
-    fields: list[Any] = []
-    for name, value in found.to_dict().items():
+    """Write the adjustment for the workers, unless a newer one is stored: ``adjustment``
+    (``Adjustment.to_dict`` as JSON, what workers read) and, for a reader of the hash, each
+    test's multiple in force at the latest feedback's time."""
+    fields: list[Any] = ["adjustment", orjson.dumps(found.to_dict())]
+    for name, value in found.in_force().items():
         fields += [name, repr(value)]
     try:
         script = redis.register_script(lua("set_adjustment"))
@@ -192,6 +218,8 @@ def public(row: dict[str, Any]) -> dict[str, Any]:
         "from": row["from_ts"],
         "to": row["to_ts"],
         "note": row["note"],
+        "episode_timestamp": row.get("episode_ts"),
+        "base_score": row.get("base_score"),
         "created_at": row["created_at"].isoformat(),
         "updated_at": row["updated_at"].isoformat(),
         "mlflow_logged": row["mlflow_logged_at"] is not None,

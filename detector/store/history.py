@@ -18,12 +18,13 @@ from detector.store.partitions import day_of, ensure_days, writer_days
 # without a transaction block, however many anomalies the batch holds.
 _INSERT = """
 INSERT INTO anomalies (series_id, ts, value, model_version, mean, std, lower_bound,
-    upper_bound, score, source, source_stream, source_id, detected_at, episode_id, onset, test)
-SELECT s, t, v, mv, m, sd, lo, up, sc, %s, %s, sid, da, eid, ons, tst
+    upper_bound, score, source, source_stream, source_id, detected_at, episode_id, onset, test,
+    base_score)
+SELECT s, t, v, mv, m, sd, lo, up, sc, %s, %s, sid, da, eid, ons, tst, bs
 FROM unnest(%s::text[], %s::bigint[], %s::float8[], %s::int[], %s::float8[], %s::float8[],
     %s::float8[], %s::float8[], %s::float8[], %s::text[], %s::timestamptz[], %s::text[],
-    %s::boolean[], %s::text[])
-    AS u(s, t, v, mv, m, sd, lo, up, sc, sid, da, eid, ons, tst)
+    %s::boolean[], %s::text[], %s::float8[])
+    AS u(s, t, v, mv, m, sd, lo, up, sc, sid, da, eid, ons, tst, bs)
 ON CONFLICT (source_stream, source_id, ts) DO NOTHING
 """
 
@@ -47,7 +48,7 @@ async def record_anomalies(
     """
     if not events:
         return
-    columns: tuple[list[Any], ...] = tuple([] for _ in range(14))
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(15))
     for e in events:
         for column, value in zip(
             columns,
@@ -66,6 +67,7 @@ async def record_anomalies(
                 e.get("episode_id"),
                 None if "onset" not in e else e["onset"] == "1",
                 e.get("test") or None,
+                float(e["base_score"]) if e.get("base_score") else None,
             ),
             strict=True,
         ):

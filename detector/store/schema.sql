@@ -139,11 +139,16 @@ BEGIN
             -- The test that fired (point, shift, divergence, threshold): what feedback on an
             -- episode widens (detector.feedback).
             test          text,
+            -- That test's statistic over the version's own threshold (the event's
+            -- base_score): how strong a false alert was, which caps what feedback on it
+            -- suppresses.
+            base_score    double precision,
             PRIMARY KEY (id, ts)
         ) PARTITION BY RANGE (ts);
         ALTER SEQUENCE anomalies_id_seq OWNED BY anomalies.id;
     END IF;
 END $$;
+ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS base_score double precision;
 CREATE TABLE IF NOT EXISTS anomalies_default PARTITION OF anomalies DEFAULT;
 CREATE UNIQUE INDEX IF NOT EXISTS anomalies_source_key ON anomalies (source_stream, source_id, ts);
 CREATE INDEX IF NOT EXISTS anomalies_series_ts ON anomalies (series_id, ts);
@@ -259,6 +264,15 @@ CREATE TABLE IF NOT EXISTS feedback (
     mlflow_next_try  timestamptz NOT NULL DEFAULT now(),
     mlflow_error     text
 );
+-- A judgment's episode opener as the rule reads it: its reading's timestamp and base score
+-- (copied from `anomalies`, which retention deletes). Rows judged before they were kept take
+-- the opener's timestamp from `anomalies` while it is there.
+ALTER TABLE feedback ADD COLUMN IF NOT EXISTS episode_ts bigint;
+ALTER TABLE feedback ADD COLUMN IF NOT EXISTS base_score double precision;
+UPDATE feedback f SET episode_ts = a.ts
+FROM anomalies a
+WHERE f.episode_ts IS NULL AND f.episode_id IS NOT NULL AND a.episode_id = f.episode_id
+    AND a.onset AND a.source = 'stream' AND a.series_id = f.series_id;
 CREATE UNIQUE INDEX IF NOT EXISTS feedback_episode ON feedback (series_id, episode_id)
     WHERE episode_id IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS feedback_missed_range ON feedback (series_id, from_ts, to_ts)

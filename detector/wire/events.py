@@ -56,6 +56,7 @@ _FLOAT_EVENT_FIELDS: Final = frozenset(
         "expected",
         "severity",
         "detector_score",
+        "base_score",
         "last_seen_at",
         "silent_seconds",
         "threshold_seconds",

@@ -8,13 +8,17 @@ import time
 import uuid
 
 import httpx
+import numpy as np
 import psycopg
 import pytest
 import redis
 
-from detector.feedback import DEFAULT_RULE
+from detector.feedback import DEFAULT_RULE, Adjustment
+from detector.kinds import seasonal as S
 from detector.redis_keys import feedback_key
 from detector.settings import Settings
+from detector.state.series import read_state
+from detector.store.connections import redis_client as async_redis_client
 from tests.support.streams import events, publish, run_worker_async, stream_settings
 
 START = 1_700_000_000
@@ -72,6 +76,8 @@ def test_false_positive_feedback_reaches_a_running_worker(
             await asyncio.wait_for(wait_for(1, control), 30)
             (opener,) = series_events(redis_client, s.stream_anomalies, judged)
             assert opener["test"] == "point" and opener["onset"] == "1"
+            # The version's thresholds are in force: the base score is the detector score.
+            assert float(opener["base_score"]) == float(opener["detector_score"]) > 1.0
             # The worker records PostgreSQL before it commits the event: the episode is there.
             answer = await asyncio.to_thread(
                 client.post,
@@ -86,6 +92,12 @@ def test_false_positive_feedback_reaches_a_running_worker(
                 "shift": 1.0,
                 "divergence": 1.0,
             }
+            detail = body["adjustment_detail"]
+            level = float(opener["base_score"])
+            assert detail["time"] == int(opener["timestamp"])
+            assert detail["caps"][0] == pytest.approx(DEFAULT_RULE.margin * level)
+            hour = int(opener["timestamp"]) // 3600 % 24
+            assert detail["hours"][0][hour] == DEFAULT_RULE.hour_widen
             posted = time.monotonic()
             await asyncio.sleep(s.model_refresh_seconds + 0.5)
             # The same kind of reading again, a day later (past the quiet period).
@@ -96,6 +108,15 @@ def test_false_positive_feedback_reaches_a_running_worker(
             await asyncio.sleep(0.5)  # the judged series' batch went with the control's
             assert len(series_events(redis_client, s.stream_anomalies, judged)) == 1
             assert time.monotonic() - posted < 30
+            # The worker carries the adjustment in the series' state, the API's own.
+            reader = async_redis_client(s)
+            try:
+                state = await read_state(reader, judged)
+            finally:
+                await reader.aclose()
+            assert state is not None and state.state.size == S.ADJUSTED_WIDTH
+            carried = S.adjustment_of(state.state)
+            assert np.array_equal(carried, Adjustment.from_dict(detail).vector(), equal_nan=True)
         finally:
             task.cancel()
             await asyncio.wait([task], timeout=5)  # its connections closed before the loop ends
@@ -110,10 +131,20 @@ def test_false_positive_feedback_reaches_a_running_worker(
     )
     assert again.status_code == 200 and again.json()["changed"] is False
     rows = pg.execute(
-        "SELECT label, test, model_version, episode_id FROM feedback WHERE series_id = %s",
+        "SELECT label, test, model_version, episode_id, episode_ts, base_score FROM feedback"
+        " WHERE series_id = %s",
         (judged,),
     ).fetchall()
-    assert rows == [("false_positive", "point", 1, opener["episode_id"])]
+    assert rows == [
+        (
+            "false_positive",
+            "point",
+            1,
+            opener["episode_id"],
+            int(opener["timestamp"]),
+            float(opener["base_score"]),
+        )
+    ]
     listed = client.get(f"/series/{judged}/feedback").json()
     assert listed["adjustment"]["point"] == DEFAULT_RULE.widen
     assert [f["label"] for f in listed["feedback"]] == ["false_positive"]
