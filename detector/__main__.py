@@ -18,7 +18,12 @@ from detector.collector import tune_collector
 from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, NotOnClusterError
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
-from detector.store.connections import apply_schema, postgres_pool, redis_client, refuse_cluster
+from detector.store.connections import (
+    apply_schema,
+    postgres_pool,
+    redis_client,
+    refuse_unsharded_cluster,
+)
 from detector.store.retention import start_retention
 from detector.transports.redis.health import read_health
 from detector.transports.redis.worker import run_workers, workers
@@ -101,7 +106,7 @@ def main() -> None:
     )
     settings = Settings()
     try:
-        refuse_cluster(settings)
+        refuse_unsharded_cluster(settings)
     except NotOnClusterError as exc:
         sys.exit(exc.detail)
     if args.check:

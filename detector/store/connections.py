@@ -92,16 +92,22 @@ ONE_SHARD_ON_CLUSTER = (
 )
 
 
-def refuse_cluster(settings: Settings, what: str = "the stream worker") -> None:
-    """Raise NotOnClusterError when the settings name a Redis Cluster that ``what`` cannot
-    run on: the stream worker runs on one with STREAM_SHARDS above 1, the rest on none."""
-    if not settings.redis_cluster_nodes:
-        return
-    if what == "the stream worker":
-        if settings.stream_shards <= 1:
-            raise NotOnClusterError(ONE_SHARD_ON_CLUSTER)
-        return
-    raise NotOnClusterError(f"{what} {NOT_ON_CLUSTER}")
+def refuse_cluster(settings: Settings, what: str) -> None:
+    """Raise NotOnClusterError when the settings name a Redis Cluster (``what``, the Kafka
+    worker or backfill, runs on none)."""
+    if settings.redis_cluster_nodes:
+        raise NotOnClusterError(f"{what} {NOT_ON_CLUSTER}")
+
+
+def refuse_unsharded_cluster(settings: Settings) -> None:
+    """Raise NotOnClusterError when the settings name a Redis Cluster with one shard: the
+    stream worker runs on one with STREAM_SHARDS above 1."""
+    if settings.redis_cluster_nodes and settings.stream_shards <= 1:
+        raise NotOnClusterError(ONE_SHARD_ON_CLUSTER)
+
+
+# What reading a cluster's layout raises while no node answers (left for a later attempt).
+_LAYOUT_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 
 async def prepare_clients(*clients: Redis) -> None:
@@ -111,7 +117,7 @@ async def prepare_clients(*clients: Redis) -> None:
         if is_cluster(client):
             try:
                 await cast(RedisCluster, client).initialize()
-            except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError):
+            except _LAYOUT_ERRORS:
                 pass
 
 
@@ -140,7 +146,7 @@ async def reread_layout(*clients: Redis) -> None:
             _last_reread[id(cluster)] = now
             try:
                 await cluster.nodes_manager.initialize()
-            except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError):
+            except _LAYOUT_ERRORS:
                 continue
             cluster.commands_parser.node = cluster.get_default_node()  # a live master
 

@@ -34,7 +34,7 @@ from detector.state.series import SeriesStates
 from detector.state.silence import silence_watch
 from detector.store.connections import (
     prepare_clients,
-    refuse_cluster,
+    refuse_unsharded_cluster,
     reply_twin,
     reread_layout,
 )
@@ -84,7 +84,7 @@ class Worker:
         incidents: IncidentTracker | bool | None = True,
         raw: Redis | None = None,
     ) -> None:
-        refuse_cluster(settings)
+        refuse_unsharded_cluster(settings)
         self.shard = shard = shard or _first_shard(settings)
         self.settings = settings
         self.redis = redis_client
