@@ -692,8 +692,13 @@ class SeasonalKind:
         return encode_state(state)
 
     def prepare(self) -> None:
-        """Load the compiled fold (numba and its disk cache: about two seconds)."""
+        """Load the compiled fold (numba, its disk cache and what its first call loads: about
+        two seconds) by folding one reading into a throwaway state: numba loads a function's
+        machine code for its argument types at the first call, not when it is declared."""
         _compiled()
+        steps = np.arange(8, dtype=np.float64) * 60.0
+        bank = fit_state(steps, np.arange(8, dtype=np.float64)).reshape(1, WIDTH)
+        fold(bank, np.zeros(1, dtype=np.intp), steps[-1:] + 60.0, np.zeros(1))
 
     def decode_state(self, data: str) -> FloatArray:
         return decode_state(data)

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from detector.feedback import TESTS, Adjustment
 from detector.redis_keys import feedback_key
+from detector.store.fields import HashReads
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +52,18 @@ class Adjustments:
         self.ttl = ttl
         self.clock = clock
         self._entries: dict[str, tuple[Scales, float]] = {}
+        self._read = HashReads(client)
 
     async def resolve(self, series_ids: Iterable[str]) -> dict[str, Scales]:
-        """The adjustment vector of each series, one pipeline for the entries that are stale."""
+        """The adjustment vector of each series, the stale entries read in one call
+        (``HashReads``: a series without feedback has no key, answered as such)."""
         now = self.clock()
         wanted = list(series_ids)
         stale = [s for s in wanted if (e := self._entries.get(s)) is None or e[1] <= now]
         if stale:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for series_id in stale:
-                    pipe.hmget(feedback_key(series_id), *FIELDS)
-                replies = await pipe.execute()
+            replies = await self._read([feedback_key(s) for s in stale], FIELDS)
             for series_id, raw in zip(stale, replies, strict=True):
-                self._entries[series_id] = (_parse(raw), now + self.ttl)
+                self._entries[series_id] = (() if raw is None else _parse(raw), now + self.ttl)
             if len(self._entries) > 4 * max(len(wanted), 50_000):  # bound the memory
                 self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
         return {s: self._entries[s][0] for s in wanted}

@@ -173,3 +173,22 @@ def test_the_baseline_drawn_is_the_one_the_stream_starts_from() -> None:
     got = S.fold(row[None, :].copy(), np.array([0]), t, np.array([100.0]))
     e, lo, hi = kind.baseline(params, t)
     assert (got.expected[0], got.lower[0], got.upper[0]) == (e[0], lo[0], hi[0])
+
+
+def test_prepare_loads_the_fold_for_the_workers_argument_types():
+    """``prepare`` (run in a thread when a worker starts) leaves the compiled fold ready for
+    the first batch: numba loads machine code at a dispatcher's first call, so a prepare that
+    only declared it would leave that load (about two seconds) to the first batch. Checked in
+    a fresh interpreter, since this session's other tests may have folded already."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from detector.kinds import seasonal as S\n"
+        "S.SeasonalKind().prepare()\n"
+        "print(len(S._compile().signatures))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert out.stdout.split()[-1] == "1"
