@@ -544,6 +544,8 @@ def adjustment_of(row: FloatArray) -> tuple[float, ...]:
     return tuple(float(v) for v in row[WIDTH:])
 
 
+# The static scales of a state no older worker adjusted.
+_UNIT_SCALES: Final = (1.0,) * len(ADJUSTED)
 # What a row without feedback carries when it is folded beside rows with some.
 _IDENTITY_BLOCK: Final = Adjustment().layout()
 
@@ -675,6 +677,8 @@ class SeasonalKind:
         none; three floats: static scales) in place of the one it carries. ``applied`` are
         static scales an older worker multiplied into the thresholds (``apply_adjustment``),
         undone here; the state itself is returned when nothing changes."""
+        if not len(wanted) and len(state) == WIDTH and tuple(applied) == _UNIT_SCALES:
+            return state  # the common case, no feedback ever: answered without a slice
         if len(wanted) == len(ADJUSTED):
             wanted = Adjustment.from_scales(wanted).vector()
         legacy = any(a != 1.0 for a in applied)

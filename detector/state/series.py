@@ -19,8 +19,10 @@ may still come back (``ids``), and the outcomes of its anomalous ones (``recent`
 found there is not folded again, and if it was anomalous its event is emitted again, the same
 (the commit script writes an event only for an entry still pending, so nothing is doubled). An
 entry id below the group's oldest pending entry has been acknowledged and can never be
-delivered again, so such ids are dropped from the state at each write (bounded memory); a
-reading whose id is already below it was committed by another consumer and is skipped.
+delivered again, so such ids are dropped from the state at each write (bounded memory; the
+state keeps an upper bound of its ids' order, so the common case, every id of the previous
+batch acknowledged, is one comparison); a reading whose id is already below it was
+committed by another consumer and is skipped.
 
 **Out of order.** With a lateness tolerance (``LATENESS_SECONDS``) the state also holds the
 series' newest readings until its watermark passes them, so readings shuffled within the
@@ -97,6 +99,9 @@ class SeriesState:
     count: int = 0  # readings folded into this version's state
     episode_id: str | None = None  # the source id of the latest alert
     ids: list[str] = field(default_factory=list)  # folded ids that may still be redelivered
+    # An upper bound of the ids' ``entry_order`` (None: unknown), kept for a Redis group: its
+    # ids are all acknowledged once this bound is below the group's oldest pending entry.
+    top: tuple[int, int] | None = None
     # Anomalous outcomes for re-emission:
     # [source_id, expected, std, z, ratio, onset, episode_id, test, lower, upper], then for
     # a late or held reading or a kind that reports a base score: [late, carrier, timestamp,
@@ -126,6 +131,8 @@ class SeriesState:
         }
         if self.scales != IDENTITY_SCALES:
             data["scales"] = list(self.scales)
+        if self.top is not None and self.ids:
+            data["top"] = self.top
         if self.newest is not None:  # absent without a tolerance: the format of before
             data["newest"], data["through"], data["held"] = self.newest, self.through, self.held
         if isinstance(self.state, np.ndarray):
@@ -152,6 +159,7 @@ class SeriesState:
             count=int(data["count"]),
             episode_id=data["episode_id"],
             ids=list(data["ids"]),
+            top=tuple(data["top"]) if data.get("top") else None,
             recent=list(data["recent"]),
             scales=tuple(float(v) for v in data.get("scales", IDENTITY_SCALES)),
             newest=data.get("newest"),
@@ -206,9 +214,32 @@ T = TypeVar("T")
 Acknowledged = Callable[[str], bool]
 
 
-def below(watermark: tuple[int, int]) -> Acknowledged:
-    """Acknowledged for a Redis group: ids below its oldest pending entry."""
-    return lambda source_id: entry_order(source_id) < watermark
+class Below:
+    """Acknowledged for a Redis group: ids below its oldest pending entry (``watermark``, an
+    ``entry_order``). Monotone in the ids' order, which lets ``fold_states`` forget a state's
+    folded ids at once when the newest of them is below it, and parse each fresh id once."""
+
+    __slots__ = ("watermark",)
+
+    def __init__(self, watermark: tuple[int, int]) -> None:
+        self.watermark = watermark
+
+    def __call__(self, source_id: str) -> bool:
+        return _order(source_id) < self.watermark
+
+
+def below(watermark: tuple[int, int]) -> Below:
+    """``Below(watermark)``."""
+    return Below(watermark)
+
+
+def _order(source_id: str) -> tuple[int, int]:
+    """``entry_order``, the `readings` entry form ("<ms>-<seq>") parsed first."""
+    ms, _, seq = source_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return entry_order(source_id)
 
 
 class Folding(NamedTuple):
@@ -262,21 +293,28 @@ def fold_states(
     todo: list[list[StreamReading]] = []
     lates: list[list[StreamReading]] = []
     carrier_of: list[str | None] = []
+    # A Redis group's watermark, compared with parsed ids (each fresh id parsed once).
+    watermark = acknowledged.watermark if isinstance(acknowledged, Below) else None
     for i, (new, group) in enumerate(zip(news, readings, strict=True)):
         found = events[i]
         if acknowledged is not None:  # committed for good: never delivered again, forgotten
             if new.ids:
-                new.ids = [s for s in new.ids if not acknowledged(s)]
+                if watermark is not None and new.top is not None and new.top < watermark:
+                    new.ids, new.top = [], None
+                else:
+                    new.ids = [s for s in new.ids if not acknowledged(s)]
             if new.recent:  # an outcome is needed until its carrier is committed
                 new.recent = [o for o in new.recent if not acknowledged(_carrier(o))]
         folded = set(new.ids)
-        outcomes = {r[0]: r for r in new.recent} if new.recent else {}
-        carried: dict[str, list[list[Any]]] = defaultdict(list)
+        outcomes: dict[str, list[Any]] = {}
+        carried: dict[str, list[list[Any]]] = {}
         for o in new.recent:
+            outcomes[o[0]] = o
             if _carrier(o) != o[0]:
-                carried[_carrier(o)].append(o)
+                carried.setdefault(_carrier(o), []).append(o)
         holding = lateness > 0 or bool(new.held)
         fresh = []
+        top = new.top if new.ids else None
         for r in group if holding else fold_order(group):
             if r.source_id in folded:  # redelivered: emit its event again, do not fold again
                 for o in carried.get(r.source_id, ()):
@@ -286,11 +324,19 @@ def fold_states(
                 if again is not None:
                     found[r.source_id] = _event(r, new, again, detected_at)
                 continue
-            if acknowledged is not None and acknowledged(r.source_id):
-                continue  # already acknowledged: another consumer committed (and folded) it
+            if watermark is not None:
+                order = _order(r.source_id)
+                if order < watermark:
+                    continue  # already acknowledged: another consumer committed (and folded) it
+                if top is None or order > top:
+                    top = order
+            elif acknowledged is not None and acknowledged(r.source_id):
+                continue
             folded.add(r.source_id)
             fresh.append(r)
         new.ids += map(_SOURCE_ID, fresh)
+        # Without a Redis group's watermark the bound is unknown (ids of other forms).
+        new.top = top if watermark is not None or not new.ids else None
         fresh_ids.update(map(_SOURCE_ID, fresh))
         if holding:
             split = release(new, fresh, lateness, flush=None if flush is None else flush[i])
@@ -720,7 +766,7 @@ class SeriesStates:
             return None
         fresh = SeriesState(kind, version, initial)
         if stored is not None:  # keep the redelivery bookkeeping and the buffer across it
-            fresh.ids, fresh.recent = stored.ids, stored.recent
+            fresh.ids, fresh.recent, fresh.top = stored.ids, stored.recent, stored.top
             fresh.newest, fresh.through, fresh.held = stored.newest, stored.through, stored.held
         return fresh
 

@@ -30,3 +30,62 @@ def test_readings_in_increasing_time_are_taken_as_they_are(stamps: list[int]) ->
         for i, ts in enumerate(sorted(stamps))
     ]
     assert fold_order(group) is group
+
+
+# Deliveries of a Redis group: per step, a batch of new entries and redeliveries of pending
+# ones, then the group's oldest pending entry (the watermark) moves on, never back.
+deliveries = st.lists(
+    st.tuples(
+        st.lists(st.tuples(st.integers(0, 2), st.floats(-50, 50)), min_size=1, max_size=8),
+        st.integers(0, 3),  # how many of the pending entries are redelivered
+        st.integers(0, 8),  # how many pending entries the watermark passes after the step
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@given(deliveries)
+def test_a_groups_watermark_gives_what_the_plain_predicate_gives(steps) -> None:
+    """``Below`` lets ``fold_states`` forget a state's folded ids at once (their newest is
+    below the watermark) and parse each fresh id once; the states, events and ids must be
+    those of the same watermark given as a plain predicate, which checks every id."""
+    import copy
+
+    import numpy as np
+
+    from detector.kinds import seasonal as S
+    from detector.state.series import Below, SeriesState, fold_states
+
+    ts0 = np.arange(64, dtype=np.float64) * 60.0 + 1_700_000_000.0
+    row = S.fit_state(ts0, 100.0 + np.sin(np.arange(64.0)))
+    fast = [SeriesState("seasonal", 1, row.copy()) for _ in range(3)]
+    plain = copy.deepcopy(fast)
+    pending: list[StreamReading] = []
+    watermark = (0, 0)
+    stamp = int(ts0[-1])
+    for step, (news, again, passed) in enumerate(steps):
+        batch = list(pending[:again])
+        for k, (series, value) in enumerate(news):
+            stamp += 60
+            batch.append(StreamReading(f"{1000 + step}-{k}", str(series), stamp, value, 1, ""))
+        pending += batch[again:]
+        groups = [[r for r in batch if r.series_id == str(i)] for i in range(3)]
+        for states, acknowledged in (
+            (fast, Below(watermark)),
+            (plain, lambda s, w=watermark: entry_order(s) < w),
+        ):
+            results = fold_states(states, groups, acknowledged=acknowledged, detected_at=0.0)
+            states[:] = [r.state for r in results]
+            if acknowledged.__class__ is Below:
+                fast_events = [r.events for r in results]
+            else:
+                assert [r.events for r in results] == fast_events
+        pending = pending[passed:]
+        if pending:
+            watermark = max(watermark, entry_order(pending[0].source_id))
+        else:
+            watermark = (1000 + step + 1, 0)
+    for a, b in zip(fast, plain, strict=True):
+        assert a.ids == b.ids and a.recent == b.recent and a.count == b.count
+        assert np.array_equal(a.state, b.state, equal_nan=True)
