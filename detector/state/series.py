@@ -204,7 +204,8 @@ def fold_order(group: Sequence[StreamReading]) -> Sequence[StreamReading]:
     return sorted(group, key=lambda r: (r.timestamp, entry_order(r.source_id)))
 
 
-_SOURCE_ID, _TIMESTAMP, _VALUE = itemgetter(0), itemgetter(2), itemgetter(3)  # StreamReading's
+# StreamReading's fields
+_SOURCE_ID, _TIMESTAMP, _VALUE, _VERSION = (itemgetter(i) for i in (0, 2, 3, 4))
 # States are bytes (a float row as it is): their replies are read without decoding.
 _RAW_REPLY: dict[str, Any] = {NEVER_DECODE: True}
 T = TypeVar("T")
@@ -562,7 +563,7 @@ class SeriesStates:
             loaded: list[tuple[str, str | None, SeriesState | None, StreamReading]] = []
             for series_id in todo:
                 group = by_series[series_id]
-                newest = group[0] if len(group) == 1 else max(group, key=lambda r: r.version)
+                newest = group[0] if len(group) == 1 else max(group, key=_VERSION)
                 if series_id in read:
                     seq, raw = read[series_id]
                     stored = None if raw is None else SeriesState.from_bytes(raw)
