@@ -226,21 +226,12 @@ class Below:
         self.watermark = watermark
 
     def __call__(self, source_id: str) -> bool:
-        return _order(source_id) < self.watermark
+        return entry_order(source_id) < self.watermark
 
 
 def below(watermark: tuple[int, int]) -> Below:
     """``Below(watermark)``."""
     return Below(watermark)
-
-
-def _order(source_id: str) -> tuple[int, int]:
-    """``entry_order``, the `readings` entry form ("<ms>-<seq>") parsed first."""
-    ms, _, seq = source_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return entry_order(source_id)
 
 
 class Folding(NamedTuple):
@@ -326,7 +317,7 @@ def fold_states(
                     found[r.source_id] = _event(r, new, again, detected_at)
                 continue
             if watermark is not None:
-                order = _order(r.source_id)
+                order = entry_order(r.source_id)
                 if order < watermark:
                     continue  # already acknowledged: another consumer committed (and folded) it
                 if top is None or order > top:
