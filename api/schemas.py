@@ -259,10 +259,6 @@ UNSUPPORTED_MEDIA_TYPE: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorBody, "description": "A content type other than JSON or Arrow stream"}
 }
 
-NOT_ON_CLUSTER: dict[int | str, dict[str, Any]] = {
-    501: {"model": ErrorBody, "description": "Not available on Redis Cluster (backfill)"}
-}
-
 
 def body_schema(model: type[BaseModel], *, arrow_options: bool | None = None) -> dict[str, Any]:
     """OpenAPI request-body entry for a route that parses its own JSON body; with

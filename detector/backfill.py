@@ -4,7 +4,7 @@ the live stream.
 A backfill job runs ``detector.pipeline.Pipeline`` — the live workers' parsing, model
 resolution, scoring, stateful folds and episodes — over readings given in order, in chunks.
 What it writes is its own: the stateful kinds' states and the episodes live under the job's
-key namespace (``backfill:<job>:state:{<series>}``, expiring ``BACKFILL_STATE_TTL_SECONDS``
+key namespace (``backfill:{<job>}:state:{<series>}``, expiring ``BACKFILL_STATE_TTL_SECONDS``
 after its last chunk), its events go to ``STREAM_BACKFILL`` with a ``backfill`` field naming
 the job, its anomaly history rows say ``source = 'backfill'`` (``GET /anomalies`` shows them
 only when asked), and its metrics stay off the live workers' (no episode onset of a backfill
@@ -31,7 +31,6 @@ from detector.pipeline import Pipeline
 from detector.redis_keys import backfill_namespace, episode_key, state_key
 from detector.settings import Settings
 from detector.state.series import SeriesStates, below
-from detector.store.connections import refuse_cluster
 from detector.store.models import ModelStore
 from detector.wire.readings import DeadLetter, ReadingBatch
 
@@ -75,7 +74,6 @@ class Backfill:
             raise InvalidInputError(
                 f"a backfill job id is 1–64 letters, digits, '-' or '_' (got {job!r})"
             )
-        refuse_cluster(settings, "backfill")
         self.job = job
         self.settings = settings
         self.redis = store.redis

@@ -34,7 +34,7 @@ def write_probe_key(series_id: str) -> str:
 
 def state_key(series_id: str, namespace: str = "") -> str:
     """The series' streaming state of a stateful kind; ``namespace`` (a backfill job's
-    ``backfill:<job>:``) keeps another run's state apart from the live stream's."""
+    ``backfill:{<job>}:``) keeps another run's state apart from the live stream's."""
     return f"{namespace}state:{{{series_id}}}"
 
 
@@ -56,8 +56,9 @@ def feedback_key(series_id: str) -> str:
 
 
 def backfill_namespace(job: str) -> str:
-    """The prefix of a backfill job's state and episode keys."""
-    return f"backfill:{job}:"
+    """The prefix of a backfill job's state and episode keys: the job id is their hash tag
+    (the first braces of a key), so a job's batch scripts touch one slot on Redis Cluster."""
+    return f"backfill:{{{job}}}:"
 
 
 def attempts_key(readings_stream: str) -> str:

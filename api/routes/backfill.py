@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, Query
 from api.bodies import ArrayBody, batch_body, checked_points
 from api.deps import SeriesIdDep, ServicesDep, find_model
 from api.schemas import (
-    NOT_ON_CLUSTER,
     UNSUPPORTED_MEDIA_TYPE,
     BackfillResponse,
     BatchPredictRequest,
@@ -26,7 +25,7 @@ router = APIRouter(tags=["backfill"])
     "/backfill/{series_id}",
     response_model=BackfillResponse,
     openapi_extra=body_schema(BatchPredictRequest, arrow_options=False),
-    responses={**UNSUPPORTED_MEDIA_TYPE, **NOT_ON_CLUSTER},
+    responses=UNSUPPORTED_MEDIA_TYPE,
     summary="Score a series' history through the stream pipeline, apart from the live stream",
 )
 async def backfill(

@@ -75,7 +75,7 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster | redis.cluster.RedisCluster)
 
 
-# Why the Kafka worker and backfill refuse a cluster (docs/operations.md#redis-cluster).
+# Why the Kafka worker refuses a cluster (docs/operations.md#redis-cluster).
 NOT_ON_CLUSTER = (
     "does not run on Redis Cluster: its batch scripts take the keys of many series at"
     " once (states, episodes), or a series' keys with shared ones (the held set, the silence"
@@ -94,7 +94,7 @@ ONE_SHARD_ON_CLUSTER = (
 
 def refuse_cluster(settings: Settings, what: str) -> None:
     """Raise NotOnClusterError when the settings name a Redis Cluster (``what``, the Kafka
-    worker or backfill, runs on none)."""
+    worker, runs on none)."""
     if settings.redis_cluster_nodes:
         raise NotOnClusterError(f"{what} {NOT_ON_CLUSTER}")
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import redis
 
-from detector.redis_keys import episode_key, state_key
+from detector.redis_keys import backfill_namespace, episode_key, state_key
 from detector.settings import Settings
 from detector.state.series import read_state
 from detector.store.connections import redis_client as async_redis_client
@@ -114,7 +114,7 @@ def test_a_backfilled_history_gives_the_events_of_live_streaming_and_touches_not
     # Live state and episodes untouched; the job's own are apart, and expire.
     assert redis_client.dump(state_key(series_id)) == live_state_before
     assert redis_client.hgetall(episode_key(series_id)) == live_episode_before
-    namespace = f"backfill:{job}:"
+    namespace = backfill_namespace(job)
     if kind != "static":
         ttl = redis_client.ttl(state_key(series_id, namespace))
         assert 0 < ttl <= settings.backfill_state_ttl_seconds
@@ -203,7 +203,7 @@ def test_a_backfill_state_is_kept_under_its_job(settings: Settings, client: http
         r = async_redis_client(settings)
         try:
             return await read_state(r, series_id), await read_state(
-                r, series_id, f"backfill:{job}:"
+                r, series_id, backfill_namespace(job)
             )
         finally:
             await r.aclose()

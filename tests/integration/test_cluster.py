@@ -1,6 +1,6 @@
 """The REST path, the publisher and the subscriber on a real Redis Cluster (three masters,
-three replicas); the stream worker refuses one without sharded streams, the Kafka worker and
-backfill refuse it always (the sharded workers: test_cluster_workers.py)."""
+three replicas); the stream worker refuses one without sharded streams, the Kafka worker
+refuses it always (the sharded workers: test_cluster_workers.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
-from detector.redis_keys import model_key, producer_key
+from detector.redis_keys import (
+    backfill_namespace,
+    episode_key,
+    model_key,
+    producer_key,
+    state_key,
+)
 from detector.settings import Settings
 from embedded.servers import RedisClusterServers
 from ingest.publisher import Publisher
@@ -151,13 +157,40 @@ def test_a_refit_is_predicted_at_once_on_a_cluster(cluster_client, series_id):
     assert answer.json()["model_version"] == "v2.0.0"
 
 
-def test_backfill_over_rest_is_refused_on_a_cluster(cluster_client, series_id):
-    fit(cluster_client, series_id)
-    answer = cluster_client.post(
-        f"/backfill/{series_id}", json={"timestamps": TS[:2], "values": VALUES[:2]}
+@pytest.mark.parametrize("kind", ["seasonal", "multiscale", "static"])
+def test_backfill_over_rest_on_a_cluster_gives_what_one_redis_gives(
+    client, cluster_client, rc, kind
+):
+    """A job's states and episodes share its hash tag (``backfill_namespace``), so its
+    scripts touch one slot: on the cluster it scores the history as on one Redis."""
+    from tests.integration import test_backfill as bf
+
+    tag = uuid.uuid4().hex[:8]
+    one, clustered = f"bf-one-{tag}", f"bf-cl-{tag}"
+    bf.fit(client, one, kind)
+    bf.fit(cluster_client, clustered, kind)
+    values = bf.history(1500, 7)
+    ts = [bf.START + bf.STEP * (bf.FIT_POINTS + i) for i in range(len(values))]
+    body = {"timestamps": ts, "values": values}
+    here = client.post(f"/backfill/{one}", json=body)
+    there = cluster_client.post(f"/backfill/{clustered}", json=body)
+    assert here.status_code == there.status_code == 200, there.text
+    a, b = here.json(), there.json()
+    assert a["anomalies"] == b["anomalies"] > 0 and a["scored"] == b["scored"] == 1500
+
+    def strip(e):
+        return {k: v for k, v in e.items() if k not in {*bf.IDS, "series_id"}}
+
+    assert [strip(e) for e in b["events"]] == [strip(e) for e in a["events"]]
+    assert bf.onsets(b["events"]) == bf.onsets(a["events"])
+    namespace = backfill_namespace(b["job"])
+    if kind != "static":
+        assert rc.exists(state_key(clustered, namespace))
+    assert key_slot(state_key(clustered, namespace).encode()) == key_slot(
+        episode_key(clustered, namespace).encode()
     )
-    assert answer.status_code == 501, answer.text
-    assert "backfill does not run on Redis Cluster" in answer.json()["detail"]
+    streamed = rc.xrange(Settings().stream_backfill, "-", "+")
+    assert sum(f.get("backfill") == b["job"] for _, f in streamed) == b["anomalies"]
 
 
 def test_publisher_and_subscriber_on_a_cluster(rc):
@@ -248,3 +281,39 @@ def test_workers_refuse_a_cluster_they_cannot_run_on(argv, says):
     )
     assert done.returncode == 1
     assert says in done.stderr
+
+
+def test_ingest_cli_backfills_on_a_cluster(cluster_settings, cluster_client, rc, tmp_path):
+    """`anomaly-ingest backfill --csv` on the cluster, in chunks that end mid-history: the
+    events of one call over REST on the same cluster."""
+    from tests.integration import test_backfill as bf
+
+    series_id = f"bf-cli-{uuid.uuid4().hex[:8]}"
+    bf.fit(cluster_client, series_id, "seasonal")
+    values = bf.history(1200, 9)
+    ts = [bf.START + bf.STEP * (bf.FIT_POINTS + i) for i in range(len(values))]
+    path = tmp_path / "history.csv"
+    path.write_text("timestamp,value\n" + "".join(f"{t},{v}\n" for t, v in zip(ts, values)))
+    stream = f"anomalies:backfill:{uuid.uuid4().hex[:8]}"
+    command = [sys.executable, "-m", "ingest", "--stream", stream, "backfill", "--csv", str(path)]
+    done = subprocess.run(
+        [*command, "--series-id", series_id, "--job", "cli-job"],
+        env=service_env(cluster_settings, BACKFILL_CHUNK="500"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "backfill cli-job: 1200 readings scored" in done.stderr
+    written = [f for _, f in rc.xrange(stream, "-", "+")]
+    rest = cluster_client.post(f"/backfill/{series_id}", json={"timestamps": ts, "values": values})
+    assert rest.status_code == 200, rest.text
+    expected = rest.json()["events"]
+    assert len(written) == len(expected) > 0
+
+    def strip(e):
+        return {k: str(v) for k, v in e.items() if k not in bf.IDS}
+
+    assert [strip(e)["timestamp"] for e in written] == [strip(e)["timestamp"] for e in expected]
+    assert [e["severity"] for e in written] == [str(e["severity"]) for e in expected]
