@@ -16,12 +16,8 @@ from detector.errors import NotReplicatedError
 from detector.redis_keys import producer_key
 from detector.scripts import lua
 from detector.shards import shard_of, tagged
-from detector.store.replication import (
-    LAYOUT_CHANGED,
-    ReplicaWait,
-    refresh_layout,
-    write_then_wait,
-)
+from detector.store.connections import reread_layout_sync
+from detector.store.replication import LAYOUT_CHANGED, ReplicaWait, write_then_wait
 from detector.wire.events import number
 from detector.wire.readings import DeadLetter, parse_reading
 
@@ -288,7 +284,7 @@ class Publisher:
                 raise found
         except (*_CONNECTION_ERRORS, *LAYOUT_CHANGED, SlotNotCoveredError):
             try:
-                refresh_layout(self.client)
+                reread_layout_sync(self.client)
             except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
                 pass  # no node answers yet: the next attempt reads the layout again
             raise

@@ -126,7 +126,8 @@ _last_reread: dict[int, float] = {}
 
 
 async def reread_layout(*clients: Redis) -> None:
-    """Make cluster clients read the cluster's layout again now (nothing for one Redis).
+    """Make cluster clients read the cluster's layout again now (nothing for one Redis; the
+    blocking clients' twin: ``reread_layout_sync``).
 
     After a lost master the client marks its layout stale and re-reads it before its next
     command; but a re-read during the failover (the dead master not yet failed over) learns
@@ -149,6 +150,14 @@ async def reread_layout(*clients: Redis) -> None:
             except _LAYOUT_ERRORS:
                 continue
             cluster.commands_parser.node = cluster.get_default_node()  # a live master
+
+
+def reread_layout_sync(client: redis.Redis) -> None:
+    """``reread_layout`` for a blocking client (the publisher, after a write refused for a
+    moved slot or a lost master): read the cluster's layout again now (nothing on one Redis).
+    Not rate-limited: a publisher re-reads once a refused batch, before sending it again."""
+    if is_cluster(client):
+        cast(redis.cluster.RedisCluster, client).nodes_manager.initialize()
 
 
 def reply_twin(settings: Settings, client: Redis) -> Redis:

@@ -15,8 +15,8 @@ place. ``WAIT n timeout`` blocks until ``n`` replicas have acknowledged every wr
   of the nodes it was sent to, neither of which means anything here. So the pipeline goes to
   the master of the writes' slot, through that node's own connection pool, and a write
   refused there (``MOVED``: the slot has another master now) counts as not done; the caller
-  re-reads the layout (``refresh_layout``) and sends it again, which only idempotent writes
-  allow (every write sent this way is).
+  re-reads the layout (``connections.reread_layout_sync``) and sends it again, which only
+  idempotent writes allow (every write sent this way is).
 
 Even a confirmed write is not safe from everything: ``WAIT`` does not make a replica persist
 it, and of a master's several replicas one that did not acknowledge can still be the one
@@ -104,13 +104,6 @@ def write_then_wait(
         pipe.execute_command(*wait.command())  # type: ignore[no-untyped-call]
         replies = list(pipe.execute(raise_on_error=False))
     return replies[:-1], replies[-1]
-
-
-def refresh_layout(client: redis.Redis) -> None:
-    """After a write refused for a moved slot or a lost master: read the cluster's layout
-    again (nothing on one Redis)."""
-    if is_cluster(client):
-        cast(redis.cluster.RedisCluster, client).nodes_manager.initialize()
 
 
 async def write_then_wait_async(

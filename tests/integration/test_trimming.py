@@ -16,6 +16,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from detector.settings import Settings
 from detector.store.connections import redis_client as async_redis
+from detector.store.connections import reply_twin
 from detector.transports.redis.consumer_group import StreamOps
 from ingest.publisher import Publisher
 from tests.support.services import ROOT, service_env
@@ -51,6 +52,7 @@ def _ops(s: Settings, client: AsyncRedis) -> StreamOps:
         group=s.stream_group,
         anomalies_maxlen=1000,
         dead_maxlen=1000,
+        raw=reply_twin(s, client),
     )
 
 

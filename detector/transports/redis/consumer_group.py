@@ -68,7 +68,7 @@ class StreamOps:
         group: str,
         anomalies_maxlen: int,
         dead_maxlen: int,
-        raw: Redis | None = None,
+        raw: Redis,
     ) -> None:
         self.redis = client
         self.readings, self.anomalies, self.dead, self.group = readings, anomalies, dead, group
@@ -80,8 +80,8 @@ class StreamOps:
         # largest cost), and bytes (NEVER_DECODE), since a producer may have written anything;
         # decoding them is the wire codec's job, where bytes that are not UTF-8 become a dead
         # letter instead of an exception inside the reply parser on every read. ``raw``: such
-        # a client (``connections.reply_twin``), else one over ``client``'s pool.
-        self.raw = raw if raw is not None else Redis(connection_pool=client.connection_pool)
+        # a client (``connections.reply_twin``).
+        self.raw = raw
         self.raw.set_response_callback("XREADGROUP", _as_sent)
         self.raw.set_response_callback("XAUTOCLAIM", _as_sent)
         self._cluster = is_cluster(client)
