@@ -307,6 +307,8 @@ def fold_states(
         holding = lateness > 0 or bool(new.held)
         fresh = []
         top = new.top if new.ids else None
+        if watermark is not None and new.ids and top is None:  # a state written without one
+            top = max(map(entry_order, new.ids))
         for r in group if holding else fold_order(group):
             if r.source_id in folded:  # redelivered: emit its event again, do not fold again
                 for o in carried.get(r.source_id, ()):
