@@ -1,5 +1,7 @@
 """`python -m bench`: start the service on the embedded default, run every scenario beside its
-baseline in the same run, print one table and write bench/results/bench.json."""
+baseline in the same run, print one table and write bench/results/bench.json (after each
+scenario, so a long run keeps what it measured; a scenario that fails is logged and the
+others still run, and the run exits with status 1)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -20,9 +23,12 @@ from bench.scenarios import SCENARIOS
 log = logging.getLogger("bench")
 
 
-def run(names: list[str], *, quick: bool) -> list[Row]:
-    """Start the servers and the bench API, run the scenarios ``names`` in order, stop all."""
+def run(names: list[str], *, quick: bool, out: Path | None = None) -> tuple[list[Row], list[str]]:
+    """Start the servers and the bench API, run the scenarios ``names`` in order, stop all.
+    Returns the rows and the names of the scenarios that failed; the rows so far are written
+    to ``out`` after each scenario."""
     rows: list[Row] = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data_dir = Path(tmp)
         with (
@@ -42,8 +48,19 @@ def run(names: list[str], *, quick: bool) -> list[Row]:
             )
             for name in names:
                 log.info("scenario %s", name)
-                rows.extend(SCENARIOS[name](ctx))
-    return rows
+                try:
+                    rows.extend(SCENARIOS[name](ctx))
+                except Exception:  # reported, and the other scenarios still measured
+                    log.exception("scenario %s failed", name)
+                    failed.append(name)
+                if out is not None:
+                    _write(out, rows)
+    return rows, failed
+
+
+def _write(out: Path, rows: list[Row]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps([asdict(r) for r in rows], indent=2))
 
 
 def main() -> None:
@@ -55,17 +72,19 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
 
-    rows = run(args.only or list(SCENARIOS), quick=args.quick)
+    out = Path(args.out)
+    rows, failed = run(args.only or list(SCENARIOS), quick=args.quick, out=out)
 
     print()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
     print_table(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    _write(out, rows)
     print(f"\nwritten to {out}")
+    if failed:
+        print(f"failed scenarios (see the log above): {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
