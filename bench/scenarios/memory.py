@@ -107,7 +107,8 @@ def redis_bytes_per_model(ctx: Context, n: int, rng: np.random.Generator) -> flo
 def redis_bytes_per_state(ctx: Context, n: int) -> float:
     """used_memory before and after storing ``n`` streaming states of the default kind as the
     worker writes them after a batch (``seq`` and ``data``: the state row and its redelivery
-    bookkeeping, here the one id of the batch's reading), then removed."""
+    bookkeeping, here the one id of the batch's reading and the bound of its order), then
+    removed."""
     kind = str(Settings.model_fields["default_kind"].default)
     plugin = stateful_kind(kind)
     if plugin is None:
@@ -128,9 +129,8 @@ def redis_bytes_per_state(ctx: Context, n: int) -> float:
         for lo in range(0, n, 10_000):
             with r.pipeline(transaction=False) as pipe:
                 for i in range(lo, min(n, lo + 10_000)):
-                    state = SeriesState(
-                        kind, 1, initial, count=1, ids=[f"{1_796_000_000_000 + i}-0"]
-                    )
+                    entry = (1_796_000_000_000 + i, 0)
+                    state = SeriesState(kind, 1, initial, count=1, ids=[f"{entry[0]}-0"], top=entry)
                     pipe.set(keys[i], b"1\n" + state.to_bytes())
                 pipe.execute()
         after = int(r.info("memory")["used_memory"])
