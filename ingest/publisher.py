@@ -283,10 +283,7 @@ class Publisher:
             if isinstance(found, Exception):
                 raise found
         except (*_CONNECTION_ERRORS, *LAYOUT_CHANGED, SlotNotCoveredError):
-            try:
-                reread_layout_sync(self.client)
-            except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
-                pass  # no node answers yet: the next attempt reads the layout again
+            reread_layout_sync(self.client)  # (no node answers yet: the next attempt's)
             raise
         self.wait.check(acknowledged)
         return list(found)

@@ -677,14 +677,12 @@ class SeasonalKind:
         none; three floats: static scales) in place of the one it carries. ``applied`` are
         static scales an older worker multiplied into the thresholds (``apply_adjustment``),
         undone here; the state itself is returned when nothing changes."""
-        if not len(wanted) and len(state) == WIDTH and tuple(applied) == _UNIT_SCALES:
-            return state  # the common case, no feedback ever: answered without a slice
         if len(wanted) == len(ADJUSTED):
             wanted = Adjustment.from_scales(wanted).vector()
-        legacy = any(a != 1.0 for a in applied)
-        carried = state[WIDTH:]
-        if not legacy and len(carried) == len(wanted):
-            if not len(wanted) or np.array_equal(carried, wanted, equal_nan=True):
+        legacy = tuple(applied) != _UNIT_SCALES
+        if not legacy and len(state) - WIDTH == len(wanted):
+            # (no feedback, the common case, is answered without a slice of the state)
+            if not len(wanted) or np.array_equal(state[WIDTH:], wanted, equal_nan=True):
                 return state
         row = np.array(state[:WIDTH], dtype=np.float64, copy=True)
         if legacy:

@@ -155,9 +155,13 @@ async def reread_layout(*clients: Redis) -> None:
 def reread_layout_sync(client: redis.Redis) -> None:
     """``reread_layout`` for a blocking client (the publisher, after a write refused for a
     moved slot or a lost master): read the cluster's layout again now (nothing on one Redis).
-    Not rate-limited: a publisher re-reads once a refused batch, before sending it again."""
+    Not rate-limited: a publisher re-reads once a refused batch, before sending it again. A
+    failure here (no node answers yet) is left for the next attempt, as there."""
     if is_cluster(client):
-        cast(redis.cluster.RedisCluster, client).nodes_manager.initialize()
+        try:
+            cast(redis.cluster.RedisCluster, client).nodes_manager.initialize()
+        except _LAYOUT_ERRORS:
+            pass
 
 
 def reply_twin(settings: Settings, client: Redis) -> Redis:
