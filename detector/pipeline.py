@@ -83,6 +83,24 @@ class Outcome:
     carriers: dict[str, str] = field(default_factory=dict)
 
 
+def merge_outcomes(outcomes: Sequence[Outcome]) -> Outcome:
+    """One outcome of the parts of a batch run through several pipelines (the Kafka worker's
+    key shards on Redis Cluster), each part's entries, events and letters in its order."""
+    if len(outcomes) == 1:
+        return outcomes[0]
+    return Outcome(
+        ids=[i for o in outcomes for i in o.ids],
+        events={k: v for o in outcomes for k, v in o.events.items()},
+        dead=[d for o in outcomes for d in o.dead],
+        scored=sum(o.scored for o in outcomes),
+        no_model=sum(o.no_model for o in outcomes),
+        started=min(o.started for o in outcomes),
+        notices=[n for o in outcomes for n in o.notices],
+        incidents=[e for o in outcomes for e in o.incidents],
+        carriers={k: v for o in outcomes for k, v in o.carriers.items()},
+    )
+
+
 class Pipeline:
     """One transport's batch flow. ``source`` labels the anomaly history rows (the stream or
     topic the readings came from); ``acknowledged`` (optional) tells stateful kinds which

@@ -78,16 +78,42 @@ def tagged(name: str, index: int, count: int) -> str:
 
 
 def shard(settings: Settings, index: int) -> Shard:
-    n = settings.stream_shards
+    """Shard ``index`` of the Redis Streams' STREAM_SHARDS."""
+    return _shard(
+        index,
+        settings.stream_shards,
+        settings.stream_readings,
+        settings.stream_anomalies,
+        settings.stream_dead,
+    )
+
+
+def _shard(index: int, n: int, readings: str, anomalies: str, dead: str) -> Shard:
     if not 0 <= index < n:
         raise ValueError(f"shard {index} of {n}")
     return Shard(
         index,
-        readings=tagged(settings.stream_readings, index, n),
-        anomalies=tagged(settings.stream_anomalies, index, n),
-        dead=tagged(settings.stream_dead, index, n),
-        namespace="" if n <= 1 else f"{shard_tag(index, n)}:{settings.stream_readings}:",
+        readings=tagged(readings, index, n),
+        anomalies=tagged(anomalies, index, n),
+        dead=tagged(dead, index, n),
+        namespace="" if n <= 1 else f"{shard_tag(index, n)}:{readings}:",
     )
+
+
+def kafka_shards(settings: Settings) -> list[Shard]:
+    """The Kafka worker's key shards. Its streams are topics, but its series' worker keys
+    (states, episodes, the held set) and its silence and incident keys are in Redis: on Redis
+    Cluster they are split into STREAM_SHARDS shards as the Redis Streams' are (each series
+    in shard ``shard_of``, its keys under the shard's hash tag, the topics' names standing for
+    the streams' in the key names), so the worker runs a batch's scripts a shard at a time,
+    each in one slot. On one Redis: one shard, the keys as they always were."""
+    n = settings.stream_shards if settings.redis_cluster_nodes else 1
+    topics = (
+        settings.kafka_readings_topic,
+        settings.kafka_anomalies_topic,
+        settings.kafka_dead_topic,
+    )
+    return [_shard(k, n, *topics) for k in range(n)]
 
 
 def shards(settings: Settings) -> list[Shard]:

@@ -75,35 +75,20 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster | redis.cluster.RedisCluster)
 
 
-# Why the Kafka worker refuses a cluster (docs/operations.md#redis-cluster).
-NOT_ON_CLUSTER = (
-    "does not run on Redis Cluster: its batch scripts take the keys of many series at"
-    " once (states, episodes), or a series' keys with shared ones (the held set, the silence"
-    " and incident keys), which lie in different slots; unset REDIS_CLUSTER_NODES and point"
-    " it at one Redis (docs/operations.md#redis-cluster)"
-)
-
-# Why the stream worker refuses a cluster with one shard.
+# Why a worker refuses a cluster with one shard.
 ONE_SHARD_ON_CLUSTER = (
-    "the stream worker runs on Redis Cluster with sharded streams only: a batch's scripts"
-    " take its streams' and its series' keys at once, which share a slot only under a"
+    "runs on Redis Cluster with sharded streams only: a batch's scripts take its series'"
+    " keys at once (on Redis Streams with its streams'), which share a slot only under a"
     " shard's hash tag; set STREAM_SHARDS to a few times the number of masters, the same for"
     " the publishers (docs/operations.md#sharded-streams)"
 )
 
 
-def refuse_cluster(settings: Settings, what: str) -> None:
-    """Raise NotOnClusterError when the settings name a Redis Cluster (``what``, the Kafka
-    worker, runs on none)."""
-    if settings.redis_cluster_nodes:
-        raise NotOnClusterError(f"{what} {NOT_ON_CLUSTER}")
-
-
-def refuse_unsharded_cluster(settings: Settings) -> None:
+def refuse_unsharded_cluster(settings: Settings, what: str = "the stream worker") -> None:
     """Raise NotOnClusterError when the settings name a Redis Cluster with one shard: the
-    stream worker runs on one with STREAM_SHARDS above 1."""
+    workers (``what``) run on one with STREAM_SHARDS above 1."""
     if settings.redis_cluster_nodes and settings.stream_shards <= 1:
-        raise NotOnClusterError(ONE_SHARD_ON_CLUSTER)
+        raise NotOnClusterError(f"{what} {ONE_SHARD_ON_CLUSTER}")
 
 
 # What reading a cluster's layout raises while no node answers (left for a later attempt).

@@ -269,12 +269,15 @@ def test_ingest_cli_bulk_fits_on_a_cluster(cluster_settings, redis_cluster, tmp_
     [
         (["-m", "detector"], "runs on Redis Cluster with sharded streams only"),
         (["-m", "detector", "--check"], "runs on Redis Cluster with sharded streams only"),
-        (["-m", "detector.transports.kafka", "worker"], "the Kafka worker does not run on Redis"),
+        (
+            ["-m", "detector.transports.kafka", "worker"],
+            "the Kafka worker runs on Redis Cluster with sharded streams only",
+        ),
     ],
 )
 def test_workers_refuse_a_cluster_they_cannot_run_on(argv, says):
-    """The stream worker without STREAM_SHARDS, the Kafka worker always: refused before
-    anything is reached (the seed needs no server behind it)."""
+    """The workers without STREAM_SHARDS: refused before anything is reached (the seed
+    needs no server behind it)."""
     env = service_env(Settings(), REDIS_CLUSTER_NODES="127.0.0.1:1")
     done = subprocess.run(
         [sys.executable, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60

@@ -27,7 +27,13 @@ from tests.integration.test_cluster import master_of
 from tests.support.polling import wait_for
 from tests.support.processes import start_worker, stop_process, wait_consuming
 from tests.support.services import ROOT, service_env
-from tests.support.streams import fit, shard_events, shards_drained, stream_settings
+from tests.support.streams import (
+    fit,
+    fit_seasonal,
+    shard_events,
+    shards_drained,
+    stream_settings,
+)
 
 SHARDS = 6
 TRAINING = [90.0, 110.0] * 5  # μ 100, σ 10: 100 is never anomalous, 500 always is
@@ -57,15 +63,7 @@ def test_sharded_workers_score_every_reading_once_on_a_cluster_with_a_worker_kil
     for sid in series:
         fit(cluster_client, sid, TRAINING)
     seasonal = f"{series_id}-seasonal"
-    answer = cluster_client.post(
-        f"/fit/{seasonal}",
-        json={
-            "timestamps": [300 * i for i in range(600)],
-            "values": [100.0 + (i % 7) for i in range(600)],
-            "kind": "seasonal",
-        },
-    )
-    assert answer.status_code == 200, answer.text
+    later = fit_seasonal(cluster_client, seasonal)
     rows = [(sid, t, 500.0 if t % 10 == 9 else 100.0) for t in range(100) for sid in series]
     log = worker_log()
     procs = [start_worker(s, name, log) for name in ("w1", "w2")]
@@ -86,8 +84,8 @@ def test_sharded_workers_score_every_reading_once_on_a_cluster_with_a_worker_kil
         assert live == {"w1", "w2"}
 
         with Publisher(rc, stream=s.stream_readings, shards=SHARDS) as pub:
-            for i in range(600, 700):
-                pub.publish(seasonal, 300 * i, 100.0 + (i % 7))
+            for t, v in later:
+                pub.publish(seasonal, t, v)
             for n, (sid, t, v) in enumerate(rows):
                 pub.publish(sid, t, v)
                 if n == len(rows) // 3:

@@ -21,7 +21,13 @@ from detector.shards import series_shard, shard_of, shard_tag, shards
 from ingest.publisher import Publisher
 from tests.support.polling import wait_for
 from tests.support.processes import start_worker, stop_process, wait_consuming
-from tests.support.streams import fit, shard_events, shards_drained, stream_settings
+from tests.support.streams import (
+    fit,
+    fit_seasonal,
+    shard_events,
+    shards_drained,
+    stream_settings,
+)
 
 SHARDS = 4
 TRAINING = [90.0, 110.0] * 5  # μ 100, σ 10: 100 is never anomalous, 500 always is
@@ -82,22 +88,14 @@ def test_stateful_states_live_in_their_shards_slot(
     s: Settings, client: httpx.Client, redis_client: redis.Redis, series_id: str
 ) -> None:
     sid = f"{series_id}-seasonal"
-    answer = client.post(
-        f"/fit/{sid}",
-        json={
-            "timestamps": [300 * i for i in range(600)],
-            "values": [100.0 + (i % 7) for i in range(600)],
-            "kind": "seasonal",
-        },
-    )
-    assert answer.status_code == 200, answer.text
+    later = fit_seasonal(client, sid)
     log = worker_log()
     proc = start_worker(s, "w1", log)
     try:
         wait_consuming(s, "w1", proc)
         with Publisher(redis_client, stream=s.stream_readings, shards=SHARDS) as pub:
-            for i in range(600, 700):
-                pub.publish(sid, 300 * i, 100.0 + (i % 7))
+            for t, v in later:
+                pub.publish(sid, t, v)
         wait_for(lambda: shards_drained(redis_client, s), "the shard drained", 60)
     finally:
         stop_process(proc)

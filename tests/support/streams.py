@@ -66,6 +66,22 @@ def fit(client: httpx.Client, series_id: str, values: list[float]) -> str:
     return str(answer.json()["version"])
 
 
+def fit_seasonal(client: httpx.Client, series_id: str) -> list[tuple[int, float]]:
+    """Fit the seasonal kind over REST on 600 readings 300 s apart (a weekly profile's two
+    days, values 100–106); returns the next 100 readings of the same pattern, none of them
+    anomalous, for a test to stream."""
+    answer = client.post(
+        f"/fit/{series_id}",
+        json={
+            "timestamps": [300 * i for i in range(600)],
+            "values": [100.0 + (i % 7) for i in range(600)],
+            "kind": "seasonal",
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    return [(300 * i, 100.0 + (i % 7)) for i in range(600, 700)]
+
+
 def publish(
     client: redis.Redis, stream: str, rows: list[tuple[str, int, float]], batch: int = 1000
 ) -> list[str]:

@@ -10,7 +10,7 @@ from detector.collector import tune_collector
 from detector.errors import NotOnClusterError
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
-from detector.store.connections import refuse_cluster
+from detector.store.connections import refuse_unsharded_cluster
 from detector.transports.kafka.app import create_app
 
 
@@ -23,7 +23,7 @@ def main() -> None:
         sys.argv.insert(2, "--without-web")
     settings = Settings()
     try:
-        refuse_cluster(settings, "the Kafka worker")
+        refuse_unsharded_cluster(settings, "the Kafka worker")
     except NotOnClusterError as exc:
         sys.exit(exc.detail)
     tune_collector()

@@ -18,18 +18,24 @@ from prometheus_client import start_http_server
 from detector.errors import POSTGRES_ERRORS, is_unavailable
 from detector.kinds.registry import stateful_kind
 from detector.metrics import WorkerMetrics
-from detector.pipeline import Pipeline
+from detector.pipeline import Outcome, Pipeline, merge_outcomes
 from detector.retry import retry_while
 from detector.settings import Settings
+from detector.shards import kafka_shards, shard_of
 from detector.state.adjustments import Adjustments
-from detector.state.incidents import incident_tracker
 from detector.state.series import Acknowledged, SeriesStates
 from detector.state.silence import silence_watch
-from detector.store.connections import apply_schema, postgres_pool, redis_client
+from detector.store.connections import (
+    apply_schema,
+    postgres_pool,
+    prepare_clients,
+    redis_client,
+)
 from detector.store.models import ModelStore
-from detector.transports.kafka.incidents import KafkaIncidentSweep
+from detector.transports.kafka.incidents import KafkaIncidentSweep, kafka_incident_tracker
+from detector.transports.kafka.produce import send_events
 from detector.transports.kafka.silence import KafkaSilenceSweep
-from detector.wire.kafka import dead_value, event_value, fields_from_json, source_id
+from detector.wire.kafka import dead_value, fields_from_json, source_id
 from detector.wire.readings import DeadLetter, RawEntry, flat_fields
 
 log = logging.getLogger(__name__)
@@ -153,33 +159,40 @@ class KafkaScorer:
         self.redis = redis_client(settings)
         self.pool = postgres_pool(settings)
         store = ModelStore(self.redis, self.pool, cache_size=settings.model_cache_size)
-        self.pipeline = Pipeline(
-            settings,
-            store,
-            source=f"kafka:{anomalies.get_topic_name()}",
-            metrics=metrics,
-            streams=SeriesStates(
-                self.redis,
-                store,
-                adjustments=Adjustments(self.redis, settings.model_refresh_seconds),
-                lateness=settings.lateness_seconds,
-            ),
-            silence=silence_watch(
-                settings, self.redis, store, output=anomalies.get_topic_name(), mode="lease"
-            ),
-            incidents=incident_tracker(
+        source = f"kafka:{anomalies.get_topic_name()}"
+        # On Redis Cluster a batch runs a shard at a time (``kafka_shards``); one shard else.
+        self.shards = kafka_shards(settings)
+        self.key_shards = len(self.shards)
+        adjustments = Adjustments(self.redis, settings.model_refresh_seconds)
+        tracker = kafka_incident_tracker(settings, self.redis, self.shards, source)
+        self.pipelines = [
+            Pipeline(
                 settings,
-                self.redis,
-                output=anomalies.get_topic_name(),
-                source=f"kafka:{anomalies.get_topic_name()}",
-                mode="lease",
-            ),
-        )
+                store,
+                source=source,
+                metrics=metrics,
+                streams=SeriesStates(
+                    self.redis,
+                    store,
+                    namespace=shard.namespace,
+                    adjustments=adjustments,
+                    lateness=settings.lateness_seconds,
+                ),
+                silence=silence_watch(
+                    settings, self.redis, store, output=shard.anomalies, mode="lease"
+                ),
+                incidents=tracker,
+                namespace=shard.namespace,
+            )
+            for shard in self.shards
+        ]
+        self.pipeline = self.pipelines[0]
         self.processed = 0
 
     async def open(self) -> None:
         if stateful_kind(self.settings.default_kind) is not None:
             self.pipeline.streams.prepare()  # what a fit without options makes: load its fold
+        await prepare_clients(self.redis)
         await self.pool.open(wait=False)
         try:
             await apply_schema(self.pool)
@@ -218,25 +231,12 @@ class KafkaScorer:
                 dead.append(DeadLetter(sid, "missing_field", "value has no fields", {}))
             else:
                 entries.append((sid, flat_fields(fields)))
-        outcome = await self.pipeline.run(entries, dead=dead, acknowledged=self._acknowledged())
-        sent = [
-            await self.anomalies.send(
-                key=found["series_id"].encode(), value=event_value(found), force=True
-            )
-            for found in outcome.events.values()
-        ]
-        sent += [  # no_data events that readings of silent series closed
-            await self.anomalies.send(
-                key=notice["series_id"].encode(), value=event_value(notice), force=True
-            )
-            for _, notice in outcome.notices
-        ]
-        sent += [  # incidents these readings' onsets opened or closed
-            await self.anomalies.send(
-                key=incident["incident_id"].encode(), value=event_value(incident), force=True
-            )
-            for incident in outcome.incidents
-        ]
+        outcome = await self._run(entries, dead)
+        sent = await send_events(self.anomalies, outcome.events.values(), "series_id")
+        # no_data events that readings of silent series closed
+        sent += await send_events(self.anomalies, [n for _, n in outcome.notices], "series_id")
+        # incidents these readings' onsets opened or closed
+        sent += await send_events(self.anomalies, outcome.incidents, "incident_id")
         sent += [
             await self.dead.send(
                 key=letter.fields.get("series_id", "").encode() or None,
@@ -252,6 +252,23 @@ class KafkaScorer:
             self.positions[(message.topic, message.partition)] = message.offset + 1
         self.processed += len(batch)
         self.pipeline.count(outcome, len(outcome.events), len(outcome.notices))
+
+    async def _run(self, entries: list[RawEntry], dead: list[DeadLetter]) -> Outcome:
+        """The shared pipeline over the batch: at once on one Redis; on a cluster a shard's
+        readings at a time (a series' readings stay in order within its shard), the
+        outcomes merged in shard order."""
+        acknowledged = self._acknowledged()
+        if self.key_shards == 1:
+            return await self.pipeline.run(entries, dead=dead, acknowledged=acknowledged)
+        parts: list[list[RawEntry]] = [[] for _ in self.pipelines]
+        for entry in entries:
+            parts[shard_of(_series_of(entry[1]), self.key_shards)].append(entry)
+        outcomes = [
+            await pipeline.run(part, dead=dead if k == 0 else (), acknowledged=acknowledged)
+            for k, (pipeline, part) in enumerate(zip(self.pipelines, parts, strict=True))
+            if part or k == 0
+        ]
+        return merge_outcomes(outcomes)
 
     def _acknowledged(self) -> Acknowledged | None:
         """Records below their partition's committed offset are never delivered again."""
@@ -273,3 +290,14 @@ class KafkaScorer:
                 return False
 
         return done
+
+
+def _series_of(flat: Sequence[str | bytes] | None) -> str:
+    """A raw entry's series id (flat fields: name, value, ...); "" when it has none (the
+    pipeline turns such an entry into a dead letter, whichever shard it runs in)."""
+    if flat:
+        for i in range(0, len(flat) - 1, 2):
+            if flat[i] == "series_id":
+                value = flat[i + 1]
+                return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""

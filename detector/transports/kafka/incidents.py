@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import faust
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
 
 from detector.errors import POSTGRES_ERRORS, REDIS_ERRORS, is_unavailable
 from detector.metrics import WorkerMetrics
+from detector.redis_keys import silence_key
 from detector.settings import Settings
+from detector.shards import Shard, kafka_shards
 from detector.state.incidents import IncidentTracker, incident_tracker
 from detector.store.connections import postgres_pool, redis_client
 from detector.store.incidents import record_incidents
-from detector.wire.kafka import event_value
+from detector.transports.kafka.produce import send_events
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +43,11 @@ class KafkaIncidentSweep:
         if self._pool is None:
             self._pool = postgres_pool(self.settings)
             await self._pool.open(wait=False)
-            topic = self.anomalies.get_topic_name()
-            self._tracker = incident_tracker(
+            self._tracker = kafka_incident_tracker(
                 self.settings,
                 redis_client(self.settings),
-                output=topic,
-                source=f"kafka:{topic}",
-                mode="lease",
+                kafka_shards(self.settings),
+                f"kafka:{self.anomalies.get_topic_name()}",
             )
         return self._tracker, self._pool
 
@@ -57,12 +59,7 @@ class KafkaIncidentSweep:
             changes = await tracker.sweep()
             if changes.events and self.settings.stream_record_postgres:
                 await record_incidents(pool, tracker.source, changes.rows())
-            sent = [
-                await self.anomalies.send(
-                    key=event["incident_id"].encode(), value=event_value(event), force=True
-                )
-                for event in changes.events
-            ]
+            sent = await send_events(self.anomalies, changes.events, "incident_id")
             await asyncio.gather(*sent)  # acknowledged by the broker
             await tracker.delivered(changes.events)
         except (*REDIS_ERRORS, *POSTGRES_ERRORS) as exc:
@@ -72,3 +69,19 @@ class KafkaIncidentSweep:
             log.warning("incident sweep skipped, a store is unavailable: %s", exc)
             return
         self.metrics.incidents_active.labels(self.metrics.transport).set(changes.active)
+
+
+def kafka_incident_tracker(
+    settings: Settings, client: Redis, shards: Sequence[Shard], source: str
+) -> IncidentTracker | None:
+    """The Kafka worker's incident tracker (lease mode): fleet-wide, its keys named after
+    the first shard's output (the anomalies topic on one Redis), the fleet every shard's
+    watched series when there are several."""
+    return incident_tracker(
+        settings,
+        client,
+        output=shards[0].anomalies,
+        source=source,
+        mode="lease",
+        fleet=[silence_key(s.anomalies, "series") for s in shards] if len(shards) > 1 else None,
+    )

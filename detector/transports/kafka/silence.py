@@ -18,10 +18,11 @@ import faust
 from detector.errors import REDIS_ERRORS, is_unavailable
 from detector.metrics import WorkerMetrics
 from detector.settings import Settings
+from detector.shards import kafka_shards
 from detector.state.silence import SilenceWatch, silence_watch
 from detector.store.connections import postgres_pool, redis_client
 from detector.store.models import ModelStore
-from detector.wire.kafka import event_value
+from detector.transports.kafka.produce import send_events
 
 log = logging.getLogger(__name__)
 
@@ -33,42 +34,40 @@ class KafkaSilenceSweep:
 
     def __init__(self, settings: Settings, metrics: WorkerMetrics, anomalies: faust.TopicT):
         self.settings, self.metrics, self.anomalies = settings, metrics, anomalies
-        self._watch: SilenceWatch | None = None
+        self._watches: list[SilenceWatch] | None = None
 
-    def watch(self) -> SilenceWatch | None:
-        if self._watch is None:
+    def watches(self) -> list[SilenceWatch]:
+        """One watch a key shard (``detector.shards.kafka_shards``: one on one Redis)."""
+        if self._watches is None:
             client = redis_client(self.settings)
             store = ModelStore(client, postgres_pool(self.settings), cache_size=0)
-            self._watch = silence_watch(
-                self.settings,
-                client,
-                store,
-                output=self.anomalies.get_topic_name(),
-                mode="lease",
+            found = (
+                silence_watch(self.settings, client, store, output=shard.anomalies, mode="lease")
+                for shard in kafka_shards(self.settings)
             )
-        return self._watch
+            self._watches = [watch for watch in found if watch is not None]
+        return self._watches
 
     async def sweep(self) -> None:
-        watch = self.watch()
-        if watch is None:
-            return
-        try:
-            swept = await watch.sweep()
-            sent = [
-                await self.anomalies.send(
-                    key=event["series_id"].encode(), value=event_value(event), force=True
-                )
-                for event in swept.events
-            ]
-            await asyncio.gather(*sent)  # acknowledged by the broker
-            await watch.delivered(swept.events)
-        except REDIS_ERRORS as exc:
-            if not is_unavailable(exc):
-                raise
-            log.warning("silence sweep skipped, Redis unavailable: %s", exc)
-            return
+        claimed = silent = 0
+        complete = True
+        for watch in self.watches():
+            try:
+                swept = await watch.sweep()
+                sent = await send_events(self.anomalies, swept.events, "series_id")
+                await asyncio.gather(*sent)  # acknowledged by the broker
+                await watch.delivered(swept.events)
+            except REDIS_ERRORS as exc:
+                if not is_unavailable(exc):
+                    raise
+                # A shard on a master that is down: the others are swept all the same.
+                log.warning("silence sweep skipped, Redis unavailable: %s", exc)
+                complete = False
+                continue
+            claimed, silent = claimed + swept.claimed, silent + swept.silent
         label = self.metrics.transport
-        if swept.claimed:
-            log.info("%d series went silent", swept.claimed)
-            self.metrics.no_data_events.labels(label, "open").inc(swept.claimed)
-        self.metrics.series_silent.labels(label).set(swept.silent)
+        if claimed:
+            log.info("%d series went silent", claimed)
+            self.metrics.no_data_events.labels(label, "open").inc(claimed)
+        if complete:
+            self.metrics.series_silent.labels(label).set(silent)
