@@ -8,12 +8,12 @@ import os
 import time
 
 import numpy as np
-import orjson
 import redis
 
 from bench.client import fit_series
 from bench.context import Context
 from detector.redis_keys import model_key
+from detector.store.codec import ModelVersion
 from ingest.publisher import Publisher, checked_fields
 
 STREAM_SERIES = 1000
@@ -80,11 +80,13 @@ def stream_models(ctx: Context, kind: str = "static") -> list[str]:
     latest = r.hget(model_key(ids[-1]), "latest")
     entry = r.hget(model_key(ids[-1]), latest) if latest else None
     r.close()
-    current = "static"
-    if entry is not None:
-        fields = orjson.loads(entry)
-        current = fields[-1] if isinstance(fields[-1], str) and len(fields) > 6 else "static"
-    if entry is None or current != kind:
+    # The kind as the store reads it (the compact form's own decoding, whatever its layout).
+    current = (
+        None
+        if entry is None or latest is None
+        else ModelVersion.from_redis(ids[-1], int(latest), entry.decode()).model.kind
+    )
+    if current != kind:
         cadence = STREAM_SERIES
         fit_series(
             ctx,

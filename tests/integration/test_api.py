@@ -1,11 +1,22 @@
-"""The REST contract of docs/api.md, against the real service (uvicorn, Redis, PostgreSQL)."""
+"""The REST contract of docs/api.md, against the real service (uvicorn, Redis, PostgreSQL),
+on one Redis and on a Redis Cluster of three masters and three replicas."""
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 
 from tests.support.api import VALUES, fit
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def client(request: pytest.FixtureRequest, client: httpx.Client) -> httpx.Client:
+    """The service on one Redis (the session's ``client``), then on the cluster."""
+    if request.param == "cluster":
+        return request.getfixturevalue("cluster_client")
+    return client
+
 
 # ---------------------------------------------------------------- fit
 

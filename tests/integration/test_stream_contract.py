@@ -1,5 +1,6 @@
-"""The stream contract, on both transports (Redis Streams and Kafka), through real workers:
-fields, episodes, a stateful kind, poison entries, a refit mid-stream, kill -9."""
+"""The stream contract, on both transports (Redis Streams and Kafka), each on one Redis and on
+a Redis Cluster of three masters and three replicas (sharded streams), through real workers:
+fields, episodes, a stateful kind, poison entries, a refit mid-stream, kill -9, incidents."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import pytest
 
@@ -15,23 +17,45 @@ from detector.kinds.registry import STATEFUL
 from detector.settings import Settings
 from detector.wire.events import EVENT_FIELDS
 from tests.support.polling import wait_for
-from tests.support.transports import KafkaTransport, RedisTransport, Transport
+from tests.support.transports import (
+    ClusterTransport,
+    KafkaClusterTransport,
+    KafkaTransport,
+    RedisTransport,
+    Transport,
+)
 
 pytestmark = pytest.mark.slow
 
 START = 1_700_000_000
 
 
-@pytest.fixture(params=["redis", "kafka"])
+@pytest.fixture(params=["redis", "kafka", "cluster", "kafka-cluster"])
 def transport(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Transport]:
+    """Each transport on one Redis, then on the Redis Cluster (sharded streams)."""
     env = {"MODEL_REFRESH_SECONDS": "1"}
     chosen: Transport
     if request.param == "redis":
         chosen = RedisTransport(settings, **env)
-    else:
+    elif request.param == "cluster":
+        chosen = ClusterTransport(request.getfixturevalue("cluster_settings"), **env)
+    elif request.param == "kafka":
         chosen = KafkaTransport(settings, request.getfixturevalue("kafka_bootstrap"), **env)
+    else:
+        chosen = KafkaClusterTransport(
+            request.getfixturevalue("cluster_settings"),
+            request.getfixturevalue("kafka_bootstrap"),
+            **env,
+        )
     yield chosen
     chosen.stop_worker()
+
+
+@pytest.fixture
+def api(request: pytest.FixtureRequest, transport: Transport) -> httpx.Client:
+    """The service on the transport's Redis (one Redis, or the cluster)."""
+    on_cluster = transport.name in ("cluster", "kafka-cluster")
+    return request.getfixturevalue("cluster_client" if on_cluster else "client")
 
 
 def fresh(prefix: str = "c") -> str:
@@ -55,9 +79,9 @@ def run_to_end(transport: Transport) -> None:
     wait_for(transport.drained, f"the {transport.name} worker to commit everything")
 
 
-def test_events_carry_the_contract_fields_and_one_episode_per_burst(client, transport):
+def test_events_carry_the_contract_fields_and_one_episode_per_burst(api, transport):
     series_id = fresh()
-    fit(client, series_id, kind="static")
+    fit(api, series_id, kind="static")
     values = [100.0] * 20 + [150.0, 151.0, 152.0] + [100.0] * 20
     rows = [(series_id, START + i, v) for i, v in enumerate(values)]
     transport.publish(rows)
@@ -84,13 +108,13 @@ def test_events_carry_the_contract_fields_and_one_episode_per_burst(client, tran
 
 
 @pytest.mark.parametrize("kind", sorted(STATEFUL))
-def test_a_stateful_kind_flags_a_level_shift_with_its_own_episodes(client, transport, kind):
+def test_a_stateful_kind_flags_a_level_shift_with_its_own_episodes(api, transport, kind):
     series_id = fresh("ms")
     rng = np.random.default_rng(3)
     step = 300
     fit_points = 600
     training = [round(float(x), 6) for x in 100.0 + rng.normal(0.0, 1.0, fit_points)]
-    answer = client.post(
+    answer = api.post(
         f"/fit/{series_id}",
         json={
             "timestamps": [START + step * i for i in range(fit_points)],
@@ -122,9 +146,9 @@ def test_a_stateful_kind_flags_a_level_shift_with_its_own_episodes(client, trans
     assert {e["episode_id"] for e in found} == {onsets[0]["source_id"]}
 
 
-def test_poison_entries_become_dead_letters_and_the_stream_goes_on(client, transport):
+def test_poison_entries_become_dead_letters_and_the_stream_goes_on(api, transport):
     series_id = fresh()
-    fit(client, series_id)
+    fit(api, series_id)
     poison = [
         ({"series_id": series_id, "timestamp": "1.5", "value": "1"}, "bad_timestamp"),
         ({"series_id": series_id, "timestamp": str(START), "value": "nan"}, "bad_value"),
@@ -148,14 +172,14 @@ def test_poison_entries_become_dead_letters_and_the_stream_goes_on(client, trans
     assert [float(e["value"]) for e in transport.events()] == [200.0]
 
 
-def test_a_refit_mid_stream_is_used_by_the_running_worker(client, transport):
+def test_a_refit_mid_stream_is_used_by_the_running_worker(api, transport):
     series_id = fresh()
-    fit(client, series_id)
+    fit(api, series_id)
     transport.publish([(series_id, START + 1, 140.0)])  # anomalous for v1 (bound 130)
     run_to_end(transport)
     assert [e["model_version"] for e in transport.events()] == ["v1.0.0"]
 
-    answer = client.post(
+    answer = api.post(
         f"/fit/{series_id}",
         json={"timestamps": list(range(START - 10, START)), "values": [140.0, 160.0] * 5},
     )
@@ -167,10 +191,10 @@ def test_a_refit_mid_stream_is_used_by_the_running_worker(client, transport):
     assert second["model_version"] == "v2.0.0" and float(second["value"]) == 200.0
 
 
-def test_kill_9_mid_stream_loses_nothing(client, transport):
+def test_kill_9_mid_stream_loses_nothing(api, transport):
     series = [fresh() for _ in range(4)]
     for series_id in series:
-        fit(client, series_id)
+        fit(api, series_id)
     rng = np.random.default_rng(7)
     rows, anomalous = [], []
     for n in range(20_000):
@@ -188,7 +212,7 @@ def test_kill_9_mid_stream_loses_nothing(client, transport):
     found = Counter((e["series_id"], int(e["timestamp"])) for e in transport.events())
     assert set(found) == set(anomalous)  # nothing lost
     by_source = Counter(e["source_id"] for e in transport.events())
-    if transport.name == "redis":
+    if transport.exactly_once:
         assert max(by_source.values()) == 1  # exactly once: the commit script skips repeats
     else:
         # At-least-once: a repeat carries the same source_id, so consumers can drop it.
@@ -196,9 +220,10 @@ def test_kill_9_mid_stream_loses_nothing(client, transport):
     assert transport.dead() == []
 
 
-def test_an_outage_across_many_series_is_one_incident_event_each_way(client, transport, pg):
-    """Incidents on both transports: one open and one closed `incident` event on the output
-    for an outage across 40 series, and one PostgreSQL row under the output's name."""
+def test_an_outage_across_many_series_is_one_incident_event_each_way(api, transport, pg):
+    """Incidents on every transport: one open and one closed `incident` event on the output
+    for an outage across 40 series, and one PostgreSQL row under the output's name (on a
+    cluster, the first shard's)."""
     window = 10  # arrival time too: the 40 onsets reach the worker well within it
     transport.env.update(  # type: ignore[attr-defined]
         INCIDENT_MIN_SERIES="3",
@@ -207,7 +232,7 @@ def test_an_outage_across_many_series_is_one_incident_event_each_way(client, tra
     )
     series = [fresh("inc") for _ in range(40)]
     for sid in series:
-        fit(client, sid, kind="static")
+        fit(api, sid, kind="static")
     at = START + 50_000 + int(uuid.uuid4().int % 10**6) * 10
     transport.publish([(sid, at + i % 2, 500.0) for i, sid in enumerate(series)])
     transport.start_worker()
@@ -228,9 +253,4 @@ def test_an_outage_across_many_series_is_one_incident_event_each_way(client, tra
         "SELECT source, state, series_count FROM incidents WHERE incident_id = %s",
         (opened["incident_id"],),
     ).fetchall()
-    output = (
-        transport.settings.stream_anomalies  # type: ignore[attr-defined]
-        if transport.name == "redis"
-        else f"kafka:{transport.names.anomalies}"  # type: ignore[attr-defined]
-    )
-    assert rows == [(output, "closed", 40)]
+    assert rows == [(transport.incident_source(), "closed", 40)]

@@ -1,4 +1,5 @@
-"""The two stream transports behind one test interface, so contract tests run on both.
+"""The two stream transports behind one test interface, so contract tests run on both, on
+one Redis and on a Redis Cluster (sharded streams).
 
 Each adapter publishes readings, runs the worker as users run it (its own process), waits
 until every reading is committed, and reads the events and dead letters back as text fields.
@@ -15,16 +16,22 @@ from typing import Any, Protocol
 import redis
 
 from detector.settings import Settings
+from detector.shards import shards
+from detector.store.connections import sync_redis_client
 from ingest.kafka import KafkaPublisher
+from ingest.publisher import Publisher
 from tests.support.kafka import KafkaNames, KafkaWorker, create_topics, group_caught_up, read_topic
 from tests.support.processes import start_worker, stop_process
-from tests.support.streams import publish, stream_settings
+from tests.support.streams import publish, shard_events, shards_drained, stream_settings
 
 Row = tuple[str, int, float]
 
 
 class Transport(Protocol):
     name: str
+    # Whether a redelivered reading's event is never written twice (Redis Streams' commit
+    # script) or may be, with the same source id (Kafka: at least once).
+    exactly_once: bool
 
     def publish(self, rows: list[Row]) -> None: ...
 
@@ -42,6 +49,8 @@ class Transport(Protocol):
 
     def dead(self) -> list[dict[str, str]]: ...
 
+    def incident_source(self) -> str: ...
+
 
 def _text(value: Any) -> str:
     """A Kafka value's field as the Redis transport writes it (floats round-trip exactly)."""
@@ -54,6 +63,7 @@ class RedisTransport:
     """`readings` → `python -m detector` → `anomalies`, `readings:dead`."""
 
     name = "redis"
+    exactly_once = True
 
     def __init__(self, settings: Settings, **env: str) -> None:
         self.settings = stream_settings(settings, stream_batch_count=500, stream_claim_idle_ms=1000)
@@ -99,11 +109,60 @@ class RedisTransport:
     def dead(self) -> list[dict[str, str]]:
         return [f for _, f in self.client.xrange(self.settings.stream_dead)]
 
+    def incident_source(self) -> str:
+        """What the anomaly history records incidents under."""
+        return self.settings.stream_anomalies
+
+
+class ClusterTransport(RedisTransport):
+    """The same on a Redis Cluster with sharded streams: the publisher routes each series to
+    its shard, the worker serves every shard, events and letters are read from them all."""
+
+    name = "cluster"
+    SHARDS = 6
+
+    def __init__(self, settings: Settings, **env: str) -> None:
+        self.settings = stream_settings(
+            settings,
+            stream_shards=self.SHARDS,
+            stream_batch_count=500,
+            stream_claim_idle_ms=1000,
+        )
+        self.client = sync_redis_client(self.settings)
+        self.env = env
+        self.proc = None
+        self.log = Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
+
+    def _publisher(self) -> Publisher:
+        return Publisher(self.client, stream=self.settings.stream_readings, shards=self.SHARDS)
+
+    def publish(self, rows: list[Row]) -> None:
+        with self._publisher() as publisher:
+            for series_id, timestamp, value in rows:
+                publisher.publish(series_id, timestamp, value)
+
+    def publish_fields(self, fields: dict[str, str]) -> None:
+        with self._publisher() as publisher:
+            publisher.publish_fields(fields)
+
+    def drained(self) -> bool:
+        return shards_drained(self.client, self.settings)
+
+    def events(self) -> list[dict[str, str]]:
+        return [f for events in shard_events(self.client, self.settings).values() for f in events]
+
+    def dead(self) -> list[dict[str, str]]:
+        return [f for s in shards(self.settings) for _, f in self.client.xrange(s.dead)]
+
+    def incident_source(self) -> str:
+        return shards(self.settings)[0].anomalies  # incidents live in the first shard's slot
+
 
 class KafkaTransport:
     """Topic `readings` → the faust agent → topics `anomalies`, `readings.dead`."""
 
     name = "kafka"
+    exactly_once = False
 
     def __init__(self, settings: Settings, bootstrap: str, **env: str) -> None:
         self.settings, self.bootstrap, self.env = settings, bootstrap, env
@@ -145,3 +204,15 @@ class KafkaTransport:
             {k: _text(v) for k, v in value.items()}
             for _, _, _, value in read_topic(self.bootstrap, self.names.dead)
         ]
+
+    def incident_source(self) -> str:
+        return f"kafka:{self.names.anomalies}"
+
+
+class KafkaClusterTransport(KafkaTransport):
+    """The faust worker with its Redis keys on a Redis Cluster (``kafka_shards``)."""
+
+    name = "kafka-cluster"
+
+    def __init__(self, settings: Settings, bootstrap: str, **env: str) -> None:
+        super().__init__(settings, bootstrap, STREAM_SHARDS=str(ClusterTransport.SHARDS), **env)
