@@ -30,7 +30,7 @@ from detector.metrics import WorkerMetrics
 from detector.pipeline import Pipeline
 from detector.redis_keys import backfill_namespace, episode_key, state_key
 from detector.settings import Settings
-from detector.state.series import SeriesStates, below
+from detector.state.series import Below, SeriesStates
 from detector.store.models import ModelStore
 from detector.wire.readings import DeadLetter, ReadingBatch
 
@@ -124,7 +124,7 @@ class Backfill:
 
     async def _chunk(self, batch: ReadingBatch, first: int, result: BackfillResult) -> None:
         # Readings before this chunk are done for good: their redelivery bookkeeping goes.
-        outcome = await self.pipeline.run_batch(batch, acknowledged=below((first, 0)))
+        outcome = await self.pipeline.run_batch(batch, acknowledged=Below((first, 0)))
         events = list(outcome.events.values())
         for fields in events:
             fields["backfill"] = self.job

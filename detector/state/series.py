@@ -229,11 +229,6 @@ class Below:
         return entry_order(source_id) < self.watermark
 
 
-def below(watermark: tuple[int, int]) -> Below:
-    """``Below(watermark)``."""
-    return Below(watermark)
-
-
 class Folding(NamedTuple):
     """One series' result of ``fold_states``: its new state, its anomaly events (source id →
     fields, in fold order), the alerts raised for the first time, and the carriers of events
@@ -548,7 +543,7 @@ class SeriesStates:
             stored_states, summary = await self._retry_noscript(partial(self._read_stored, misses))
             done = acknowledged
             if summary and summary.get("pending") and summary.get("min"):
-                done = below(entry_order(str(summary["min"])))
+                done = Below(entry_order(str(summary["min"])))
             read = {
                 series_id: _split_stored(value)
                 for series_id, value in zip(misses, stored_states, strict=True)

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 
 from detector.settings import Settings
-from detector.state.series import SeriesStates, StreamReading, below, read_state
+from detector.state.series import Below, SeriesStates, StreamReading, read_state
 from detector.store.connections import postgres_pool
 from detector.store.connections import redis_client as async_redis_client
 from detector.store.models import ModelStore
@@ -58,10 +58,10 @@ def test_a_state_written_by_another_process_is_read_again_and_nothing_is_lost(
         try:
             store = ModelStore(r, pool)
             one, two = SeriesStates(r, store), SeriesStates(r, store)
-            await one.fold(batch(0, 4), detected_at=0.0, acknowledged=below((1, 0)))
-            await two.fold(batch(4, 4), detected_at=0.0, acknowledged=below((5, 0)))
+            await one.fold(batch(0, 4), detected_at=0.0, acknowledged=Below((1, 0)))
+            await two.fold(batch(4, 4), detected_at=0.0, acknowledged=Below((5, 0)))
             # ``one`` still holds the states of its own write: stale now, refused, read again.
-            await one.fold(batch(8, 4), detected_at=0.0, acknowledged=below((9, 0)))
+            await one.fold(batch(8, 4), detected_at=0.0, acknowledged=Below((9, 0)))
             counts = [(await read_state(r, s)).count for s in series]  # type: ignore[union-attr]
             return one.conflicts, two.conflicts, counts
         finally:
