@@ -54,8 +54,7 @@ def transport(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Tr
 @pytest.fixture
 def api(request: pytest.FixtureRequest, transport: Transport) -> httpx.Client:
     """The service on the transport's Redis (one Redis, or the cluster)."""
-    on_cluster = transport.name in ("cluster", "kafka-cluster")
-    return request.getfixturevalue("cluster_client" if on_cluster else "client")
+    return request.getfixturevalue("cluster_client" if transport.on_cluster else "client")
 
 
 def fresh(prefix: str = "c") -> str:

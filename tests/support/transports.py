@@ -29,6 +29,7 @@ Row = tuple[str, int, float]
 
 class Transport(Protocol):
     name: str
+    on_cluster: bool  # its Redis is the cluster (the API to fit through is the cluster's)
     # Whether a redelivered reading's event is never written twice (Redis Streams' commit
     # script) or may be, with the same source id (Kafka: at least once).
     exactly_once: bool
@@ -64,13 +65,23 @@ class RedisTransport:
 
     name = "redis"
     exactly_once = True
+    on_cluster = False
+    SHARDS = 1
 
     def __init__(self, settings: Settings, **env: str) -> None:
-        self.settings = stream_settings(settings, stream_batch_count=500, stream_claim_idle_ms=1000)
-        self.client = redis.Redis.from_url(settings.redis_connection_url(), decode_responses=True)
+        self.settings = stream_settings(
+            settings,
+            stream_shards=self.SHARDS,
+            stream_batch_count=500,
+            stream_claim_idle_ms=1000,
+        )
+        self.client = self._connect()
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
+
+    def _connect(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_connection_url(), decode_responses=True)
 
     def publish(self, rows: list[Row]) -> None:
         publish(self.client, self.settings.stream_readings, rows)
@@ -119,19 +130,11 @@ class ClusterTransport(RedisTransport):
     its shard, the worker serves every shard, events and letters are read from them all."""
 
     name = "cluster"
+    on_cluster = True
     SHARDS = 6
 
-    def __init__(self, settings: Settings, **env: str) -> None:
-        self.settings = stream_settings(
-            settings,
-            stream_shards=self.SHARDS,
-            stream_batch_count=500,
-            stream_claim_idle_ms=1000,
-        )
-        self.client = sync_redis_client(self.settings)
-        self.env = env
-        self.proc = None
-        self.log = Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
+    def _connect(self) -> redis.Redis:
+        return sync_redis_client(self.settings)
 
     def _publisher(self) -> Publisher:
         return Publisher(self.client, stream=self.settings.stream_readings, shards=self.SHARDS)
@@ -163,6 +166,7 @@ class KafkaTransport:
 
     name = "kafka"
     exactly_once = False
+    on_cluster = False
 
     def __init__(self, settings: Settings, bootstrap: str, **env: str) -> None:
         self.settings, self.bootstrap, self.env = settings, bootstrap, env
@@ -213,6 +217,7 @@ class KafkaClusterTransport(KafkaTransport):
     """The faust worker with its Redis keys on a Redis Cluster (``kafka_shards``)."""
 
     name = "kafka-cluster"
+    on_cluster = True
 
     def __init__(self, settings: Settings, bootstrap: str, **env: str) -> None:
         super().__init__(settings, bootstrap, STREAM_SHARDS=str(ClusterTransport.SHARDS), **env)

@@ -161,10 +161,9 @@ class KafkaScorer:
         store = ModelStore(self.redis, self.pool, cache_size=settings.model_cache_size)
         source = f"kafka:{anomalies.get_topic_name()}"
         # On Redis Cluster a batch runs a shard at a time (``kafka_shards``); one shard else.
-        self.shards = kafka_shards(settings)
-        self.key_shards = len(self.shards)
+        shards = kafka_shards(settings)
         adjustments = Adjustments(self.redis, settings.model_refresh_seconds)
-        tracker = kafka_incident_tracker(settings, self.redis, self.shards, source)
+        tracker = kafka_incident_tracker(settings, self.redis, shards, source)
         self.pipelines = [
             Pipeline(
                 settings,
@@ -184,7 +183,7 @@ class KafkaScorer:
                 incidents=tracker,
                 namespace=shard.namespace,
             )
-            for shard in self.shards
+            for shard in shards
         ]
         self.pipeline = self.pipelines[0]
         self.processed = 0
@@ -258,11 +257,12 @@ class KafkaScorer:
         readings at a time (a series' readings stay in order within its shard), the
         outcomes merged in shard order."""
         acknowledged = self._acknowledged()
-        if self.key_shards == 1:
+        count = len(self.pipelines)
+        if count == 1:
             return await self.pipeline.run(entries, dead=dead, acknowledged=acknowledged)
         parts: list[list[RawEntry]] = [[] for _ in self.pipelines]
         for entry in entries:
-            parts[shard_of(_series_of(entry[1]), self.key_shards)].append(entry)
+            parts[shard_of(_series_of(entry[1]), count)].append(entry)
         outcomes = [
             await pipeline.run(part, dead=dead if k == 0 else (), acknowledged=acknowledged)
             for k, (pipeline, part) in enumerate(zip(self.pipelines, parts, strict=True))
