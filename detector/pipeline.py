@@ -14,8 +14,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from operator import itemgetter
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -149,8 +151,11 @@ class Pipeline:
         *,
         dead: Sequence[DeadLetter] = (),
         acknowledged: Acknowledged | None = None,
+        fresh: bool = False,
     ) -> Outcome:
-        """Process one batch; ``dead`` are letters the transport already decided."""
+        """Process one batch; ``dead`` are letters the transport already decided. ``fresh``:
+        every entry is delivered for the first time, in delivery order, and this is the
+        batch's first attempt (``detector.state.series.fold_states``)."""
         started = time.perf_counter()
         batch, invalid = parse_batch(entries)
         return await self.run_batch(
@@ -160,6 +165,7 @@ class Pipeline:
             acknowledged=acknowledged,
             raw=entries,
             started=started,
+            fresh=fresh,
         )
 
     async def run_batch(
@@ -171,6 +177,7 @@ class Pipeline:
         acknowledged: Acknowledged | None = None,
         raw: Sequence[RawEntry] | None = None,
         started: float | None = None,
+        fresh: bool = False,
     ) -> Outcome:
         """Process readings already parsed (``run`` parses a transport's raw entries; a
         backfill hands its validated columns here). ``ids``: every source id of the batch in
@@ -184,6 +191,7 @@ class Pipeline:
             self.streams,
             acknowledged=acknowledged,
             rules=self.rules,
+            fresh=fresh,
         )
         label = self.source
         if scored.opened:  # the stateful kinds' own alerts (their events carry episodes)
@@ -313,6 +321,7 @@ async def score_batch(
     *,
     acknowledged: Acknowledged | None = None,
     rules: RuleRows | None = None,
+    fresh: bool = False,
 ) -> ScoredBatch:
     """Score a whole batch with a handful of numpy operations, whatever its mix of series.
 
@@ -325,7 +334,8 @@ async def score_batch(
     With ``streams``, readings whose latest model is of a stateful kind (and that pin no
     version) are folded into their series' state instead (``detector.state.series``);
     their events carry the kind's own episode fields. Pinned readings are scored by their
-    version's stateless rule, as ``POST /predict`` does.
+    version's stateless rule, as ``POST /predict`` does. ``fresh``: the readings are first
+    deliveries, in delivery order (``SeriesStates.fold``).
     """
     scored = ScoredBatch()
     n = len(batch)
@@ -427,19 +437,26 @@ async def score_batch(
             },
         )
     if stream_rows and streams is not None:
-        # Python values once per batch (numpy scalars indexed one by one cost more).
-        stamps, floats, row_of = batch.timestamps.tolist(), values.tolist(), index.tolist()
-        kind_of = [(0, "") if m is None else (m[0], m[1].kind) for m in models]
-        source_ids = batch.source_ids
+        # Python values once per batch (numpy scalars indexed one by one cost more), one
+        # column at a time, zipped into the readings' tuples in C (no call a reading).
+        picked = index[stream_rows]
+        columns: list[Sequence[Any]] = [
+            batch.source_ids,
+            series_ids,
+            batch.timestamps.tolist(),
+            values.tolist(),
+        ]
+        if len(stream_rows) < n:
+            columns = [[column[i] for i in stream_rows] for column in columns]
+        versions_of = [0 if m is None else m[0] for m in models]
+        kinds_of = ["" if m is None else m[1].kind for m in models]
+        columns += [[versions_of[r] for r in picked.tolist()]]
+        columns += [[kinds_of[r] for r in picked.tolist()]]
         folded, scored.opened, scored.carriers = await streams.fold(
-            [
-                StreamReading(
-                    source_ids[i], series_ids[i], stamps[i], floats[i], *kind_of[row_of[i]]
-                )
-                for i in stream_rows
-            ],
+            list(map(_STREAM_READING, zip(*columns, strict=True))),
             detected_at=detected_at,
             acknowledged=acknowledged,
+            fresh=fresh,
         )
         if folded:
             merged = scored.events | folded
@@ -452,6 +469,9 @@ async def score_batch(
             scored.events = {i: merged[i] for i in order if i in merged}
     return scored
 
+
+# A StreamReading from a tuple of its fields, built in C (``StreamReading(*t)`` is a call).
+_STREAM_READING = partial(tuple.__new__, StreamReading)
 
 # A static rule's parameters as score_batch lays them out: μ, σ, lower and upper bound,
 # direction code; the row of "no model" never flags anything (NaN bounds).

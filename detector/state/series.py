@@ -211,6 +211,8 @@ _RAW_REPLY: dict[str, Any] = {NEVER_DECODE: True}
 T = TypeVar("T")
 
 
+_UNSET: Any = object()
+
 # Whether a source id has been committed for good (it can never be delivered again).
 Acknowledged = Callable[[str], bool]
 
@@ -249,6 +251,7 @@ def fold_states(
     scales: Sequence[tuple[float, ...] | None] | None = None,
     lateness: int = 0,
     flush: Sequence[str] | None = None,
+    fresh: bool = False,
 ) -> list[Folding]:
     """Fold each series' readings into its state, in place: ``readings[i]`` belong to
     ``currents[i]`` (a state whose compare-and-set then fails is discarded and read again).
@@ -265,14 +268,22 @@ def fold_states(
     tolerance in event seconds (``detector.state.lateness``; 0: none, readings folded in
     timestamp order within the batch). ``flush`` (the series' ids, with no readings) folds
     every held reading now, their events carried by nobody (``SeriesStates.flush``).
+    ``fresh``: every reading is delivered for the first time, each series' in delivery order
+    (a Redis group's new entries, ``>``, on their first attempt): none was folded before or
+    committed, so the per-reading redelivery checks are skipped and a state's id bound is
+    its newest reading's.
     """
     news = list(currents)
-    for new, wanted in zip(news, scales or [None] * len(news), strict=True):
-        if wanted is not None:
-            adjust = getattr(_plugin(new.kind), "adjust", None)
-            if adjust is not None:
-                new.state = adjust(new.state, new.scales, wanted)
-                new.scales = IDENTITY_SCALES
+    if scales is not None:
+        adjusts: dict[str, Any] = {}
+        for new, wanted in zip(news, scales, strict=True):
+            if wanted is not None:
+                adjust = adjusts.get(new.kind, _UNSET)
+                if adjust is _UNSET:
+                    adjust = adjusts[new.kind] = getattr(_plugin(new.kind), "adjust", None)
+                if adjust is not None:
+                    new.state = adjust(new.state, new.scales, wanted)
+                    new.scales = IDENTITY_SCALES
     events: list[dict[str, dict[str, str]]] = [{} for _ in news]
     carriers: list[dict[str, str]] = [{} for _ in news]
     opened = [0] * len(news)
@@ -282,6 +293,20 @@ def fold_states(
     carrier_of: list[str | None] = []
     # A Redis group's watermark, compared with parsed ids (each fresh id parsed once).
     watermark = acknowledged.watermark if isinstance(acknowledged, Below) else None
+    fresh_only = fresh and flush is None
+
+    def _hold(i: int, new: SeriesState, unseen: list[StreamReading], holding: bool) -> None:
+        """What of series i's unseen readings is folded now, and what is late."""
+        if holding:
+            split = release(new, unseen, lateness, flush=None if flush is None else flush[i])
+            todo.append(split.ready)
+            lates.append(split.late)
+            carrier_of.append(None if split.carrier is None else split.carrier.source_id)
+        else:
+            todo.append(unseen)
+            lates.append([])
+            carrier_of.append(None)
+
     for i, (new, group) in enumerate(zip(news, readings, strict=True)):
         found = events[i]
         if acknowledged is not None:  # committed for good: never delivered again, forgotten
@@ -292,6 +317,21 @@ def fold_states(
                     new.ids = [s for s in new.ids if not acknowledged(s)]
             if new.recent:  # an outcome is needed until its carrier is committed
                 new.recent = [o for o in new.recent if not acknowledged(_carrier(o))]
+        holding = lateness > 0 or bool(new.held)
+        top = new.top if new.ids else None
+        if watermark is not None and new.ids and top is None:  # a state written without one
+            top = max(map(entry_order, new.ids))
+        if fresh_only:  # first deliveries: nothing to recognise, nothing acknowledged
+            unseen = list(group if holding else fold_order(group))
+            if watermark is not None and group:
+                order = entry_order(group[-1].source_id)  # the newest: delivery order
+                if top is None or order > top:
+                    top = order
+            new.ids += map(_SOURCE_ID, unseen)
+            new.top = top if watermark is not None or not new.ids else None
+            fresh_ids.update(map(_SOURCE_ID, unseen))
+            _hold(i, new, unseen, holding)
+            continue
         folded = set(new.ids)
         outcomes: dict[str, list[Any]] = {}
         carried: dict[str, list[list[Any]]] = {}
@@ -299,11 +339,7 @@ def fold_states(
             outcomes[o[0]] = o
             if _carrier(o) != o[0]:
                 carried.setdefault(_carrier(o), []).append(o)
-        holding = lateness > 0 or bool(new.held)
-        fresh = []
-        top = new.top if new.ids else None
-        if watermark is not None and new.ids and top is None:  # a state written without one
-            top = max(map(entry_order, new.ids))
+        unseen = []
         for r in group if holding else fold_order(group):
             if r.source_id in folded:  # redelivered: emit its event again, do not fold again
                 for o in carried.get(r.source_id, ()):
@@ -322,20 +358,12 @@ def fold_states(
             elif acknowledged is not None and acknowledged(r.source_id):
                 continue
             folded.add(r.source_id)
-            fresh.append(r)
-        new.ids += map(_SOURCE_ID, fresh)
+            unseen.append(r)
+        new.ids += map(_SOURCE_ID, unseen)
         # Without a Redis group's watermark the bound is unknown (ids of other forms).
         new.top = top if watermark is not None or not new.ids else None
-        fresh_ids.update(map(_SOURCE_ID, fresh))
-        if holding:
-            split = release(new, fresh, lateness, flush=None if flush is None else flush[i])
-            todo.append(split.ready)
-            lates.append(split.late)
-            carrier_of.append(None if split.carrier is None else split.carrier.source_id)
-        else:
-            todo.append(fresh)
-            lates.append([])
-            carrier_of.append(None)
+        fresh_ids.update(map(_SOURCE_ID, unseen))
+        _hold(i, new, unseen, holding)
     by_kind: dict[str, list[int]] = defaultdict(list)
     for i, new in enumerate(news):
         if todo[i] or lates[i]:
@@ -521,13 +549,15 @@ class SeriesStates:
         *,
         detected_at: float,
         acknowledged: Acknowledged | None = None,
+        fresh: bool = False,
     ) -> tuple[dict[str, dict[str, str]], int, dict[str, str]]:
         """Events (source id → fields) of the anomalous readings, alerts raised, and the
         carriers of events of readings held by earlier batches (event source id → the
         reading of this batch whose commit writes it; ``detector.state.lateness``).
 
         ``acknowledged`` is the transport's word on which source ids are committed for good;
-        without one, a Redis consumer group's oldest pending entry decides (when named)."""
+        without one, a Redis consumer group's oldest pending entry decides (when named).
+        ``fresh``: the readings are first deliveries in delivery order (``fold_states``)."""
         by_series: dict[str, list[StreamReading]] = defaultdict(list)
         for r in readings:
             by_series[r.series_id].append(r)
@@ -588,6 +618,7 @@ class SeriesStates:
                 detected_at=detected_at,
                 scales=[scales.get(s) for s in todo],
                 lateness=self.lateness,
+                fresh=fresh,
             )
             nexts = [int(seq) + 1 for seq in seqs]  # each written state's seq
             values = [

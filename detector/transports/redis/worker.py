@@ -331,8 +331,16 @@ class Worker:
             suspects = {entry_id for entry_id, n in counts.items() if n > limit}
         batch = [e for e in entries if e[0] not in suspects] if suspects else entries
         if batch:
+            # New entries (``>``) on the batch's first attempt were never folded: the stateful
+            # kinds skip their redelivery checks. A retry in place may follow a write of
+            # theirs, so it checks again.
+            attempts = iter((not redelivered,))
+
+            def run() -> Awaitable[Outcome]:
+                return self.pipeline.run(batch, fresh=next(attempts, False))
+
             try:
-                outcome = await self._in_place(lambda: self.pipeline.run(batch))
+                outcome = await self._in_place(run)
             except Exception as exc:
                 if not _is_reading_failure(exc):
                     raise
