@@ -97,17 +97,22 @@ def _best(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def warm_predict_p50(
-    ctx: Context, stored: int, name: Callable[[int], str], rng: np.random.Generator
+    ctx: Context,
+    stored: int,
+    name: Callable[[int], str],
+    rng: np.random.Generator,
+    *,
+    port: int | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Predict latency with ``stored`` series stored (``name(i)`` the i-th id): the same size
     of working set whatever their number (1,000 active series drawn from those stored, warmed
     first), so what is measured is the cost of *storing* more series. Returns the load
-    generator's result and the ids it asked about."""
+    generator's result and the ids it asked about. ``port``: another API than the run's."""
     active = rng.choice(stored, size=min(stored, 1_000), replace=False)
     probe = [name(int(i)) for i in rng.choice(active, 4000)]
     paths, bodies = predict_requests(probe, rng)
-    run_loadgen(ctx, paths, bodies, connections=4, duration=2.0)  # warm the working set
-    result = run_loadgen(ctx, paths, bodies, connections=4, duration=3.0)
+    run_loadgen(ctx, paths, bodies, connections=4, duration=2.0, port=port)  # warm it
+    result = run_loadgen(ctx, paths, bodies, connections=4, duration=3.0, port=port)
     if result["errors"]:
         raise RuntimeError(f"predict answered errors: {result}")
     return result, probe
