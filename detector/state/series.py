@@ -22,7 +22,9 @@ entry id below the group's oldest pending entry has been acknowledged and can ne
 delivered again, so such ids are dropped from the state at each write (bounded memory; the
 state keeps an upper bound of its ids' order, so the common case, every id of the previous
 batch acknowledged, is one comparison); a reading whose id is already below it was
-committed by another consumer and is skipped.
+committed by another consumer and is skipped. A group's new entries (``>``) on their first
+attempt were never delivered before, so the worker folds them as ``fresh``: none is looked
+up in the state's ids and only a series' newest id is parsed (for the bound).
 
 **Out of order.** With a lateness tolerance (``LATENESS_SECONDS``) the state also holds the
 series' newest readings until its watermark passes them, so readings shuffled within the
