@@ -439,7 +439,7 @@ async def score_batch(
     if stream_rows and streams is not None:
         # Python values once per batch (numpy scalars indexed one by one cost more), one
         # column at a time, zipped into the readings' tuples in C (no call a reading).
-        picked = index[stream_rows]
+        picked = index[stream_rows].tolist()
         columns: list[Sequence[Any]] = [
             batch.source_ids,
             series_ids,
@@ -450,8 +450,7 @@ async def score_batch(
             columns = [[column[i] for i in stream_rows] for column in columns]
         versions_of = [0 if m is None else m[0] for m in models]
         kinds_of = ["" if m is None else m[1].kind for m in models]
-        columns += [[versions_of[r] for r in picked.tolist()]]
-        columns += [[kinds_of[r] for r in picked.tolist()]]
+        columns += [[versions_of[r] for r in picked], [kinds_of[r] for r in picked]]
         folded, scored.opened, scored.carriers = await streams.fold(
             list(map(_STREAM_READING, zip(*columns, strict=True))),
             detected_at=detected_at,

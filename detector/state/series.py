@@ -213,8 +213,6 @@ _RAW_REPLY: dict[str, Any] = {NEVER_DECODE: True}
 T = TypeVar("T")
 
 
-_UNSET: Any = object()
-
 # Whether a source id has been committed for good (it can never be delivered again).
 Acknowledged = Callable[[str], bool]
 
@@ -277,12 +275,12 @@ def fold_states(
     """
     news = list(currents)
     if scales is not None:
-        adjusts: dict[str, Any] = {}
+        adjusts: dict[str, Any] = {}  # each kind's, looked up once
         for new, wanted in zip(news, scales, strict=True):
             if wanted is not None:
-                adjust = adjusts.get(new.kind, _UNSET)
-                if adjust is _UNSET:
-                    adjust = adjusts[new.kind] = getattr(_plugin(new.kind), "adjust", None)
+                if new.kind not in adjusts:
+                    adjusts[new.kind] = getattr(_plugin(new.kind), "adjust", None)
+                adjust = adjusts[new.kind]
                 if adjust is not None:
                     new.state = adjust(new.state, new.scales, wanted)
                     new.scales = IDENTITY_SCALES
@@ -295,20 +293,6 @@ def fold_states(
     carrier_of: list[str | None] = []
     # A Redis group's watermark, compared with parsed ids (each fresh id parsed once).
     watermark = acknowledged.watermark if isinstance(acknowledged, Below) else None
-    fresh_only = fresh and flush is None
-
-    def _hold(i: int, new: SeriesState, unseen: list[StreamReading], holding: bool) -> None:
-        """What of series i's unseen readings is folded now, and what is late."""
-        if holding:
-            split = release(new, unseen, lateness, flush=None if flush is None else flush[i])
-            todo.append(split.ready)
-            lates.append(split.late)
-            carrier_of.append(None if split.carrier is None else split.carrier.source_id)
-        else:
-            todo.append(unseen)
-            lates.append([])
-            carrier_of.append(None)
-
     for i, (new, group) in enumerate(zip(news, readings, strict=True)):
         found = events[i]
         if acknowledged is not None:  # committed for good: never delivered again, forgotten
@@ -323,49 +307,53 @@ def fold_states(
         top = new.top if new.ids else None
         if watermark is not None and new.ids and top is None:  # a state written without one
             top = max(map(entry_order, new.ids))
-        if fresh_only:  # first deliveries: nothing to recognise, nothing acknowledged
+        if fresh:  # first deliveries: nothing to recognise, nothing acknowledged
             unseen = list(group if holding else fold_order(group))
             if watermark is not None and group:
                 order = entry_order(group[-1].source_id)  # the newest: delivery order
                 if top is None or order > top:
                     top = order
-            new.ids += map(_SOURCE_ID, unseen)
-            new.top = top if watermark is not None or not new.ids else None
-            fresh_ids.update(map(_SOURCE_ID, unseen))
-            _hold(i, new, unseen, holding)
-            continue
-        folded = set(new.ids)
-        outcomes: dict[str, list[Any]] = {}
-        carried: dict[str, list[list[Any]]] = {}
-        for o in new.recent:
-            outcomes[o[0]] = o
-            if _carrier(o) != o[0]:
-                carried.setdefault(_carrier(o), []).append(o)
-        unseen = []
-        for r in group if holding else fold_order(group):
-            if r.source_id in folded:  # redelivered: emit its event again, do not fold again
-                for o in carried.get(r.source_id, ()):
-                    found[o[0]] = _event(_held_reading(r, o), new, o, detected_at)
-                    carriers[i][o[0]] = r.source_id
-                again = outcomes.get(r.source_id)
-                if again is not None:
-                    found[r.source_id] = _event(r, new, again, detected_at)
-                continue
-            if watermark is not None:
-                order = entry_order(r.source_id)
-                if order < watermark:
-                    continue  # already acknowledged: another consumer committed (and folded) it
-                if top is None or order > top:
-                    top = order
-            elif acknowledged is not None and acknowledged(r.source_id):
-                continue
-            folded.add(r.source_id)
-            unseen.append(r)
+        else:
+            folded = set(new.ids)
+            outcomes: dict[str, list[Any]] = {}
+            carried: dict[str, list[list[Any]]] = {}
+            for o in new.recent:
+                outcomes[o[0]] = o
+                if _carrier(o) != o[0]:
+                    carried.setdefault(_carrier(o), []).append(o)
+            unseen = []
+            for r in group if holding else fold_order(group):
+                if r.source_id in folded:  # redelivered: emit its event again, not fold again
+                    for o in carried.get(r.source_id, ()):
+                        found[o[0]] = _event(_held_reading(r, o), new, o, detected_at)
+                        carriers[i][o[0]] = r.source_id
+                    again = outcomes.get(r.source_id)
+                    if again is not None:
+                        found[r.source_id] = _event(r, new, again, detected_at)
+                    continue
+                if watermark is not None:
+                    order = entry_order(r.source_id)
+                    if order < watermark:
+                        continue  # acknowledged: another consumer committed (and folded) it
+                    if top is None or order > top:
+                        top = order
+                elif acknowledged is not None and acknowledged(r.source_id):
+                    continue
+                folded.add(r.source_id)
+                unseen.append(r)
         new.ids += map(_SOURCE_ID, unseen)
         # Without a Redis group's watermark the bound is unknown (ids of other forms).
         new.top = top if watermark is not None or not new.ids else None
         fresh_ids.update(map(_SOURCE_ID, unseen))
-        _hold(i, new, unseen, holding)
+        if holding:
+            split = release(new, unseen, lateness, flush=None if flush is None else flush[i])
+            todo.append(split.ready)
+            lates.append(split.late)
+            carrier_of.append(None if split.carrier is None else split.carrier.source_id)
+        else:
+            todo.append(unseen)
+            lates.append([])
+            carrier_of.append(None)
     by_kind: dict[str, list[int]] = defaultdict(list)
     for i, new in enumerate(news):
         if todo[i] or lates[i]:
