@@ -256,13 +256,15 @@ def test_the_fold_applies_what_the_rule_says(history: list[Feedback], waits: lis
     found = adjustment(history)
     start = (history[-1].time if history else T0) or T0
     ts = start - DAY + np.cumsum(np.array(waits))  # some readings before the latest feedback
-    xs = np.full(ts.size, 100.0)
+    # Readings around the training mean, spread as it was: σ stays near 1, so the band's
+    # half-width over σ keeps its digits (constant readings for weeks shrink σ to ~1e-9).
+    xs = 100.0 + np.where(np.arange(ts.size) % 2, 1.0, -1.0)
     adjusted = S.with_adjustment(row, found.vector())
     folded = S.fold(adjusted.reshape(1, -1), np.zeros(ts.size, dtype=np.intp), ts, xs)
     k_point = (folded.upper - folded.expected) / folded.std
     hours = S.hour_of_day(ts)
     wanted = [row[S.K_POINT] * found.multiple(0, t, int(h)) for t, h in zip(ts, hours, strict=True)]
-    assert np.allclose(k_point, wanted, rtol=1e-6)  # (upper − expected)/σ loses some digits
+    assert np.allclose(k_point, wanted, rtol=1e-9)
 
 
 def test_adjust_undoes_static_scales_and_keeps_a_carried_adjustment() -> None:
