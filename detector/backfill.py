@@ -37,6 +37,10 @@ from detector.wire.readings import DeadLetter, ReadingBatch
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A job's reading indices stay below this: an index is part of the reading's source id and
+# of its state's bookkeeping (stored as a JSON integer), and every JSON client reads
+# integers below 2**53 exactly.
+MAX_INDEX = 2**53
 
 
 def new_job_id() -> str:
@@ -107,6 +111,11 @@ class Backfill:
         n = len(series_ids)
         if not len(timestamps) == len(values) == n or (versions is not None and len(versions) != n):
             raise InvalidInputError("a backfill's columns must have the same length")
+        if not 0 <= start <= MAX_INDEX - n:
+            raise InvalidInputError(
+                f"a backfill's reading indices run from start ({start}) and stay below 2**53:"
+                f" start must be in [0, {MAX_INDEX - n}] for {n} readings"
+            )
         result = BackfillResult(self.job, start + n)
         size = self.settings.backfill_chunk
         for lo in range(0, n, size):

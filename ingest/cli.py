@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import numpy as np
 import redis
 
-from detector.backfill import Backfill, BackfillResult
+from detector.backfill import MAX_INDEX, Backfill, BackfillResult
 from detector.bulk_fit import BatchOutcome, BulkFit, SeriesPoints, group_columns
 from detector.collector import tune_collector
 from detector.errors import InvalidInputError, NotOnClusterError, StoreUnavailableError
@@ -599,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--csv", required=True, help="CSV with a header: timestamp,value[,…]")
     back.add_argument("--series-id", help="series of rows that do not name one")
     back.add_argument("--job", help="continue this backfill job (default: a new one)")
-    back.add_argument("--start", type=int, default=0, help="index of the first row in the job")
+    back.add_argument(
+        "--start", type=_index, default=0, help="index of the first row in the job (below 2**53)"
+    )
     back.add_argument("--events", action="store_true", help="also print the events on stdout")
     return parser
 
@@ -607,6 +609,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_publish_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1000, help="readings per round trip")
     parser.add_argument("--maxlen", type=int, default=None, help="MAXLEN ~ on the stream")
+
+
+def _index(text: str) -> int:
+    """A backfill job's reading index: an integer in [0, 2**53)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < MAX_INDEX:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 2**53)")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -639,6 +652,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"cannot reach Redis: {exc}")
     except NotOnClusterError as exc:
         sys.exit(exc.detail)
+    except InvalidInputError as exc:
+        sys.exit(f"refused: {exc}")
     finally:
         client.close()
     sys.exit(code)

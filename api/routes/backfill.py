@@ -15,7 +15,7 @@ from api.schemas import (
     BatchPredictRequest,
     body_schema,
 )
-from detector.backfill import JOB_ID, Backfill
+from detector.backfill import JOB_ID, MAX_INDEX, Backfill
 from detector.wire.events import decode_event
 
 router = APIRouter(tags=["backfill"])
@@ -41,7 +41,11 @@ async def backfill(
     ] = None,
     start: Annotated[
         int,
-        Query(ge=0, description="The index of the first reading in the job (`next_start`)."),
+        Query(
+            ge=0,
+            lt=MAX_INDEX,
+            description="The index of the first reading in the job (`next_start`; below 2**53).",
+        ),
     ] = 0,
 ) -> BackfillResponse:
     """The readings (timestamps and values, in the order the series produced them) are scored
