@@ -80,10 +80,11 @@ async def events(
         raise InvalidInputError(f"types must be a comma-separated list of {', '.join(EVENT_TYPES)}")
     feed = services.events
     # A reconnecting browser sends the newest id it saw; the URL still carries the first one.
+    # An empty id is no id (the SSE spec resets the last event id to "" with an empty `id:`).
     resume = None
-    if last_event_id is not None:
+    if last_event_id:
         resume = parse_cursor(last_event_id, "Last-Event-ID", feed.shards)
-    elif last_id is not None:
+    elif last_id:
         resume = parse_cursor(last_id, "last_id", feed.shards)
     try:
         subscriber, joined = await feed.join(series_id, wanted_types)

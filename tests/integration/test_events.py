@@ -52,6 +52,25 @@ def test_events_stream_new_anomalies_filtered_by_series(api_url, settings, redis
         assert [i for i, _ in sse_events(response, 1)] == [second]
 
 
+def test_an_empty_last_event_id_is_no_id(api_url, redis_client, settings, series_id):
+    """An empty ``Last-Event-ID`` (an SSE client whose last id was reset) or ``last_id`` says
+    no position: the other one, else now, as without it (was a 422)."""
+    stream = settings.stream_anomalies
+    first = redis_client.xadd(stream, {"series_id": series_id, "timestamp": "1", "value": "0"})
+    second = redis_client.xadd(stream, {"series_id": series_id, "timestamp": "2", "value": "0"})
+    timeout = httpx.Timeout(30, read=15)
+    with httpx.Client(base_url=api_url, timeout=timeout) as http:
+        params = {"series_id": series_id, "last_id": first}
+        with http.stream("GET", "/events", params=params, headers={"Last-Event-ID": ""}) as r:
+            assert r.status_code == 200
+            assert [i for i, _ in sse_events(r, 1)] == [second]
+        params = {"series_id": series_id, "last_id": ""}
+        with http.stream("GET", "/events", params=params, headers={"Last-Event-ID": ""}) as r:
+            assert r.status_code == 200
+            third = redis_client.xadd(stream, {"series_id": series_id, "timestamp": "3"})
+            assert [i for i, _ in sse_events(r, 1)] == [third]  # from now
+
+
 def test_events_reject_bad_parameters(client):
     assert client.get("/events", params={"series_id": "no spaces"}).status_code == 422
     answer = client.get("/events", headers={"Last-Event-ID": "yesterday"})
