@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from api.auth import ForbiddenError, UnauthorizedError
 from api.bodies import UnsupportedMediaTypeError
@@ -52,6 +55,19 @@ def validation_errors(errors: Any) -> list[dict[str, Any]]:
     ]
 
 
+def allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """The methods the app's OpenAPI document declares at ``path`` (a request's path): routes
+    that share a path each know only their own."""
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(path):
+            methods.update(m.upper() for m in operations if m.upper() in _HTTP_METHODS)
+    return methods
+
+
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+
+
 def install_error_handlers(app: FastAPI, metrics: ApiMetrics) -> None:
     async def on_anomaly_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, AnomalyError)
@@ -70,5 +86,15 @@ def install_error_handlers(app: FastAPI, metrics: ApiMetrics) -> None:
         metrics.request_errors.labels("invalid").inc()
         return JSONResponse({"detail": validation_errors(exc.errors())}, status_code=422)
 
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:  # the route that answered names only its own methods
+            own = (exc.headers or {}).get("Allow", "")
+            allowed = allowed_methods(app, request.url.path)
+            allowed.update(m.strip() for m in own.split(",") if m.strip())
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return await http_exception_handler(request, exc)
+
     app.add_exception_handler(AnomalyError, on_anomaly_error)
+    app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

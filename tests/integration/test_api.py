@@ -217,6 +217,24 @@ def test_bad_series_ids_are_422_stating_the_rule(client, bad):
     assert "1-128 characters" in response.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("OPTIONS", "/series/s1/feedback", {"GET", "POST"}),  # two routes share the path
+        ("DELETE", "/series/s1/feedback", {"GET", "POST"}),
+        ("PUT", "/fit/s1", {"POST"}),
+        ("GET", "/predict/s1", {"POST"}),
+    ],
+)
+def test_a_405_allows_every_method_the_path_serves(client, method, path, allowed):
+    """``Allow`` names every method of the path, not only the first route's that matched
+    (was ``Allow: POST`` on a path that also serves GET)."""
+    response = client.request(method, path)
+    assert response.status_code == 405
+    assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
+    assert response.json()["detail"] == "Method Not Allowed"
+
+
 def test_key_separators_cannot_reach_another_series(client, series_id):
     fit(client, series_id)
     for other in (f"{series_id}:latest", f"{series_id}:1", f"{series_id}:"):
