@@ -173,8 +173,13 @@ def test_rest_backfill_in_chunks_equals_one_call_and_reports_its_job(
         ("/backfill/{s}", {"start": -1}, {"timestamps": [1], "values": [1.0]}, 422, "start"),
         # An index a reading's id and its state's bookkeeping could not hold (was a 500).
         ("/backfill/{s}", {"start": 2**70}, {"timestamps": [1], "values": [1.0]}, 422, "start"),
-        ("/backfill/{s}", {"start": 2**53 - 1}, {"timestamps": [1, 2], "values": [1.0, 2.0]},
-         422, "2**53"),
+        (
+            "/backfill/{s}",
+            {"start": 2**53 - 1},
+            {"timestamps": [1, 2], "values": [1.0, 2.0]},
+            422,
+            "2**53",
+        ),
         ("/backfill/{s}", {}, {"timestamps": [1, 2], "values": [1.0]}, 422, "same length"),
         ("/backfill/{s}", {}, {"timestamps": [1], "values": ["x"]}, 422, "values"),
     ],

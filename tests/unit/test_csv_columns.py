@@ -6,7 +6,6 @@ import contextlib
 import io
 
 import pytest
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
