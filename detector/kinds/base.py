@@ -137,4 +137,6 @@ def severity(ratio: Any) -> Any:
     """0–100 from a statistic relative to its threshold, for every kind: 50 at the threshold,
     approaching 100 as the statistic grows (100·r/(1 + r)); 0 for no deviation."""
     r = np.maximum(np.asarray(ratio, dtype=np.float64), 0.0)
-    return 100.0 * r / (1.0 + r)
+    # As 100 / (1 + 1/r): an infinite r (a k of 5e-324) is 100, where r / (1 + r) is NaN.
+    with np.errstate(divide="ignore", over="ignore"):  # 1/0 and 1/5e-324 are inf: severity 0
+        return 100.0 / (1.0 + 1.0 / r)

@@ -269,6 +269,16 @@ def test_batch_predict_scores_every_point(client, series_id):
     assert bad.status_code == 422
 
 
+def test_the_smallest_k_gives_severities_of_100_not_null(client, series_id):
+    """k = 5e-324 (the smallest positive double) makes |z|/k infinite: severity 100, where
+    r / (1 + r) was NaN, written as null (found by schemathesis' coverage phase)."""
+    fit(client, series_id, sigma=5e-324, kind="static")
+    out = client.post(
+        f"/predict/{series_id}/batch", json={"timestamps": [1, 2], "values": [0.0, 1e6]}
+    ).json()
+    assert out["severity"] == [100.0, 100.0] and out["anomaly"] == [False, True]
+
+
 def test_models_listing_pages_by_series_id(client, series_id):
     ids = [f"{series_id}-{i}" for i in range(5)]
     for sid in ids:

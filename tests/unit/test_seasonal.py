@@ -157,6 +157,15 @@ def test_severity_is_fifty_at_the_threshold_and_bounded() -> None:
     assert 99.0 < float(severity(1e9)) <= 100.0
 
 
+@given(st.floats(min_value=0.0, allow_nan=False))  # infinity included
+def test_severity_is_in_0_100_and_grows_for_any_ratio(ratio: float) -> None:
+    """An infinite ratio (|z| over a k of 5e-324) is 100, not NaN (which JSON writes as null,
+    outside the documented 0–100)."""
+    value = float(severity(ratio))
+    assert 0.0 <= value <= 100.0
+    assert value <= float(severity(ratio * 2.0)) and float(severity(np.inf)) == 100.0
+
+
 def test_the_baseline_drawn_is_the_one_the_stream_starts_from() -> None:
     rng = np.random.default_rng(8)
     ts = np.arange(3 * 288, dtype=np.float64) * STEP + 1_700_000_000.0
