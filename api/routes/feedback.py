@@ -12,7 +12,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from api.deps import SeriesIdDep, ServicesDep, find_model, json_body
 from api.schemas import body_schema
@@ -35,8 +35,18 @@ read_router = APIRouter(tags=["feedback"])
 # An episode id is its opener's source id: a `readings` entry id (`1700000000000-0`) or a
 # Kafka record's `topic/partition/offset`.
 EPISODE_ID = re.compile(r"^[!-~]{1,512}$")
-# Lax: an integral JSON number (1.0) is the integer 1, as in a fit's body (and JSON Schema).
-Timestamp = Annotated[int, Field(ge=0, le=MAX_TIMESTAMP)]
+
+
+def _json_number(value: object) -> object:
+    """A JSON number, as a fit's timestamps are: booleans and strings are refused (pydantic's
+    lax integers would take ``false`` as 0 and ``"61"`` as 61)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("a timestamp is a JSON number (Unix seconds)")
+    return value
+
+
+# An integral JSON number (1.0) is the integer 1, as in a fit's body (and JSON Schema).
+Timestamp = Annotated[int, Field(ge=0, le=MAX_TIMESTAMP), BeforeValidator(_json_number)]
 Note = Annotated[str, Field(max_length=2000)]
 
 

@@ -191,6 +191,13 @@ def test_missed_ranges_and_refusals(client: httpx.Client, pg: psycopg.Connection
         f"/series/{series_id}/feedback", {"label": "false_positive", "from": 1, "to": 2}
     )
     refused(f"/series/{series_id}/feedback", {"label": "missed", "from": -1, "to": 2})
+    # Timestamps are JSON numbers, as a fit's (was: false taken as 0 and "61" as 61).
+    for bad in (False, True, "61", None, 1.5):
+        assert "to" in refused(
+            f"/series/{series_id}/feedback", {"label": "missed", "from": 0, "to": bad}
+        )
+    integral = {"label": "missed", "from": START, "to": START + 7200.0}
+    assert client.post(f"/series/{series_id}/feedback", json=integral).status_code == 200
     refused("/series/bad id/feedback", missed)
     assert client.get("/series/fb-nope-x/feedback").status_code == 404
 
