@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Strin
 from detector.identifiers import SERIES_ID_RULE
 from detector.kinds.registry import ModelKind
 from detector.kinds.static import MAX_SIGMA
-from detector.kinds.training import MAX_TIMESTAMP
+from detector.kinds.training import MAX_FIT_VALUE, MAX_TIMESTAMP
 from detector.settings import Settings
 
 Direction = Literal["above", "below", "both"]
@@ -303,9 +303,6 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-MAX_FIT_VALUE = 1e150
-
-
 def declare_limits(openapi: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """State the size rules of this server's settings in its OpenAPI document (in place).
 
@@ -336,7 +333,7 @@ def declare_limits(openapi: dict[str, Any], settings: Settings) -> dict[str, Any
         }
         if path == "/fit/{series_id}":
             properties["timestamps"]["uniqueItems"] = True
-            # Beyond this, (x − μ)² overflows float64 for any spread: σ would be infinite.
+            # The fit's bound (detector.kinds.training): (x − μ)² must not overflow float64.
             properties["values"]["items"].update(minimum=-MAX_FIT_VALUE, maximum=MAX_FIT_VALUE)
     predict = openapi["paths"]["/predict/{series_id}"]["post"]["requestBody"]
     timestamp = predict["content"]["application/json"]["schema"]["properties"]["timestamp"]

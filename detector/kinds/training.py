@@ -17,6 +17,9 @@ IntArray = npt.NDArray[np.int64]
 # Largest timestamp accepted anywhere (fit, predict, stream): int64 seconds, far beyond any
 # real date, with headroom so that adding a quiet period or a window never overflows.
 MAX_TIMESTAMP: Final = 2**62
+# Largest |value| a fit takes: beyond about 1.3e154, (x − μ)² overflows float64 whatever the
+# spread; 1e150 leaves room for k·σ. Scoring takes any finite value.
+MAX_FIT_VALUE: Final = 1e150
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,11 @@ def prepare_training_data(
         raise InvalidTrainingDataError(f"a fit needs at least {min_points} points (got {n_values})")
     ts = as_timestamps(timestamps)
     vals = as_values(values)
+    if vals.size and float(np.max(np.abs(vals))) > MAX_FIT_VALUE:
+        worst = float(vals[np.argmax(np.abs(vals))])
+        raise InvalidTrainingDataError(
+            f"values are too large to fit: each must be within ±1e150 (got {worst:g})"
+        )
     order = np.argsort(ts, kind="stable")
     ts, vals = ts[order], vals[order]
     duplicated = np.flatnonzero(ts[1:] == ts[:-1])

@@ -113,12 +113,20 @@ def test_default_rule_is_value_above_mean_plus_three_sigma():
         ([1, -2, 3], [1.0, 2.0, 3.0], "non-negative integers"),
         ([1, 2, 2**70], [1.0, 2.0, 3.0], "non-negative integers"),
         ([1, 2, 3], [1e308, -1e308, 1e308], "too large"),
+        # The bound the OpenAPI schema states (was accepted just past it).
+        ([1, 2, 3], [1.0000000000000002e150, 0.0, 0.0], "within ±1e150"),
+        ([1, 2, 3], [0.0, -1.0000000000000002e150, 0.0], "within ±1e150"),
     ],
 )
 def test_training_rules(timestamps, values, message):
     with pytest.raises(InvalidTrainingDataError, match=message):
         data = prepare_training_data(timestamps, values)
         fit_static(data)
+
+
+def test_values_up_to_the_bound_fit():
+    model = fit_static(prepare_training_data([1, 2, 3], [1e150, -1e150, 0.0]))
+    assert np.isfinite(model.upper) and np.isfinite(model.lower)
 
 
 def test_integral_float_timestamps_count_as_integers():
