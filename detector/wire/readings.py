@@ -36,6 +36,10 @@ _DEAD_OWN_FIELDS: Final = frozenset({"source_id", "reason", "detail"})
 
 # Same rule as the REST predict body: decimal digits only, so "1.5", "-1" and " 1" are refused.
 _TIMESTAMP: Final = re.compile(r"[0-9]{1,19}")
+# A value: a decimal number in ASCII, as JSON, C's strtod and every language's float parser
+# read it (Python's float() alone also takes whitespace, "1_000" and other scripts' digits).
+_NUMBER: Final = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_VALUE: Final = re.compile(_NUMBER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +88,8 @@ def parse_reading(source_id: str, fields: Mapping[str, str]) -> Reading | DeadLe
     raw_ts = fields["timestamp"]
     if _TIMESTAMP.fullmatch(raw_ts) is None or int(raw_ts) > MAX_TIMESTAMP:
         return dead("bad_timestamp", "timestamp must be a non-negative integer (Unix seconds)")
-    try:
-        value = float(fields["value"])
-    except ValueError:
-        value = math.nan
+    raw_value = fields["value"]
+    value = float(raw_value) if _VALUE.fullmatch(raw_value) else math.nan
     if not math.isfinite(value):
         return dead("bad_value", "value must be a finite number")
     version: int | None = None
@@ -111,6 +113,10 @@ RawEntry = tuple[str, Sequence[str | bytes] | None]
 # The whole batch's unique series ids, newline-joined, checked in one regex pass.
 _SERIES_IDS_JOINED: Final = re.compile(r"(?:[A-Za-z0-9_.:\-]{1,128}\n)+")
 _SERIES_IDS_JOINED_BYTES: Final = re.compile(_SERIES_IDS_JOINED.pattern.encode())
+# A character no decimal number has: over the others float() takes exactly what _VALUE does
+# (it refuses "1e", "." and "--1" itself), so a batch's values are checked in one C pass.
+_NOT_IN_NUMBERS: Final = re.compile(r"[^0-9+\-.eE]")
+_NOT_IN_NUMBERS_BYTES: Final = re.compile(_NOT_IN_NUMBERS.pattern.encode())
 _LAYOUT: Final = ("series_id", "timestamp", "value")
 _LAYOUT_BYTES: Final = tuple(name.encode() for name in _LAYOUT)
 
@@ -344,6 +350,7 @@ def _columns(
         texts = dict(zip(distinct, joined_ids[:-1].decode("ascii").split("\n"), strict=True))
         series_ids = list(map(texts.__getitem__, series))
         joined: str | bytes = b"".join(cast("list[bytes]", stamps))
+        odd = _NOT_IN_NUMBERS_BYTES.search(b"".join(cast("list[bytes]", values)))
     else:
         if (
             "." in distinct
@@ -354,6 +361,9 @@ def _columns(
             return None
         series_ids = cast("list[str]", series)
         joined = "".join(cast("list[str]", stamps))
+        odd = _NOT_IN_NUMBERS.search("".join(cast("list[str]", values)))
+    if odd is not None:
+        return None
     if not (joined.isascii() and joined.isdigit()) or min(map(len, stamps)) == 0:
         return None
     if max(map(len, stamps)) > 19:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -151,3 +152,51 @@ def test_events_round_trip_their_numbers(series_id, timestamp, value, mean, std)
     assert event["mean"] == mean and event["std"] == std
     assert event["model_version"] == "v3.0.0" and event["source_id"] == "7-3"
     assert event["episode_id"] == "e1"  # extra fields ride along, never overriding ours
+
+
+VALUES = {
+    # A decimal number as JSON, C's strtod or any language's float parser writes it.
+    "1": 1.0,
+    "-1": -1.0,
+    "+1": 1.0,
+    "1.": 1.0,
+    ".5": 0.5,
+    "007": 7.0,
+    "1e3": 1000.0,
+    "1E-3": 0.001,
+    "-0.0": -0.0,
+    "1e+16": 1e16,
+    "23.5": 23.5,
+    # What Python's float() alone takes: whitespace, digit separators, other scripts' digits.
+    " 1": None,
+    "1 ": None,
+    "1_000": None,
+    "١٢": None,
+    "0x10": None,
+    "1e": None,
+    ".": None,
+    "--1": None,
+    "1.2.3": None,
+    "nan": None,
+    "1e999": None,
+}
+
+
+@pytest.mark.parametrize(("text", "value"), VALUES.items())
+def test_a_value_is_a_decimal_number_in_ascii(text, value):
+    """One grammar for every path (the scalar parser, the vectorised one over bytes and over
+    text): a value Python's float() takes but another language's parser refuses is a dead
+    letter, never a reading scored as 1000 or 12."""
+    fields = {"series_id": "s1", "timestamp": "1", "value": text}
+    verdict = parse_reading("1-0", fields)
+    entry = ("1-0", flat_fields(fields))
+    for readings, dead in (
+        parse_batch([entry]),
+        parse_batch([(entry[0], [p.encode() for p in entry[1]])]),
+    ):
+        if value is None:
+            assert isinstance(verdict, DeadLetter) and verdict.reason == "bad_value"
+            assert len(readings) == 0 and [d.reason for d in dead] == ["bad_value"]
+        else:
+            assert verdict == Reading("1-0", "s1", 1, value, None)
+            assert readings.reading(0) == verdict and not dead
