@@ -176,7 +176,9 @@ def render_plot(
         )
     if detected:
         det_ts = np.asarray([int(d["timestamp"]) for d in detected], dtype=np.int64)
-        det_values = np.asarray([float(d["value"]) for d in detected])
+        # Stream readings may be any finite value; beyond ±_FRAME the frame's span would
+        # overflow a float (matplotlib's transform turns singular): drawn at its edge.
+        det_values = np.clip(np.asarray([float(d["value"]) for d in detected]), -_FRAME, _FRAME)
         ax.scatter(
             _dates(det_ts),
             det_values,
@@ -225,6 +227,8 @@ def render_plot(
     return buffer.getvalue()
 
 
+# The largest |value| drawn where it is (training values stay within ±1e150).
+_FRAME = 1e300
 # 9999-12-31T23:59:59Z, the last instant matplotlib's dates can show.
 _LAST_DATE = 253_402_300_799
 

@@ -104,6 +104,24 @@ def test_anomalies_history_from_postgres(settings, client, redis_client, series_
     assert empty.status_code == 200 and empty.json()["anomalies"] == []
 
 
+def test_plot_draws_detections_of_any_finite_value_and_time(
+    settings, client, redis_client, series_id
+):
+    """Readings at ±1e308 and at the last timestamp taken (2^62) are valid anomalies; drawn,
+    they made the frame's span overflow a float and matplotlib's transform singular (a 500)."""
+    s = stream_settings(settings)
+    body = {"timestamps": list(range(10)), "values": [90.0, 110.0] * 5}
+    answer = client.post(f"/fit/{series_id}", json={**body, "direction": "both", "kind": "static"})
+    assert answer.status_code == 200, answer.text
+    extreme = [(series_id, 1000, 1e308), (series_id, 1001, -1e308), (series_id, 2**62, 300.0)]
+    publish(redis_client, s.stream_readings, extreme)
+    run_worker(s)
+    history = client.get("/anomalies", params={"series_id": series_id}).json()["anomalies"]
+    assert sorted(a["value"] for a in history) == [-1e308, 300.0, 1e308]
+    overlaid = client.get("/plot", params={"series_id": series_id, "anomalies": "true"})
+    assert overlaid.status_code == 200 and overlaid.content.startswith(b"\x89PNG")
+
+
 def test_anomalies_history_rejects_bad_parameters(client):
     for params in (
         {},
