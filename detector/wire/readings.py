@@ -350,7 +350,7 @@ def _columns(
         texts = dict(zip(distinct, joined_ids[:-1].decode("ascii").split("\n"), strict=True))
         series_ids = list(map(texts.__getitem__, series))
         joined: str | bytes = b"".join(cast("list[bytes]", stamps))
-        odd = _NOT_IN_NUMBERS_BYTES.search(b"".join(cast("list[bytes]", values)))
+        odd = _NOT_IN_NUMBERS_BYTES.search(b"".join(cast("list[bytes]", values))) is not None
     else:
         if (
             "." in distinct
@@ -361,8 +361,8 @@ def _columns(
             return None
         series_ids = cast("list[str]", series)
         joined = "".join(cast("list[str]", stamps))
-        odd = _NOT_IN_NUMBERS.search("".join(cast("list[str]", values)))
-    if odd is not None:
+        odd = _NOT_IN_NUMBERS.search("".join(cast("list[str]", values))) is not None
+    if odd:
         return None
     if not (joined.isascii() and joined.isdigit()) or min(map(len, stamps)) == 0:
         return None
