@@ -23,7 +23,7 @@ import numpy as np
 import psycopg
 
 from detector.errors import POSTGRES_ERRORS, ModelNotFoundError, StoreUnavailableError
-from detector.kinds.base import severity
+from detector.kinds.base import severity, signed_z
 from detector.kinds.registry import STATEFUL
 from detector.kinds.static import ABOVE, StaticModel, flag
 from detector.metrics import WorkerMetrics
@@ -417,7 +417,7 @@ async def score_batch(
     for i in np.flatnonzero(anomaly).tolist():
         row = int(index[i])
         version, model = models[row]  # type: ignore[misc]
-        z = float((values[i] - params[row, 0]) / params[row, 1])
+        z = float(signed_z(values[i], params[row, 0], params[row, 1]))
         ratio = abs(z) / model.sigma
         scored.events[batch.source_ids[i]] = event_fields(
             batch.reading(i),

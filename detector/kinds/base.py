@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -105,6 +105,17 @@ class StatefulKind(DetectorKind, Protocol):
         ...
 
     def decode_state(self, data: Any) -> Any: ...
+
+
+# The largest |score| any kind reports: a statistic for "infinitely surprising" (a change on a
+# flat baseline, a reading so far from a tight one that its z overflows) that fits in JSON.
+MAX_SCORE: Final = 1e9
+
+
+def signed_z(values: Any, mean: Any, std: Any) -> Any:
+    """The contract's signed z, (value − μ)/σ, clipped to ±MAX_SCORE so it stays finite."""
+    with np.errstate(over="ignore"):
+        return np.clip((np.asarray(values, dtype=np.float64) - mean) / std, -MAX_SCORE, MAX_SCORE)
 
 
 # The tests a stateful kind's reading can fail, by ``Folded.test`` code (0: none fired).

@@ -10,13 +10,11 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from detector.kinds.base import FitOptions, Fitted, Folded, Verdicts
+from detector.kinds.base import MAX_SCORE, FitOptions, Fitted, Folded, Verdicts
 from detector.kinds.moments import Moments, fit_readings
 from detector.kinds.static import StaticModel, fit_static
 from detector.kinds.training import FloatArray, TrainingData
 
-# A score for "infinitely surprising" (a change on a flat baseline) that still fits in JSON.
-MAX_SCORE = 1e9
 # Laplace-style pseudo-count spread over the slow histogram: an unseen bin is rare, not
 # impossible, so the divergence stays finite.
 PSEUDO_COUNT = 0.5

@@ -64,7 +64,7 @@ from detector.feedback import (
     VECTOR_LENGTH,
     Adjustment,
 )
-from detector.kinds.base import FitOptions, Fitted, Folded, Verdicts
+from detector.kinds.base import MAX_SCORE, FitOptions, Fitted, Folded, Verdicts
 from detector.kinds.moments import Moments, fit_readings
 from detector.kinds.static import StaticModel, fit_static
 from detector.kinds.training import FloatArray, TrainingData
@@ -77,8 +77,6 @@ WEEK: Final = 7 * DAY
 HOURS: Final = 24
 WEEKDAYS: Final = 7
 BINS: Final = 10  # equal-width bins over the fit's residual range, plus one below, one above
-# A statistic for "infinitely surprising" (a change on a flat baseline) that fits in JSON.
-MAX_SCORE: Final = 1e9
 # Laplace-style pseudo-count spread over the slow histogram: an unseen bin is rare, not
 # impossible, so the divergence stays finite.
 PSEUDO_COUNT: Final = 0.5

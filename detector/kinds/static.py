@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Final
 import numpy as np
 
 from detector.errors import InvalidTrainingDataError
-from detector.kinds.base import DIRECTIONS, Direction, FitOptions, Fitted, Verdicts
+from detector.kinds.base import DIRECTIONS, Direction, FitOptions, Fitted, Verdicts, signed_z
 from detector.kinds.training import FloatArray, TrainingData
 
 # Direction codes, for batches whose readings belong to models of different directions.
@@ -53,7 +53,7 @@ def judge(
         expected=np.broadcast_to(np.asarray(mean, dtype=np.float64), shape),
         lower=np.broadcast_to(np.asarray(lower, dtype=np.float64), shape),
         upper=np.broadcast_to(np.asarray(upper, dtype=np.float64), shape),
-        score=(values - mean) / std,
+        score=signed_z(values, mean, std),
         test=("threshold",),
     )
 

@@ -279,6 +279,18 @@ def test_the_smallest_k_gives_severities_of_100_not_null(client, series_id):
     assert out["severity"] == [100.0, 100.0] and out["anomaly"] == [False, True]
 
 
+def test_scores_far_beyond_a_tight_baseline_are_finite(client, series_id):
+    """(1e308 − μ)/σ with σ = 8e-151 overflows to ±inf, which JSON cannot carry (it came out
+    null): every kind's score is the signed z clipped to ±1e9, as the stateful kinds' were."""
+    body = {"timestamps": [1, 2, 3], "values": [0.0, 1e-150, 2e-150], "kind": "static"}
+    assert client.post(f"/fit/{series_id}", json=body).status_code == 200
+    points = {"timestamps": [4, 5, 6], "values": [1e308, -1e308, 1e-150]}
+    out = client.post(f"/predict/{series_id}/batch", json=points).json()
+    assert out["score"] == [1e9, -1e9, 0.0]
+    events = client.post(f"/backfill/{series_id}", json=points).json()["events"]
+    assert [e["score"] for e in events] == [1e9]
+
+
 def test_models_listing_pages_by_series_id(client, series_id):
     ids = [f"{series_id}-{i}" for i in range(5)]
     for sid in ids:
