@@ -354,7 +354,8 @@ class MultiscaleKind:
 
 
 def signed_z(value: float, mean: float, std: float) -> float:
-    """The contract's signed z against a baseline, finite (±MAX_SCORE on a flat one)."""
+    """The contract's signed z against a baseline, finite (±MAX_SCORE on a flat one): the
+    per-reading form of ``detector.kinds.base.signed_z``, which a fitted σ never needs."""
     if std > 0.0 and math.isfinite(std):
         return max(-MAX_SCORE, min(MAX_SCORE, (value - mean) / std))
     return 0.0 if value == mean else math.copysign(MAX_SCORE, value - mean)
